@@ -1,0 +1,51 @@
+"""The per-layer, per-direction record a cell's `run` produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """Everything one layer and direction computed, batch-major, in input-position order.
+
+    Shapes: x (B, T, I_l) the layer's input; h (B, T, H_out); c (B, T, H) or None; gates:
+    name -> (B, T, H); h0 (B, H_out); c0 (B, H) or None.
+
+    Direction 1 of a bidirectional layer runs backward in time: its recurrence visits positions
+    T-1, T-2, ..., 0, and h[:, t] is its state after reading x[:, t] (as in PyTorch's output).
+    `steps_h` / `steps_c` hold the same states as separate tensors in *processing* order (the
+    autograd nodes the recurrence actually passes on), so that total state gradients can be
+    taken with respect to them.
+    """
+
+    x: torch.Tensor
+    h: torch.Tensor
+    c: torch.Tensor | None
+    gates: dict[str, torch.Tensor]
+    h0: torch.Tensor
+    c0: torch.Tensor | None
+    reverse: bool
+    steps_h: tuple[torch.Tensor, ...] = field(repr=False)
+    steps_c: tuple[torch.Tensor, ...] | None = field(repr=False, default=None)
+
+    def in_steps(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Reorder a (B, T, ...) position-order tensor into processing order."""
+        return tensor.flip(1) if self.reverse else tensor
+
+    def prev_h(self) -> torch.Tensor:
+        """(B, T, H_out) state entering each processing step n (h0 for n = 0)."""
+        hs = self.in_steps(self.h)
+        return torch.cat([self.h0.unsqueeze(1), hs[:, :-1]], dim=1)
+
+    def prev_c(self) -> torch.Tensor:
+        """(B, T, H) cell state entering each processing step n (c0 for n = 0)."""
+        cs = self.in_steps(self.c)
+        return torch.cat([self.c0.unsqueeze(1), cs[:, :-1]], dim=1)
+
+
+def stack_steps(steps: list[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """Stack per-step (B, ...) tensors given in processing order into (B, T, ...) positions."""
+    return torch.stack(steps[::-1] if reverse else steps, dim=1)

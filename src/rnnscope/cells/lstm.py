@@ -1,0 +1,113 @@
+"""LSTM, PyTorch's equations (gate order i, f, g, o; optional projection W_hr):
+
+    i, f, o = σ(W_i* x + b_i* + W_h* h + b_h*),   g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+    c' = f ⊙ c + i ⊙ g
+    h' = o ⊙ tanh(c')            (h' = W_hr (o ⊙ tanh(c')) with proj_size > 0)
+
+The highway: ∂c'/∂c = diag(f) when h is held fixed. Exact one-step Jacobians, with
+K = ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i (1−g²)) W_hg   (H × P) and
+E = ∂h/∂c = [W_hr] diag(o (1−tanh²c))                                          (P × H):
+
+    state "c" (h_{n-1} = o_{n-1} tanh(c_{n-1}) moves with c_{n-1}):
+        ∂c_n/∂c_{n-1} = diag(f_n) + K_n E_{n-1}
+    full state s = (h, c):
+        ∂c_n/∂h_{n-1} = K_n,   ∂c_n/∂c_{n-1} = diag(f_n)
+        ∂h_n/∂h_{n-1} = [W_hr] diag(tanh(c_n) o_n(1−o_n)) W_ho + E_n K_n,
+        ∂h_n/∂c_{n-1} = E_n diag(f_n)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..recurrent import LayerParams
+from .layer_trace import LayerTrace, stack_steps
+
+
+def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
+        reverse: bool) -> LayerTrace:
+    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H_out), c0 (B, H)."""
+    H = p.w_hh.shape[0] // 4
+    gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, 4H)
+    if p.b_hh is not None:
+        gx = gx + p.b_hh
+    steps = gx.unbind(1)  # unbind once: indexing gx[:, t] per step makes backward O(T^2)
+    if reverse:
+        steps = steps[::-1]
+    w_hh_t = p.w_hh.t()
+    w_hr_t = p.w_hr.t() if p.w_hr is not None else None
+    h, c = h0, c0
+    hs, cs, sigs, gs = [], [], [], []
+    for gx_t in steps:
+        pre = torch.addmm(gx_t, h, w_hh_t)  # (B, 4H)
+        sig = torch.sigmoid(pre)  # i, f, o blocks are used; the g block is discarded
+        i, f, _, o = sig.chunk(4, dim=1)
+        g = torch.tanh(pre[:, 2 * H: 3 * H])
+        c = torch.addcmul(f * c, i, g)
+        h = o * torch.tanh(c)
+        if w_hr_t is not None:
+            h = h @ w_hr_t
+        hs.append(h)
+        cs.append(c)
+        sigs.append(sig)
+        gs.append(g)
+    sig_all = stack_steps(sigs, reverse)
+    gates = {"i": sig_all[..., :H], "f": sig_all[..., H:2 * H], "g": stack_steps(gs, reverse),
+             "o": sig_all[..., 3 * H:]}
+    return LayerTrace(x=x, h=stack_steps(hs, reverse), c=stack_steps(cs, reverse), gates=gates,
+                      h0=h0, c0=c0, reverse=reverse, steps_h=tuple(hs), steps_c=tuple(cs))
+
+
+def _k_matrix(p: LayerParams, i, f, g, c_prev) -> torch.Tensor:
+    """K = ∂c_n/∂h_{n-1}: (B, S, H, P) from gate values (B, S, H)."""
+    H = p.w_hh.shape[0] // 4
+    w_i, w_f, w_g, _ = p.w_hh.view(4, H, -1).unbind(0)
+    return ((g * i * (1 - i)).unsqueeze(-1) * w_i + (c_prev * f * (1 - f)).unsqueeze(-1) * w_f
+            + (i * (1 - g * g)).unsqueeze(-1) * w_g)
+
+
+def _e_scale(o, c) -> torch.Tensor:
+    """The diagonal of ∂(o ⊙ tanh c)/∂c: (B, S, H)."""
+    tc = torch.tanh(c)
+    return o * (1 - tc * tc)
+
+
+def _times_e(p: LayerParams, k: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """K E for K (B, S, H, P), E = [W_hr] diag(e)."""
+    if p.w_hr is None:
+        return k * e.unsqueeze(-2)
+    return (k @ p.w_hr) * e.unsqueeze(-2)
+
+
+def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, state: str = "c"):
+    """Exact one-step Jacobians for processing steps n in the slice.
+
+    state "c": returns (direct (B, S, H) = f_n, indirect (B, S, H, H) = K_n E_{n-1}); at
+    processing step 0 the initial h0 is an independent input, so its indirect part is zero.
+    state "full": returns (None, total (B, S, P+H, P+H)), rows/cols ordered (h, c).
+    """
+    i, f, g, o = (tr.in_steps(tr.gates[k])[:, n] for k in ("i", "f", "g", "o"))
+    c_prev = tr.prev_c()[:, n]
+    k = _k_matrix(p, i, f, g, c_prev)  # (B, S, H, P)
+    if state == "c":
+        o_all = tr.in_steps(tr.gates["o"])
+        o_prev = torch.cat([torch.zeros_like(o_all[:, :1]), o_all[:, :-1]], dim=1)[:, n]
+        # e at step n-1; o_prev = 0 at step 0 makes the indirect part vanish there (h0 is given).
+        e_prev = _e_scale(o_prev, c_prev)
+        return f, _times_e(p, k, e_prev)
+    if state != "full":
+        raise ValueError(f"state must be 'c' or 'full' here; got {state!r}")
+    H = p.w_hh.shape[0] // 4
+    c_now = tr.in_steps(tr.c)[:, n]
+    e = _e_scale(o, c_now)  # (B, S, H)
+    w_o = p.w_hh.view(4, H, -1)[3]  # (H, P)
+    m_o = (torch.tanh(c_now) * o * (1 - o)).unsqueeze(-1) * w_o  # (B, S, H, P): diag(...) W_ho
+    ek_h = e.unsqueeze(-1) * k  # diag(e) K: (B, S, H, P)
+    dh_dh = m_o + ek_h
+    dh_dc = torch.diag_embed(e * f)
+    if p.w_hr is not None:
+        dh_dh = p.w_hr @ dh_dh
+        dh_dc = p.w_hr @ dh_dc
+    top = torch.cat([dh_dh, dh_dc], dim=-1)
+    bottom = torch.cat([k, torch.diag_embed(f)], dim=-1)
+    return None, torch.cat([top, bottom], dim=-2)

@@ -1,0 +1,47 @@
+"""Vanilla RNN: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or relu.
+
+No gates and no highway: the one-step Jacobian is diag(act'(pre_t)) W_hh (Pascanu et al. 2013).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..recurrent import LayerParams
+from .layer_trace import LayerTrace, stack_steps
+
+
+def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
+        nonlinearity: str = "tanh") -> LayerTrace:
+    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H)."""
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, H)
+    if p.b_hh is not None:
+        gx = gx + p.b_hh
+    steps = gx.unbind(1)  # unbind once: indexing gx[:, t] per step makes backward O(T^2)
+    if reverse:
+        steps = steps[::-1]
+    w_hh_t = p.w_hh.t()
+    h = h0
+    hs = []
+    for gx_t in steps:
+        h = act(torch.addmm(gx_t, h, w_hh_t))
+        hs.append(h)
+    return LayerTrace(x=x, h=stack_steps(hs, reverse), c=None, gates={}, h0=h0, c0=None,
+                      reverse=reverse, steps_h=tuple(hs))
+
+
+def act_derivative(h: torch.Tensor, nonlinearity: str) -> torch.Tensor:
+    """act'(pre) from the output h: 1 - h^2 for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
+    if nonlinearity == "tanh":
+        return 1 - h * h
+    return (h > 0).to(h.dtype)
+
+
+def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: str):
+    """Exact ∂h_n/∂h_{n-1} for processing steps n in the slice.
+
+    Returns (direct, indirect): direct is None (no highway); indirect (B, S, H, H).
+    """
+    d = act_derivative(tr.in_steps(tr.h)[:, n], nonlinearity)  # (B, S, H)
+    return None, d.unsqueeze(-1) * p.w_hh
