@@ -1,0 +1,136 @@
+"""Retain-gate statistics and the initialisations that keep the gradient highway open.
+
+The retain gate is the one multiplying the old state: the LSTM forget gate f (c' = f ⊙ c + …)
+and the GRU update gate z (h' = (1 − z) ⊙ n + z ⊙ h; z plays the forget gate's role, and 1 − z
+the input gate's). A unit whose gate holds value f keeps a perturbation for ~1/(1 − f) steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .checks import count_nonfinite
+from .recurrent import GATES, RETAIN_GATE, describe
+from .replay import replay
+from .results import GateLayerStats, GateStats
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def gate_stats(module: nn.Module, inputs: torch.Tensor, hx=None, *, bins: int = 50) -> GateStats:
+    """Forget (LSTM) or retain (GRU) gate statistics for every layer and direction.
+
+    Runs the replay without building a graph; the module is not changed.
+
+    Example:
+        >>> stats = gate_stats(nn.LSTM(3, 4), torch.randn(5, 2, 3))
+        >>> 0 < stats.layers[0].mean < 1
+        True
+    """
+    spec = describe(module)
+    if spec.kind not in RETAIN_GATE:
+        raise ValueError(f"a vanilla {type(module).__name__} has no gates; gate statistics need "
+                         "an LSTM or GRU")
+    if not isinstance(bins, int) or bins <= 0:
+        raise ValueError(f"bins must be a positive int; got {bins!r}")
+    with torch.no_grad():
+        trace = replay(module, inputs, hx)
+    gate = RETAIN_GATE[spec.kind]
+    out = []
+    for layer, dirs in enumerate(trace.layers):
+        for d, lt in enumerate(dirs):
+            v = lt.gates[gate].detach().to("cpu", torch.float64)  # (B, T, H)
+            bad = count_nonfinite(v)
+            flat = v.reshape(-1)
+            fin = flat[torch.isfinite(flat)]
+            hist = torch.histc(fin, bins=bins, min=0.0, max=1.0) / max(fin.numel(), 1)
+            edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+            q = torch.quantile(fin, torch.tensor(QUANTILES, dtype=torch.float64)) if fin.numel() \
+                else torch.full((len(QUANTILES),), math.nan, dtype=torch.float64)
+            sat = {"<0.01": float((flat < 0.01).double().mean()),
+                   "<0.1": float((flat < 0.1).double().mean()),
+                   ">0.9": float((flat > 0.9).double().mean()),
+                   ">0.99": float((flat > 0.99).double().mean())}
+            unit_mean = v.mean(dim=(0, 1))  # (H,)
+            memory_time = 1.0 / (1.0 - unit_mean)  # inf where the mean gate is exactly 1
+            out.append(GateLayerStats(layer, d, gate, float(flat.mean()),
+                                      dict(zip(QUANTILES, q.tolist())), hist, edges, sat,
+                                      unit_mean, memory_time, bad))
+    return GateStats(spec.kind, tuple(out))
+
+
+def _gate_slice(kind: str, gate: str, H: int) -> slice:
+    k = GATES[kind].index(gate)
+    return slice(k * H, (k + 1) * H)
+
+
+def _bias_pairs(module: nn.Module):
+    """(bias_ih, bias_hh) for every layer and direction; refuses modules without biases."""
+    spec = describe(module)
+    if spec.kind not in RETAIN_GATE:
+        raise ValueError(f"a vanilla {type(module).__name__} has no forget/retain gate to "
+                         "initialise")
+    if not spec.bias:
+        raise ValueError(f"this {type(module).__name__} was built with bias=False: there is no "
+                         "gate bias to set")
+    pairs = [(p.b_ih, p.b_hh) for layer in range(spec.num_layers)
+             for d in range(spec.num_directions) for p in [spec.params(layer, d)]]
+    return spec, pairs
+
+
+def init_forget_bias(module: nn.Module, value: float = 1.0) -> nn.Module:
+    """Make the EFFECTIVE forget bias (bias_ih + bias_hh) exactly `value` everywhere.
+
+    PyTorch adds two bias vectors; writing `value` into both would give 2·value. This writes
+    `value` into bias_ih's forget block and 0 into bias_hh's. For a GRU the retain gate z takes
+    the forget gate's role (a positive bias means "keep the old state"). Works in place on
+    nn.LSTM/nn.GRU and their cells; returns the module.
+
+    Example:
+        >>> lstm = init_forget_bias(nn.LSTM(3, 4), 1.0)
+        >>> bool(((lstm.bias_ih_l0 + lstm.bias_hh_l0)[4:8] == 1.0).all())
+        True
+    """
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"value must be a finite number; got {value!r}")
+    spec, pairs = _bias_pairs(module)
+    sl = _gate_slice(spec.kind, RETAIN_GATE[spec.kind], spec.hidden_size)
+    with torch.no_grad():
+        for b_ih, b_hh in pairs:
+            b_ih[sl] = value
+            b_hh[sl] = 0.0
+    return module
+
+
+def chrono_init(module: nn.Module, t_max: float, *, generator: torch.Generator | None = None
+                ) -> nn.Module:
+    """Chrono initialisation (Tallec & Ollivier 2018), on effective biases.
+
+    LSTM: forget bias log(u), input bias −log(u), u ~ U(1, t_max − 1) per unit, so the memory
+    time 1/(1 − σ(log u)) = 1 + u is uniform on [2, t_max]. GRU: the retain gate z is the
+    forget gate (its complement 1 − z is the input gate, tied to it), so only z's bias is set to
+    log(u). The hidden-side bias blocks are zeroed so that the effective biases are exact.
+    """
+    if not isinstance(t_max, (int, float)) or not t_max > 2:
+        raise ValueError(f"t_max must be a number > 2 (the longest memory time in steps); "
+                         f"got {t_max!r}")
+    spec, pairs = _bias_pairs(module)
+    H = spec.hidden_size
+    f_sl = _gate_slice(spec.kind, RETAIN_GATE[spec.kind], H)
+    with torch.no_grad():
+        for b_ih, b_hh in pairs:
+            u = torch.rand(H, generator=generator, dtype=torch.float64) * (t_max - 2) + 1
+            log_u = u.log().to(b_ih)
+            b_ih[f_sl] = log_u
+            b_hh[f_sl] = 0.0
+            if spec.kind == "lstm":
+                i_sl = _gate_slice("lstm", "i", H)
+                b_ih[i_sl] = -log_u
+                b_hh[i_sl] = 0.0
+    return module
+
+
+__all__ = ["gate_stats", "init_forget_bias", "chrono_init"]

@@ -1,0 +1,346 @@
+"""Frozen result objects: detached CPU tensors (float64 for norms), `.to_dict()`, `.plot()`.
+
+Computing never imports matplotlib: `.plot()` defers to `rnnscope.plotting`, imported lazily.
+JSON-safety: non-finite floats are written as the strings "nan", "inf", "-inf" (strict JSON has
+no such numbers) and read back by `json_number`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+def json_number(v):
+    """A float for JSON: finite floats as they are, non-finite ones as 'nan'/'inf'/'-inf'."""
+    if isinstance(v, str):
+        return float(v)
+    v = float(v)
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def json_list(t: torch.Tensor) -> list:
+    """Nested list of JSON numbers from a tensor."""
+    if t.dim() == 0:
+        return json_number(t.item())
+    return [json_list(row) if row.dim() else json_number(row.item()) for row in t]
+
+
+def from_json_list(values) -> torch.Tensor:
+    """Inverse of json_list, as a float64 tensor."""
+
+    def conv(v):
+        return [conv(x) for x in v] if isinstance(v, list) else float(v)
+
+    return torch.tensor(conv(values), dtype=torch.float64)
+
+
+def fit_decay_rate(norms: torch.Tensor) -> float:
+    """Least-squares per-step decay rate r of norms over distance k: norm_k ≈ A·exp(−r·k).
+
+    `norms` is indexed by distance k = 0, 1, ... Points that are exactly zero (an underflowed
+    gradient) cannot enter a log-linear fit and are left out of it; if any norm is non-finite
+    the rate is nan. Fewer than two positive points give nan.
+    """
+    n = norms.to(torch.float64)
+    if not torch.isfinite(n).all():
+        return math.nan
+    k = torch.arange(len(n), dtype=torch.float64)
+    keep = n > 0
+    if int(keep.sum()) < 2:
+        return math.nan
+    k, y = k[keep], n[keep].log()
+    kc = k - k.mean()
+    slope = float((kc * (y - y.mean())).sum() / (kc * kc).sum())
+    return -slope
+
+
+def half_life_from_rate(rate: float) -> float:
+    """Steps for the gradient to halve at a per-step decay rate: ln 2 / rate (inf if rate ≤ 0)."""
+    if math.isnan(rate):
+        return math.nan
+    return math.log(2) / rate if rate > 0 else math.inf
+
+
+def effective_memory(norms, threshold: float = 0.01) -> int:
+    """How many timesteps carry a gradient norm above `threshold` × the largest one.
+
+    The seed's definition of effective memory length. Raises ValueError on non-finite norms
+    (they cannot be ranked against a maximum) and on a threshold outside (0, 1].
+
+    Example:
+        >>> effective_memory(torch.tensor([1.0, 0.5, 0.001]), threshold=0.01)
+        2
+    """
+    n = torch.as_tensor(norms, dtype=torch.float64)
+    if n.dim() != 1 or n.numel() == 0:
+        raise ValueError(f"norms must be a non-empty 1-D sequence; got shape {tuple(n.shape)}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1]; got {threshold}")
+    bad = int((~torch.isfinite(n)).sum())
+    if bad:
+        raise ValueError(f"norms contain {bad} non-finite value(s) (NaN/Inf); effective memory is "
+                         "undefined")
+    top = float(n.max())
+    if top <= 0:
+        return 0
+    return int((n / top > threshold).sum())
+
+
+@dataclass(frozen=True)
+class GradientProfile:
+    """Per-sample, per-timestep input-gradient norms ‖∂L_s/∂x_{s,t}‖.
+
+    Attributes:
+        per_sample: (S, T) float64: sample s, timestep t (t = T−1 is the output step for
+            loss="last").
+        loss: the loss used ("last", "all" or "custom").
+        nonfinite_inputs, nonfinite_grads: counts of NaN/Inf entries seen (never dropped: they
+            make the affected norms non-finite and the summaries nan).
+        config: how it was measured (seq_len, samples, seed, dtype, device).
+    """
+
+    per_sample: torch.Tensor
+    loss: str = "last"
+    nonfinite_inputs: int = 0
+    nonfinite_grads: int = 0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """(T,) mean norm over samples, indexed by timestep."""
+        return self.per_sample.mean(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """(T,) standard deviation over samples (0 for a single sample)."""
+        if self.per_sample.shape[0] < 2:
+            return torch.zeros_like(self.norms)
+        return self.per_sample.std(0)
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.per_sample).all())
+
+    def by_distance(self) -> torch.Tensor:
+        """(T,) mean norms indexed by distance k = T−1−t (steps before the output step)."""
+        return self.norms.flip(0)
+
+    def decay_ratio(self) -> float:
+        """norms[0] / norms[-1]: first timestep over last, the seed's ratio with no epsilon.
+
+        A gradient that vanished entirely at the last step gives inf (0 at both ends gives nan);
+        non-finite norms give nan. Values ≪ 1 mean the early timesteps receive far less gradient.
+        """
+        first, last = float(self.norms[0]), float(self.norms[-1])
+        if not (math.isfinite(first) and math.isfinite(last)):
+            return math.nan
+        if last == 0:
+            return math.nan if first == 0 else math.inf
+        return first / last
+
+    def decay_rate(self) -> float:
+        """Fitted per-step decay rate r: norm at distance k ≈ A·exp(−r·k) (r > 0 decays)."""
+        return fit_decay_rate(self.by_distance())
+
+    def half_life(self) -> float:
+        """Steps over which the gradient halves: ln 2 / decay_rate (inf if it does not decay)."""
+        return half_life_from_rate(self.decay_rate())
+
+    def effective_memory(self, threshold: float = 0.01) -> int | None:
+        """Timesteps with a mean norm above threshold × max; None if any norm is non-finite."""
+        if not self.finite:
+            return None
+        return effective_memory(self.norms, threshold)
+
+    def summary(self, threshold: float = 0.01) -> dict:
+        return {"decay_ratio": self.decay_ratio(), "decay_rate": self.decay_rate(),
+                "half_life": self.half_life(),
+                "effective_memory": self.effective_memory(threshold),
+                "seq_len": int(self.per_sample.shape[1]),
+                "nonfinite_grads": self.nonfinite_grads}
+
+    def to_dict(self) -> dict:
+        s = self.summary()
+        return {"loss": self.loss, "config": dict(self.config),
+                "per_sample": json_list(self.per_sample), "norms": json_list(self.norms),
+                "nonfinite_inputs": self.nonfinite_inputs,
+                "nonfinite_grads": self.nonfinite_grads,
+                **{k: (json_number(v) if isinstance(v, float) else v) for k, v in s.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GradientProfile":
+        return cls(from_json_list(d["per_sample"]), d["loss"], d["nonfinite_inputs"],
+                   d["nonfinite_grads"], dict(d.get("config", {})))
+
+    def plot(self, ax=None, log: bool = False, label: str | None = None):
+        """Mean norm vs distance from the output step (± 1 std band). Returns the figure."""
+        from . import plotting
+
+        return plotting.plot_profiles({label or "model": self}, ax=ax, log=log)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Gradient profiles of several models measured on the same inputs."""
+
+    profiles: dict[str, GradientProfile]
+
+    def table(self, threshold: float = 0.01) -> list[dict]:
+        """Rows: model, decay_ratio, decay_rate, half_life, effective_memory."""
+        rows = []
+        for name, p in self.profiles.items():
+            s = p.summary(threshold)
+            rows.append({"model": name, "decay_ratio": s["decay_ratio"],
+                         "decay_rate": s["decay_rate"], "half_life": s["half_life"],
+                         "effective_memory": s["effective_memory"]})
+        return rows
+
+    def __str__(self) -> str:
+        return format_table(self.table(), {
+            "model": "model", "decay_ratio": "decay ratio (first/last)",
+            "decay_rate": "decay rate /step", "half_life": "half-life (steps)",
+            "effective_memory": "effective memory"})
+
+    def to_dict(self) -> dict:
+        return {"profiles": {k: p.to_dict() for k, p in self.profiles.items()},
+                "table": [{k: (json_number(v) if isinstance(v, float) else v)
+                           for k, v in row.items()} for row in self.table()]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Comparison":
+        return cls({k: GradientProfile.from_dict(v) for k, v in d["profiles"].items()})
+
+    def plot(self, log: bool | None = None, axes=None):
+        """The seed's figure done right: linear and log panels, x = distance from the output.
+
+        log=None draws both panels side by side; True or False draws one.
+        """
+        from . import plotting
+
+        return plotting.plot_comparison(self.profiles, log=log, axes=axes)
+
+
+def format_number(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def format_table(rows: list[dict], headers: dict[str, str]) -> str:
+    """Plain aligned text table: first column left-aligned, numbers right-aligned."""
+    cells = [[headers[k] for k in headers]]
+    cells += [[format_number(r[k]) for k in headers] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(parts))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GateLayerStats:
+    """Statistics of the retain gate (LSTM forget f, GRU retain z) of one layer and direction.
+
+    Attributes:
+        mean: mean gate value over batch, time and units.
+        quantiles: {q: value} for q in 0.05, 0.25, 0.5, 0.75, 0.95.
+        hist: (bins,) fraction of gate values per bin over [0, 1]; edges (bins+1,).
+        saturation: fractions of values < 0.1, > 0.9, > 0.99 (and < 0.01).
+        unit_mean: (H,) mean gate value per unit; memory_time (H,) = 1 / (1 − unit_mean), the
+            time constant in steps of a unit whose gate held its mean value (inf at 1).
+    """
+
+    layer: int
+    direction: int
+    gate: str
+    mean: float
+    quantiles: dict
+    hist: torch.Tensor
+    edges: torch.Tensor
+    saturation: dict
+    unit_mean: torch.Tensor
+    memory_time: torch.Tensor
+    nonfinite: int = 0
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "direction": self.direction, "gate": self.gate,
+                "mean": json_number(self.mean),
+                "quantiles": {str(k): json_number(v) for k, v in self.quantiles.items()},
+                "hist": json_list(self.hist), "edges": json_list(self.edges),
+                "saturation": {k: json_number(v) for k, v in self.saturation.items()},
+                "unit_mean": json_list(self.unit_mean),
+                "memory_time": json_list(self.memory_time), "nonfinite": self.nonfinite}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateLayerStats":
+        return cls(d["layer"], d["direction"], d["gate"], json_number(d["mean"]),
+                   {float(k): float(v) for k, v in d["quantiles"].items()},
+                   from_json_list(d["hist"]), from_json_list(d["edges"]),
+                   {k: float(v) for k, v in d["saturation"].items()},
+                   from_json_list(d["unit_mean"]), from_json_list(d["memory_time"]),
+                   d.get("nonfinite", 0))
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """Retain-gate statistics for every layer and direction of a module."""
+
+    kind: str
+    layers: tuple[GateLayerStats, ...]
+
+    def __str__(self) -> str:
+        rows = [{"layer": f"l{s.layer}d{s.direction} {s.gate}", "mean": s.mean,
+                 "median": s.quantiles[0.5], "lt01": s.saturation["<0.1"],
+                 "gt09": s.saturation[">0.9"], "gt099": s.saturation[">0.99"],
+                 "tau": float(s.memory_time.median())} for s in self.layers]
+        return format_table(rows, {"layer": "layer/dir gate", "mean": "mean", "median": "median",
+                                   "lt01": "<0.1", "gt09": ">0.9", "gt099": ">0.99",
+                                   "tau": "median memory time"})
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "layers": [s.to_dict() for s in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateStats":
+        return cls(d["kind"], tuple(GateLayerStats.from_dict(x) for x in d["layers"]))
+
+    def plot(self, axes=None):
+        """Gate-value histograms and memory-time distributions. Returns the figure."""
+        from . import plotting
+
+        return plotting.plot_gate_stats(self, axes=axes)
+
+
+@dataclass(frozen=True)
+class DecayTable:
+    """The seed's gradient-decay table: f^L for each forget value f and length L.
+
+    rows: dicts with forget, length, factor = f**L (exact, in float64) and memory_time
+    1 / (1 − f).
+    """
+
+    rows: tuple[dict, ...]
+
+    def __str__(self) -> str:
+        return format_table(list(self.rows), {"forget": "forget f", "length": "length L",
+                                              "factor": "f^L", "memory_time": "1/(1-f)"})
+
+    def to_dict(self) -> dict:
+        return {"rows": [{k: (json_number(v) if isinstance(v, float) else v)
+                          for k, v in r.items()} for r in self.rows]}

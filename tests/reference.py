@@ -1,0 +1,128 @@
+"""Slow oracles, written straight from PyTorch's documented equations, one gate at a time.
+
+Deliberately naive: per-gate weight slices, per-step indexing, explicit loops, no fused ops. It
+shares no code with rnnscope.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _blocks(w, n):
+    return [w[k * (w.shape[0] // n):(k + 1) * (w.shape[0] // n)] for k in range(n)]
+
+
+def _lin(x, w, b):
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def reference_step(kind, p, x_t, h, c=None, nonlinearity="tanh"):
+    """One step from the documented equations. p: dict w_ih, w_hh, b_ih, b_hh, w_hr."""
+    if kind == "rnn":
+        pre = _lin(x_t, p["w_ih"], p["b_ih"]) + _lin(h, p["w_hh"], p["b_hh"])
+        return (torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)), None
+    if kind == "lstm":
+        wi = _blocks(p["w_ih"], 4)
+        wh = _blocks(p["w_hh"], 4)
+        bi = _blocks(p["b_ih"], 4) if p["b_ih"] is not None else [None] * 4
+        bh = _blocks(p["b_hh"], 4) if p["b_hh"] is not None else [None] * 4
+        pre = [_lin(x_t, wi[k], bi[k]) + _lin(h, wh[k], bh[k]) for k in range(4)]
+        i, f, g, o = (torch.sigmoid(pre[0]), torch.sigmoid(pre[1]), torch.tanh(pre[2]),
+                      torch.sigmoid(pre[3]))
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        if p.get("w_hr") is not None:
+            h_new = h_new @ p["w_hr"].t()
+        return h_new, c_new
+    if kind == "gru":
+        wi = _blocks(p["w_ih"], 3)
+        wh = _blocks(p["w_hh"], 3)
+        bi = _blocks(p["b_ih"], 3) if p["b_ih"] is not None else [None] * 3
+        bh = _blocks(p["b_hh"], 3) if p["b_hh"] is not None else [None] * 3
+        r = torch.sigmoid(_lin(x_t, wi[0], bi[0]) + _lin(h, wh[0], bh[0]))
+        z = torch.sigmoid(_lin(x_t, wi[1], bi[1]) + _lin(h, wh[1], bh[1]))
+        n = torch.tanh(_lin(x_t, wi[2], bi[2]) + r * _lin(h, wh[2], bh[2]))
+        return (1 - z) * n + z * h, None
+    raise ValueError(kind)
+
+
+def module_kind(module):
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        return "lstm"
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
+        return "gru"
+    return "rnn"
+
+
+def layer_params(module, layer, direction):
+    if isinstance(module, nn.RNNCellBase):
+        return {"w_ih": module.weight_ih, "w_hh": module.weight_hh, "b_ih": module.bias_ih,
+                "b_hh": module.bias_hh, "w_hr": None}
+    sfx = f"_l{layer}" + ("_reverse" if direction else "")
+    return {k: getattr(module, n + sfx, None) for k, n in
+            (("w_ih", "weight_ih"), ("w_hh", "weight_hh"), ("b_ih", "bias_ih"),
+             ("b_hh", "bias_hh"), ("w_hr", "weight_hr"))}
+
+
+def reference_forward(module, x, hx=None):
+    """Batch-major x (B, T, I). Returns (output (B, T, D·H_out), h_n, c_n, states) where
+    states[l][d] is a list, in processing order, of (h, c) per step (tensors of the graph)."""
+    kind = module_kind(module)
+    is_cell = isinstance(module, nn.RNNCellBase)
+    L = 1 if is_cell else module.num_layers
+    D = 2 if getattr(module, "bidirectional", False) else 1
+    H = module.hidden_size
+    P = getattr(module, "proj_size", 0) or H
+    nonlin = "relu" if getattr(module, "mode", "") == "RNN_RELU" or \
+        getattr(module, "nonlinearity", "tanh") == "relu" else "tanh"
+    B, T = x.shape[:2]
+    if hx is None:
+        h0 = x.new_zeros(L * D, B, P)
+        c0 = x.new_zeros(L * D, B, H)
+    elif kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, x.new_zeros(L * D, B, H)
+    if is_cell and hx is not None:
+        h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+    inp = x
+    states, h_n, c_n = [], [], []
+    for layer in range(L):
+        outs, per_dir = [], []
+        for d in range(D):
+            p = layer_params(module, layer, d)
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            order = range(T - 1, -1, -1) if d else range(T)
+            seq = [None] * T
+            steps = []
+            for t in order:
+                h, c_new = reference_step(kind, p, inp[:, t], h, c, nonlin)
+                c = c_new if c_new is not None else c
+                seq[t] = h
+                steps.append((h, c_new))
+            outs.append(torch.stack(seq, 1))
+            per_dir.append(steps)
+            h_n.append(h)
+            c_n.append(c)
+        states.append(per_dir)
+        inp = torch.cat(outs, -1)
+    return inp, torch.stack(h_n), (torch.stack(c_n) if kind == "lstm" else None), states
+
+
+def seed_per_sample_loop(model, x):
+    """The seed's empirical analysis as a per-sample loop: for each sample alone, loss = sum of
+    the output features at the last step, gradient norm per timestep. x batch-major (S, T, I)
+    for a batch_first model. Returns (S, T) float64 norms. Uses autograd.grad so that it does
+    not accumulate into the model's parameters (the seed's one bug we do not reproduce)."""
+    rows = []
+    for s in range(x.shape[0]):
+        xs = x[s:s + 1].detach().clone().requires_grad_(True)
+        out = model(xs)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = out[0, -1, :].sum()
+        (g,) = torch.autograd.grad(loss, xs)
+        rows.append(torch.stack([g[0, t, :].norm() for t in range(x.shape[1])]))
+    return torch.stack(rows).double()

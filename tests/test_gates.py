@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rnnscope
+from reference import reference_forward
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+                                  lambda: nn.GRU(3, 4), lambda: nn.LSTMCell(3, 4),
+                                  lambda: nn.GRUCell(3, 4, bias=True)])
+def test_init_forget_bias_sets_the_effective_bias(make):
+    torch.manual_seed(0)
+    m = make()
+    rnnscope.init_forget_bias(m, 1.0)
+    kind = "lstm" if isinstance(m, (nn.LSTM, nn.LSTMCell)) else "gru"
+    H = m.hidden_size
+    blk = slice(H, 2 * H)  # f is block 1 of (i, f, g, o); z is block 1 of (r, z, n)
+    names = [n for n, _ in m.named_parameters() if n.startswith("bias_ih")]
+    for n in names:
+        eff = getattr(m, n) + getattr(m, n.replace("bias_ih", "bias_hh"))
+        assert torch.equal(eff[blk], torch.ones(H)), n
+    # and the gate actually opens: with zero input and zero state, f = σ(1)
+    if kind == "lstm" and isinstance(m, nn.LSTM):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.startswith("weight"):
+                    p.zero_()
+        st = rnnscope.gate_stats(m, torch.zeros(2, 1, 3))
+        assert st.layers[0].mean == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-6)
+
+
+def test_init_forget_bias_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="bias=False"):
+        rnnscope.init_forget_bias(nn.LSTM(3, 4, bias=False))
+    with pytest.raises(ValueError, match="no forget/retain gate"):
+        rnnscope.init_forget_bias(nn.RNN(3, 4))
+    with pytest.raises(ValueError, match="finite number"):
+        rnnscope.init_forget_bias(nn.LSTM(3, 4), float("nan"))
+
+
+def test_chrono_init_gives_uniform_memory_times():
+    m = nn.LSTM(3, 2000)
+    rnnscope.chrono_init(m, 50, generator=torch.Generator().manual_seed(0))
+    H = 2000
+    b = (m.bias_ih_l0 + m.bias_hh_l0).detach().double()
+    f = torch.sigmoid(b[H:2 * H])
+    tau = 1 / (1 - f)
+    assert tau.min() >= 2 - 1e-4 and tau.max() <= 50 + 1e-3
+    # uniform on [2, 50]: mean 26, std 48/sqrt(12)
+    assert tau.mean().item() == pytest.approx(26, abs=1.0)
+    assert tau.std().item() == pytest.approx(48 / math.sqrt(12), abs=0.7)
+    torch.testing.assert_close(b[:H], -b[H:2 * H], atol=1e-6, rtol=0)
+    g = nn.GRU(3, 10)
+    rnnscope.chrono_init(g, 10, generator=torch.Generator().manual_seed(0))
+    z_tau = 1 / (1 - torch.sigmoid((g.bias_ih_l0 + g.bias_hh_l0)[10:20].detach()))
+    assert ((z_tau >= 2 - 1e-4) & (z_tau <= 10 + 1e-4)).all()
+    with pytest.raises(ValueError, match="t_max must be a number > 2"):
+        rnnscope.chrono_init(m, 1)
+
+
+def test_gate_stats_against_reference_gates():
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 5, num_layers=2, bidirectional=True).double()
+    x = torch.randn(7, 4, 3, dtype=torch.float64)  # (T, B, I)
+    st = rnnscope.gate_stats(m, x, bins=10)
+    assert len(st.layers) == 4
+    # reference forget gate of layer 0, direction 0, recomputed by hand
+    xb = x.transpose(0, 1)
+    _, _, _, states = reference_forward(m, xb)
+    H = 5
+    h_prev = torch.zeros(4, H, dtype=torch.float64)
+    fs = []
+    for t in range(7):
+        pre = xb[:, t] @ m.weight_ih_l0[H:2 * H].t() + m.bias_ih_l0[H:2 * H] + \
+            h_prev @ m.weight_hh_l0[H:2 * H].t() + m.bias_hh_l0[H:2 * H]
+        fs.append(torch.sigmoid(pre))
+        h_prev = states[0][0][t][0]
+    f = torch.stack(fs, 1).detach()
+    s = st.layers[0]
+    assert s.gate == "f" and (s.layer, s.direction) == (0, 0)
+    assert s.mean == pytest.approx(f.mean().item(), rel=1e-12)
+    assert s.quantiles[0.5] == pytest.approx(f.flatten().quantile(0.5).item(), rel=1e-12)
+    assert s.saturation[">0.9"] == pytest.approx((f > 0.9).double().mean().item())
+    torch.testing.assert_close(s.unit_mean, f.mean((0, 1)))
+    torch.testing.assert_close(s.memory_time, 1 / (1 - f.mean((0, 1))))
+    assert s.hist.sum().item() == pytest.approx(1.0)
+    assert len(s.edges) == 11
+
+
+def test_gate_stats_saturation_and_refusals():
+    m = nn.GRU(2, 3)
+    with torch.no_grad():
+        m.bias_ih_l0[3:6] = 10.0  # z = σ(10 + ...) > 0.99: a frozen state
+        m.weight_ih_l0.zero_()
+        m.weight_hh_l0.zero_()
+    st = rnnscope.gate_stats(m, torch.randn(5, 2))
+    assert st.layers[0].gate == "z" and st.layers[0].saturation[">0.99"] == 1.0
+    assert "median memory time" in str(st)
+    with pytest.raises(ValueError, match="has no gates"):
+        rnnscope.gate_stats(nn.RNN(2, 3), torch.randn(5, 2))
