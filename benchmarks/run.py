@@ -1,0 +1,33 @@
+"""Run every benchmark and print ratios measured side by side in one run.
+
+    python benchmarks/run.py            # full (a few minutes on 2 cores)
+    python benchmarks/run.py --quick    # fewer rounds
+
+Absolute times drift on shared machines; the ratios are what the issues' targets speak of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds")
+    ap.add_argument("--only", choices=["core", "jacobians"], help="run one group")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    groups = ["core", "jacobians"] if args.only is None else [args.only]
+    for g in groups:
+        mod = __import__(f"bench_{g}")
+        mod.run(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
