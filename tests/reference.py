@@ -67,9 +67,10 @@ def layer_params(module, layer, direction):
              ("b_hh", "bias_hh"), ("w_hr", "weight_hr"))}
 
 
-def reference_forward(module, x, hx=None):
+def reference_forward(module, x, hx=None, layer_inputs=None):
     """Batch-major x (B, T, I). Returns (output (B, T, D·H_out), h_n, c_n, states) where
-    states[l][d] is a list, in processing order, of (h, c) per step (tensors of the graph)."""
+    states[l][d] is a list, in processing order, of (h, c) per step (tensors of the graph).
+    If `layer_inputs` is a list, each layer's input sequence is appended to it."""
     kind = module_kind(module)
     is_cell = isinstance(module, nn.RNNCellBase)
     L = 1 if is_cell else module.num_layers
@@ -91,6 +92,8 @@ def reference_forward(module, x, hx=None):
     inp = x
     states, h_n, c_n = [], [], []
     for layer in range(L):
+        if layer_inputs is not None:
+            layer_inputs.append(inp)
         outs, per_dir = [], []
         for d in range(D):
             p = layer_params(module, layer, d)
@@ -126,3 +129,63 @@ def seed_per_sample_loop(model, x):
         (g,) = torch.autograd.grad(loss, xs)
         rows.append(torch.stack([g[0, t, :].norm() for t in range(x.shape[1])]))
     return torch.stack(rows).double()
+
+
+def module_nonlinearity(module):
+    return "relu" if getattr(module, "mode", "") == "RNN_RELU" or \
+        getattr(module, "nonlinearity", "tanh") == "relu" else "tanh"
+
+
+def oracle_cell_jacobians(module, x, hx=None, layer=0, direction=0, state="h"):
+    """J[:, n] = ∂s_{T-1}/∂s_n by torch.autograd.functional.jacobian, once per n, on the
+    reference loop (float64). Returns (B, T, N, N) in processing order."""
+    kind = module_kind(module)
+    nonlin = module_nonlinearity(module)
+    ins = []
+    _, _, _, states = reference_forward(module, x, hx, layer_inputs=ins)
+    inp = ins[layer]
+    steps = [(h.detach(), None if c is None else c.detach()) for h, c in states[layer][direction]]
+    B, T = inp.shape[:2]
+    order = list(range(T - 1, -1, -1)) if direction else list(range(T))
+    p = layer_params(module, layer, direction)
+    P = steps[0][0].shape[-1]
+    out = []
+    for n in range(T):
+        h_n, c_n = steps[n]
+        if kind == "lstm":
+            H = c_n.shape[-1]
+            D = 2 if getattr(module, "bidirectional", False) else 1
+            h0 = hx[0][layer * D + direction] if hx is not None else torch.zeros_like(h_n)
+            h_prev = steps[n - 1][0] if n else h0
+            w_o, b_o = p["w_ih"][3 * H:], None if p["b_ih"] is None else p["b_ih"][3 * H:]
+            pre_o = inp[:, order[n]] @ w_o.t() + h_prev @ p["w_hh"][3 * H:].t()
+            if b_o is not None:
+                pre_o = pre_o + b_o + p["b_hh"][3 * H:]
+            o_n = torch.sigmoid(pre_o)
+
+        def run(s, n=n):
+            if kind == "lstm" and state == "c":
+                c = s
+                h = o_n * torch.tanh(c)
+                if p.get("w_hr") is not None:
+                    h = h @ p["w_hr"].t()
+            elif kind == "lstm" and state == "full":
+                h, c = s[:, :P], s[:, P:]
+            elif kind == "lstm":  # "h": c_n held fixed
+                h, c = s, c_n
+            else:
+                h, c = s, None
+            for m in range(n + 1, T):
+                h, c_new = reference_step(kind, p, inp[:, order[m]], h, c, nonlin)
+                c = c_new if c_new is not None else c
+            if kind == "lstm":
+                return {"c": c, "h": h, "full": torch.cat([h, c], -1)}[state]
+            return h
+
+        if kind == "lstm":
+            s0 = {"c": c_n, "h": h_n, "full": torch.cat([h_n, c_n], -1)}[state]
+        else:
+            s0 = h_n
+        J = torch.autograd.functional.jacobian(run, s0)  # (B, N, B, N)
+        out.append(torch.stack([J[b, :, b, :] for b in range(B)]))
+    return torch.stack(out, 1)

@@ -344,3 +344,137 @@ class DecayTable:
     def to_dict(self) -> dict:
         return {"rows": [{k: (json_number(v) if isinstance(v, float) else v)
                           for k, v in r.items()} for r in self.rows]}
+
+
+@dataclass(frozen=True)
+class StateGradientLayer:
+    """Total state gradients of one layer and direction, in input-position order.
+
+    h: (B, T) ‖∂L/∂h_t‖; c: (B, T) ‖∂L/∂c_t‖ (LSTM) or None; h_full (B, T, H_out) and c_full
+    (B, T, H) with keep="full", else None.
+    """
+
+    h: torch.Tensor
+    c: torch.Tensor | None
+    h_full: torch.Tensor | None = None
+    c_full: torch.Tensor | None = None
+    nonfinite: int = 0
+
+    def to_dict(self) -> dict:
+        return {"h": json_list(self.h), "c": json_list(self.c) if self.c is not None else None,
+                "nonfinite": self.nonfinite}
+
+
+@dataclass(frozen=True)
+class StateGradients:
+    """layers[l][d]: `StateGradientLayer` for layer l, direction d."""
+
+    layers: tuple[tuple[StateGradientLayer, ...], ...]
+    loss: str = "last"
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss,
+                "layers": [[d.to_dict() for d in dirs] for dirs in self.layers]}
+
+    def plot(self, ax=None, log: bool = True):
+        from . import plotting
+
+        return plotting.plot_state_gradients(self, ax=ax, log=log)
+
+
+@dataclass(frozen=True)
+class StepJacobians:
+    """One-step Jacobians ∂s_n/∂s_{n−1} for processing steps n = 0..T−1.
+
+    direct: (B, T, N) the highway diagonal (LSTM f_n, GRU z_n) or None; indirect:
+    (B, T, N, N) everything else; positions: (T,) input position read at step n.
+    """
+
+    direct: torch.Tensor | None
+    indirect: torch.Tensor
+    state: str
+    kind: str
+    layer: int
+    direction: int
+    positions: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """(B, T, N, N) = diag(direct) + indirect."""
+        if self.direct is None:
+            return self.indirect
+        return torch.diag_embed(self.direct) + self.indirect
+
+    def summary(self) -> dict:
+        """Per-step mean |direct| and spectral norms of the indirect part and the total."""
+        ind = torch.linalg.matrix_norm(self.indirect.double(), ord=2)  # (B, T)
+        tot = torch.linalg.matrix_norm(self.total.double(), ord=2)
+        out = {"indirect_spectral": ind.mean(0), "total_spectral": tot.mean(0)}
+        if self.direct is not None:
+            out["direct_mean"] = self.direct.double().abs().mean((0, 2))
+        return out
+
+
+@dataclass(frozen=True)
+class CellJacobians:
+    """J[b, n] = ∂s_{T−1}/∂s_n, n = 0..T−1 in processing order (J[:, T−1] = I).
+
+    Attributes:
+        total: (B, T, N, N) or None with keep="norms".
+        direct: (B, T, N) the highway alone: ∏_{m=n+1}^{T−1} f_m (LSTM "c") or z_m (GRU);
+            None where no diagonal highway exists (vanilla RNN, LSTM "h"/"full", custom).
+        spectral, frobenius: (B, T) float64 norms of J.
+        share: (B, T) highway share, see `highway_share`.
+        positions: (T,) input position of step n (reversed for direction 1).
+    """
+
+    total: torch.Tensor | None
+    direct: torch.Tensor | None
+    spectral: torch.Tensor
+    frobenius: torch.Tensor
+    share: torch.Tensor | None
+    state: str
+    kind: str
+    layer: int
+    direction: int
+    positions: torch.Tensor
+    nonfinite: int = 0
+
+    def spectral_norm(self) -> torch.Tensor:
+        """(B, T) ‖∂s_{T−1}/∂s_n‖₂."""
+        return self.spectral
+
+    def highway_share(self) -> torch.Tensor | None:
+        """(B, T) the direct path's share of the Jacobian's energy:
+
+            share = ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F),   D = diag(direct),
+
+        1 when everything flows through the highway (e.g. W_hh = 0), → 0 when the indirect
+        paths dominate. Always in [0, 1]; nan where J = 0. None without a highway.
+        """
+        return self.share
+
+    def by_distance(self) -> dict:
+        """Batch means indexed by distance k = T−1−n (k = 0 is the identity)."""
+        out = {"spectral": self.spectral.mean(0).flip(0)}
+        if self.direct is not None:
+            out["direct"] = self.direct.abs().mean((0, 2)).flip(0)
+            out["direct_spectral"] = self.direct.abs().amax(-1).mean(0).flip(0)
+            out["share"] = self.share.nanmean(0).flip(0)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"state": self.state, "kind": self.kind, "layer": self.layer,
+                "direction": self.direction, "positions": self.positions.tolist(),
+                "spectral": json_list(self.spectral), "frobenius": json_list(self.frobenius),
+                "direct_mean": (json_list(self.direct.abs().mean(-1))
+                                if self.direct is not None else None),
+                "direct_max": (json_list(self.direct.abs().amax(-1))
+                               if self.direct is not None else None),
+                "share": json_list(self.share) if self.share is not None else None,
+                "nonfinite": self.nonfinite}
+
+    def plot(self, ax=None):
+        from . import plotting
+
+        return plotting.plot_cell_jacobians(self, ax=ax)

@@ -8,8 +8,10 @@ The highway: ∂c'/∂c = diag(f) when h is held fixed. Exact one-step Jacobians
 K = ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i (1−g²)) W_hg   (H × P) and
 E = ∂h/∂c = [W_hr] diag(o (1−tanh²c))                                          (P × H):
 
-    state "c" (h_{n-1} = o_{n-1} tanh(c_{n-1}) moves with c_{n-1}):
+    state "c" (h_{n-1} = o_{n-1} tanh(c_{n-1}) moves with c_{n-1}), one step:
         ∂c_n/∂c_{n-1} = diag(f_n) + K_n E_{n-1}
+    (over several steps c alone is not Markov — o_n depends on h_{n-1} — so spans are taken
+    through the full state: ∂c_m/∂c_n = [0 I] F_m ⋯ F_{n+1} [E_n; I])
     full state s = (h, c):
         ∂c_n/∂h_{n-1} = K_n,   ∂c_n/∂c_{n-1} = diag(f_n)
         ∂h_n/∂h_{n-1} = [W_hr] diag(tanh(c_n) o_n(1−o_n)) W_ho + E_n K_n,
@@ -72,42 +74,34 @@ def _e_scale(o, c) -> torch.Tensor:
     return o * (1 - tc * tc)
 
 
-def _times_e(p: LayerParams, k: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """K E for K (B, S, H, P), E = [W_hr] diag(e)."""
+def output_jacobian(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
+    """E_n = ∂h_n/∂c_n = [W_hr] diag(o_n (1 − tanh² c_n)) for steps in the slice: (B, S, P, H)."""
+    e = _e_scale(tr.in_steps(tr.gates["o"])[:, n], tr.in_steps(tr.c)[:, n])
     if p.w_hr is None:
-        return k * e.unsqueeze(-2)
-    return (k @ p.w_hr) * e.unsqueeze(-2)
+        return torch.diag_embed(e)
+    return p.w_hr * e.unsqueeze(-2)
 
 
-def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, state: str = "c"):
-    """Exact one-step Jacobians for processing steps n in the slice.
+def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
+    """Exact full-state one-step Jacobians F_n = ∂(h_n, c_n)/∂(h_{n−1}, c_{n−1}) for processing
+    steps n in the slice: (B, S, P+H, P+H), rows and columns ordered (h, c).
 
-    state "c": returns (direct (B, S, H) = f_n, indirect (B, S, H, H) = K_n E_{n-1}); at
-    processing step 0 the initial h0 is an independent input, so its indirect part is zero.
-    state "full": returns (None, total (B, S, P+H, P+H)), rows/cols ordered (h, c).
+    The reduced views follow from F: ∂c_n/∂c_{n−1} = [0 I] F_n [E_{n−1}; I] = diag(f_n) +
+    K_n E_{n−1} (with E_{−1} = 0: the initial h0 is an input, not a function of c0).
     """
     i, f, g, o = (tr.in_steps(tr.gates[k])[:, n] for k in ("i", "f", "g", "o"))
     c_prev = tr.prev_c()[:, n]
     k = _k_matrix(p, i, f, g, c_prev)  # (B, S, H, P)
-    if state == "c":
-        o_all = tr.in_steps(tr.gates["o"])
-        o_prev = torch.cat([torch.zeros_like(o_all[:, :1]), o_all[:, :-1]], dim=1)[:, n]
-        # e at step n-1; o_prev = 0 at step 0 makes the indirect part vanish there (h0 is given).
-        e_prev = _e_scale(o_prev, c_prev)
-        return f, _times_e(p, k, e_prev)
-    if state != "full":
-        raise ValueError(f"state must be 'c' or 'full' here; got {state!r}")
     H = p.w_hh.shape[0] // 4
     c_now = tr.in_steps(tr.c)[:, n]
     e = _e_scale(o, c_now)  # (B, S, H)
     w_o = p.w_hh.view(4, H, -1)[3]  # (H, P)
-    m_o = (torch.tanh(c_now) * o * (1 - o)).unsqueeze(-1) * w_o  # (B, S, H, P): diag(...) W_ho
-    ek_h = e.unsqueeze(-1) * k  # diag(e) K: (B, S, H, P)
-    dh_dh = m_o + ek_h
+    m_o = (torch.tanh(c_now) * o * (1 - o)).unsqueeze(-1) * w_o  # diag(tanh(c) o') W_ho
+    dh_dh = m_o + e.unsqueeze(-1) * k  # + diag(e) K
     dh_dc = torch.diag_embed(e * f)
     if p.w_hr is not None:
         dh_dh = p.w_hr @ dh_dh
         dh_dc = p.w_hr @ dh_dc
     top = torch.cat([dh_dh, dh_dc], dim=-1)
     bottom = torch.cat([k, torch.diag_embed(f)], dim=-1)
-    return None, torch.cat([top, bottom], dim=-2)
+    return torch.cat([top, bottom], dim=-2)
