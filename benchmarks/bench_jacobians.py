@@ -1,0 +1,108 @@
+"""Jacobian benchmarks (issue: state gradients and Jacobians), ratios side by side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import rnnscope
+from timing import compare_times, report
+
+
+def autograd_cell_jacobians(lstm, x):
+    """The baseline: ∂c_{T−1}/∂c_t by torch.autograd.functional.jacobian(vectorize=True), once
+    per t, re-running the LSTM from c_t (h_t = o_t·tanh(c_t) moves with c_t)."""
+    with torch.no_grad():
+        lt = rnnscope.replay(lstm, x).layers[0][0]
+    T = x.shape[1]
+    out = []
+    for t in range(T):
+        o_t = lt.gates["o"][:, t]
+
+        def f(c, t=t, o_t=o_t):
+            h = o_t * torch.tanh(c)
+            if t + 1 < T:
+                _, (h, c) = lstm(x[:, t + 1:], (h.unsqueeze(0), c.unsqueeze(0)))
+                c = c[0]
+            return c
+
+        J = torch.autograd.functional.jacobian(f, lt.c[:, t].detach(), vectorize=True)
+        out.append(torch.stack([J[b, :, b, :] for b in range(x.shape[0])]))
+    return torch.stack(out, 1)
+
+
+def _peak_rss_mb(keep: str, T: int = 1000) -> float:
+    """Peak RSS growth (MB) during cell_jacobians(keep=...) in a fresh process, sampled every
+    millisecond from /proc/self/statm against the RSS just before the call (Linux only)."""
+    code = f"""
+import os, threading, time, torch, rnnscope
+from torch import nn
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+torch.manual_seed(0)
+m = nn.LSTM(32, 128, batch_first=True)
+x = torch.randn(4, {T}, 32)
+rnnscope.cell_jacobians(m, x[:, :50], keep={keep!r})  # warm up allocator and kernels
+peak, done = [0], [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+base = rss()
+th = threading.Thread(target=sample); th.start()
+res = rnnscope.cell_jacobians(m, x, keep={keep!r})
+done[0] = True; th.join()
+print((max(peak[0], rss()) - base) / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False):
+    rows = []
+    torch.manual_seed(0)
+    B, T, H = 4, (100 if quick else 200), 64
+    lstm = nn.LSTM(32, H, batch_first=True)
+    x = torch.randn(B, T, 32)
+    t0 = time.perf_counter()
+    ref = autograd_cell_jacobians(lstm, x)
+    t_ref = time.perf_counter() - t0
+    got = rnnscope.cell_jacobians(lstm, x)
+    err = (got.total - ref).abs().max().item()
+    times = compare_times({"cell_jacobians (closed form, one sweep)":
+                           lambda: rnnscope.cell_jacobians(lstm, x)}, rounds=3)
+    times["autograd.functional.jacobian per t"] = t_ref
+    rows.append(report(f"(d) cell_jacobians vs autograd jacobian per t (LSTM B={B} T={T} H={H};"
+                       f" max |diff| {err:.1e})", times,
+                       "cell_jacobians (closed form, one sweep)", "autograd ≥ 20× slower"))
+
+    B, T, H = 50, 1000, 128
+    lstm = nn.LSTM(64, H, batch_first=True)
+    x = torch.randn(B, T, 64)
+
+    def fused():
+        xr = x.clone().requires_grad_(True)
+        lstm(xr)[0][:, -1].sum().backward()
+        lstm.zero_grad(set_to_none=True)
+
+    times = compare_times({"fused nn.LSTM forward+backward": fused,
+                           "state_gradients": lambda: rnnscope.state_gradients(lstm, x)},
+                          rounds=2 if quick else 4)
+    rows.append(report("(e) state_gradients vs fused (LSTM B=50 T=1000 H=128)", times,
+                       "fused nn.LSTM forward+backward", "≤ 2×"))
+
+    norms = _peak_rss_mb("norms")
+    norms4 = _peak_rss_mb("norms", T=4000)
+    full = _peak_rss_mb("full")
+    print("\n(f) peak memory growth of cell_jacobians (LSTM B=4 T=1000 H=128), fresh process each")
+    print(f"  keep='norms'   +{norms:8.1f} MB")
+    print(f"  keep='norms'   +{norms4:8.1f} MB   at T=4000 (bounded by the chunk of one-step "
+          "Jacobians, not by T)")
+    print(f"  keep='full'    +{full:8.1f} MB   (the (B, T, N, N) total alone is "
+          f"{4 * 1000 * 128 * 128 * 4 / 2**20:.0f} MB in float32)")
+    print(f"  ratio full / norms: {full / max(norms, 1e-9):.0f}x")
+    return rows
