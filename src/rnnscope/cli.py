@@ -1,43 +1,323 @@
-"""The `rnnscope` command line."""
+"""The `rnnscope` command line (also `python -m rnnscope`).
+
+Strict by design: unknown, mistyped or abbreviated options fail with exit code 2 and one line;
+analysis errors exit 1 with a clear message and no traceback. The resolved configuration is
+printed (unless --quiet/--json) and saved in results.json.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
-import torch
-from torch import nn
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class UsageError(Exception):
+    """A command-line mistake: exit 2 with one line."""
+
+
+class StrictParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):  # one line, exit 2 — no usage dump
+        raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _csv(kind, allowed=None):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            vals = [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
+                                             f"got {text!r}") from None
+        if allowed is not None:
+            bad = [v for v in vals if v not in allowed]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown value(s) {', '.join(map(str, bad))}; "
+                                                 f"choose from {', '.join(allowed)}")
+        return vals
+    return parse
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal; silent otherwise or with --quiet."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done = max(total, 1), 0
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self.done = min(self.done + 1, self.total)
+        if self.enabled:
+            width = 24
+            fill = int(width * self.done / self.total)
+            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                             f"{stage[:48]:<48s}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r{' ' * 90}\r")
+            sys.stderr.flush()
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but CUDA is not available on this machine; "
+                           "use --device cpu or auto")
+    return name
+
+
+def _say(args, text: str = "") -> None:
+    if not (args.quiet or args.json):
+        print(text)
+
+
+def _print_config(args, config: dict) -> None:
+    _say(args, "configuration: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+
+
+def _check_out(args) -> None:
+    """Refuse up front, before minutes of work, to overwrite a report the user has."""
+    from .report.write import check_writable
+
+    if not getattr(args, "no_report", False):
+        check_writable(args.out, overwrite=args.overwrite)
+
+
+def _write(args, results: dict) -> dict:
+    from .report import write_report
+
+    paths = write_report(results, args.out, overwrite=args.overwrite)
+    _say(args, f"\nreport:  {paths['html']}\nresults: {paths['results']}")
+    return paths
+
+
+def _summary_table(results: dict) -> str:
+    from .results import format_table, json_number
+
+    rows = [{k: (json_number(v) if isinstance(v, str) and k != "model" else v)
+             for k, v in r.items()} for r in results["comparison"]["table"]]
+    return format_table(rows, {"model": "model", "decay_ratio": "decay ratio (first/last)",
+                               "decay_rate": "decay rate /step", "half_life": "half-life (steps)",
+                               "effective_memory": "effective memory"})
+
+
+def _emit(args, results: dict, paths: dict | None) -> None:
+    if args.json:
+        out = {"command": results["command"], "config": results["config"],
+               "table": results["comparison"]["table"], "files": paths or {},
+               "seconds": results["seconds"]}
+        print(json.dumps(out, indent=1, allow_nan=False))
+    else:
+        _say(args, _summary_table(results))
 
 
 def _cmd_compare(args) -> int:
-    from .profile import compare
+    from .studies import compare_study
 
-    torch.manual_seed(args.seed)
-    I, H = args.input_size, args.hidden_size
-    models = {"RNN": nn.RNN(I, H, batch_first=True), "LSTM": nn.LSTM(I, H, batch_first=True),
-              "GRU": nn.GRU(I, H, batch_first=True)}
-    cmp = compare(models, seq_len=args.seq_len, samples=args.samples, seed=args.seed)
-    print(cmp)
+    device = _resolve_device(args.device)
+    _check_out(args)
+    config = {"models": ",".join(args.models), "seq_len": args.seq_len,
+              "hidden_size": args.hidden_size, "input_size": args.input_size,
+              "samples": args.samples, "layers": args.layers, "forget_bias": args.forget_bias,
+              "seed": args.seed, "device": device, "out": args.out}
+    _print_config(args, config)
+    recurrent = [m for m in args.models if m != "transformer"]
+    total = 1 + sum(args.layers + (m != "rnn") + 1 for m in recurrent)
+    progress = Progress(total, not args.quiet)
+    try:
+        results = compare_study(models=tuple(args.models), seq_len=args.seq_len,
+                                hidden_size=args.hidden_size, input_size=args.input_size,
+                                samples=args.samples, num_layers=args.layers,
+                                forget_init=args.forget_bias, seed=args.seed, device=device,
+                                jac_samples=min(args.jacobian_samples, args.samples),
+                                progress=progress)
+    finally:
+        progress.close()
+    paths = None if args.no_report else _write(args, results)
+    _emit(args, results, paths)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnscope", description="Gradient flow through time in "
-                                "recurrent networks.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="RNN vs LSTM vs GRU gradient flow")
-    c.add_argument("--seq-len", type=int, default=100)
-    c.add_argument("--hidden-size", type=int, default=128)
-    c.add_argument("--input-size", type=int, default=64)
-    c.add_argument("--samples", type=int, default=50)
-    c.add_argument("--seed", type=int, default=0)
+def _cmd_inspect(args) -> int:
+    import torch
+
+    from .loader import load_inputs, load_model, load_weights
+    from .recurrent import describe, is_recurrent
+    from .studies import inspect_study
+
+    device = _resolve_device(args.device)
+    _check_out(args)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device=device)
+    if args.weights:
+        load_weights(model, args.weights)
+    model.eval()  # inter-layer dropout cannot be replayed; measurements are deterministic
+    inputs = load_inputs(args.inputs).to(device) if args.inputs else None
+    if inputs is not None and any(p.is_floating_point() for p in model.parameters()):
+        inputs = inputs.to(next(model.parameters()).dtype)
+    config = {"model": args.model, "weights": args.weights, "inputs": args.inputs,
+              "seq_len": args.seq_len, "samples": args.samples, "seed": args.seed,
+              "device": device, "out": args.out}
+    _print_config(args, config)
+    recs = [describe(m) for m in model.modules() if is_recurrent(m)]
+    total = 1 + sum(s.num_layers * s.num_directions + (s.kind != "rnn") + 1 for s in recs)
+    progress = Progress(total, not args.quiet)
+    try:
+        results = inspect_study(model, inputs=inputs, seq_len=args.seq_len,
+                                samples=args.samples, seed=args.seed,
+                                jac_samples=args.jacobian_samples, label=args.model,
+                                source=args.model, input_size=args.input_size,
+                                progress=progress)
+    finally:
+        progress.close()
+    results["config"].update({"weights": args.weights, "inputs_file": args.inputs,
+                              "device": device})
+    paths = None if args.no_report else _write(args, results)
+    _emit(args, results, paths)
+    return 0
+
+
+def _cmd_decay(args) -> int:
+    from .theory import decay_table
+
+    table = decay_table(tuple(args.forget), tuple(args.lengths))
+    if args.json:
+        print(json.dumps(table.to_dict(), indent=1, allow_nan=False))
+    else:
+        print("Gradient factor f^L through the direct cell-state path for a constant forget "
+              "gate f,\nand the memory time 1/(1-f) in steps:\n")
+        print(table)
+    return 0
+
+
+def _cmd_replot(args) -> int:
+    from .report import load_results, write_report
+
+    results = load_results(args.results)
+    _check_out(args)
+    paths = write_report(results, args.out, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"files": paths}, indent=1))
+    else:
+        _say(args, f"report:  {paths['html']}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, report: bool = True) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs "
+                   "(default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to compute (default auto: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
+    if report:
+        p.add_argument("--out", default="rnnscope-report", metavar="DIR",
+                       help="report folder (default ./rnnscope-report)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing report.html/results.json in --out")
+        p.add_argument("--no-report", action="store_true", help="print the table only")
+        p.add_argument("--jacobian-samples", type=_positive_int, default=4, metavar="N",
+                       help="samples used for Jacobians (default 4)")
+
+
+def build_parser() -> StrictParser:
+    from .models import FORGET_INITS, MODEL_KINDS
+
+    p = StrictParser(prog="rnnscope", description="Measure and explain gradient flow back "
+                     "through time in recurrent networks.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=StrictParser)
+    sub.required = True
+
+    c = sub.add_parser("compare", help="RNN vs LSTM vs GRU vs Transformer gradient flow report",
+                       description="Compare gradient flow of freshly initialised models on the "
+                       "same seeded inputs; write report.html, figures and results.json.")
+    c.add_argument("--models", type=_csv(str, MODEL_KINDS), default=list(MODEL_KINDS),
+                   help=f"comma-separated kinds from {','.join(MODEL_KINDS)} (default all)")
+    c.add_argument("--seq-len", type=_positive_int, default=100, metavar="T")
+    c.add_argument("--hidden-size", type=_positive_int, default=128, metavar="H")
+    c.add_argument("--input-size", type=_positive_int, default=64, metavar="I")
+    c.add_argument("--samples", type=_positive_int, default=50, metavar="S")
+    c.add_argument("--layers", type=_positive_int, default=1, metavar="L")
+    c.add_argument("--forget-bias", choices=FORGET_INITS, default="default",
+                   help="LSTM/GRU forget (retain) gate initialisation: PyTorch default, an "
+                   "effective bias of 1.0, or chrono (Tallec & Ollivier 2018, t_max = T)")
+    _common(c)
     c.set_defaults(func=_cmd_compare)
+
+    i = sub.add_parser("inspect", help="analyse your own model",
+                       description="Analyse a user's model: input-gradient profile and, for "
+                       "every recurrent submodule, state gradients, Jacobians and gates.")
+    i.add_argument("model", metavar="MODEL", help="package.module:factory, path/file.py:factory "
+                   "(a callable returning an nn.Module) or a TorchScript file")
+    i.add_argument("--weights", metavar="FILE", help="state dict to load (torch.load with "
+                   "weights_only=True: files needing arbitrary unpickling are refused)")
+    i.add_argument("--inputs", metavar="FILE.pt", help="a saved input tensor in the model's own "
+                   "layout (weights_only load)")
+    i.add_argument("--input-size", type=_positive_int, metavar="I",
+                   help="features per step when the model does not say")
+    i.add_argument("--seq-len", type=_positive_int, default=100, metavar="T")
+    i.add_argument("--samples", type=_positive_int, default=16, metavar="S")
+    _common(i)
+    i.set_defaults(func=_cmd_inspect)
+
+    d = sub.add_parser("decay", help="the gradient-decay table f^L and memory times",
+                       description="Print f^L for constant forget gates f over lengths L.")
+    d.add_argument("--forget", type=_csv(float), default=[0.9, 0.95, 0.99, 0.999],
+                   metavar="F,F,...")
+    d.add_argument("--lengths", type=_csv(int), default=[100, 500, 1000], metavar="L,L,...")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=_cmd_decay)
+
+    r = sub.add_parser("replot", help="redraw a report from a saved results.json",
+                       description="Redraw figures and report.html from results.json.")
+    r.add_argument("results", metavar="RESULTS.json")
+    r.add_argument("--out", default="rnnscope-report", metavar="DIR")
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_replot)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("rnnscope: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
+        print(f"rnnscope {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

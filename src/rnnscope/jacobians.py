@@ -31,7 +31,8 @@ from .checks import check_initial_state, check_inputs, count_nonfinite
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import replay
-from .results import CellJacobians, StateGradientLayer, StateGradients, StepJacobians
+from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
+                      spectral_norm)
 
 CHUNK = 32  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
 
@@ -273,7 +274,7 @@ def cell_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: i
     direct = share = running = None
     for n, J, d in _sweep(rec):
         J64 = J.to(torch.float64)
-        spectral[:, n] = torch.linalg.matrix_norm(J64, ord=2).cpu()
+        spectral[:, n] = spectral_norm(J64).cpu()
         frob[:, n] = torch.linalg.matrix_norm(J64).cpu()
         if totals is not None:
             totals[n] = J.detach().cpu()

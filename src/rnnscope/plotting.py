@@ -31,7 +31,7 @@ def _draw_profiles(ax, profiles: dict, log: bool) -> None:
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("distance from the output step k = T−1−t (steps)")
-    ax.set_ylabel("mean ‖∂L/∂x_t‖" + (" (log scale)" if log else ""))
+    ax.set_ylabel(r"mean $\|\partial L/\partial x_t\|$" + (" (log scale)" if log else ""))
     ax.grid(True, which="both" if log else "major", alpha=0.3)
     ax.legend()
 
@@ -60,32 +60,137 @@ def plot_comparison(profiles: dict, log: bool | None = None, axes=None):
     return fig
 
 
-def plot_gate_stats(stats, axes=None):
-    """Left: retain-gate value histograms; right: per-unit memory time 1/(1−f̄) distributions."""
-    if axes is None:
+def plot_gate_stats(stats, axes=None, label: str = ""):
+    """Left: retain-gate value histograms; right: per-unit memory time 1/(1−f̄) distributions.
+
+    Several GateStats can share `axes` (pass a label for each)."""
+    fresh = axes is None
+    if fresh:
         fig, axes = _new_axes(2)
     ax_h, ax_m = axes
     gname = {"lstm": "forget gate f", "gru": "retain gate z"}.get(stats.kind, "gate")
+    if label:
+        gname = "retain gate (LSTM f, GRU z)"
     for s in stats.layers:
-        label = f"layer {s.layer}" + (f" dir {s.direction}" if s.direction else "")
+        label_s = (f"{label} " if label else "") + f"layer {s.layer}" + (
+            f" dir {s.direction}" if s.direction else "")
         centers = 0.5 * (s.edges[1:] + s.edges[:-1]).numpy()
-        ax_h.step(centers, s.hist.numpy(), where="mid", label=label)
+        ax_h.step(centers, s.hist.numpy(), where="mid", label=label_s)
         mt = s.memory_time.numpy()
         mt = np.sort(mt[np.isfinite(mt)])
         if mt.size:
-            ax_m.plot(mt, np.arange(1, mt.size + 1) / mt.size, label=label)
+            ax_m.plot(mt, np.arange(1, mt.size + 1) / mt.size, label=label_s)
     ax_h.set_xlabel(f"{gname} value")
     ax_h.set_ylabel("fraction of gate values")
     ax_h.set_title(f"{gname} distribution")
-    ax_h.axvspan(0.99, 1.0, color="red", alpha=0.1, label="saturated (> 0.99)")
-    ax_h.legend()
-    ax_m.set_xscale("log")
-    ax_m.set_xlabel("memory time 1/(1 − mean gate) (steps, log scale)")
+    if fresh or not any(pt.get_label() == "saturated (> 0.99)" for pt in ax_h.patches):
+        ax_h.axvspan(0.99, 1.0, color="red", alpha=0.1, label="saturated (> 0.99)")
+    ax_h.legend(fontsize="small")
+    # log axis only when memory times span more than a factor 20 (all lines on these axes)
+    xs = [ln.get_xdata() for ln in ax_m.lines if len(ln.get_xdata())]
+    if xs and max(x.max() for x in xs) > 20 * max(min(x.min() for x in xs), 1e-12):
+        ax_m.set_xscale("log")
+    ax_m.set_xlabel("memory time 1/(1 − mean gate) (steps" +
+                    (", log scale)" if ax_m.get_xscale() == "log" else ")"))
     ax_m.set_ylabel("fraction of units ≤ x")
     ax_m.set_title("Per-unit memory time (cumulative)")
     ax_m.grid(True, which="both", alpha=0.3)
     if stats.layers:
-        ax_m.legend()
+        ax_m.legend(fontsize="small")
     fig = ax_h.figure
     fig.tight_layout()
     return fig
+
+
+def plot_state_gradients(sg, ax=None, log: bool = True):
+    """Mean ‖∂L/∂h_t‖ (solid) and ‖∂L/∂c_t‖ (dashed) per layer and direction vs timestep."""
+    if ax is None:
+        fig, (ax,) = _new_axes()
+    for layer, dirs in enumerate(sg.layers):
+        for d, g in enumerate(dirs):
+            tag = f"layer {layer}" + (f" dir {d}" if len(dirs) > 1 else "")
+            (line,) = ax.plot(g.h.mean(0).numpy(), label=f"{tag} ‖∂L/∂h_t‖")
+            if g.c is not None:
+                ax.plot(g.c.mean(0).numpy(), ls="--", color=line.get_color(),
+                        label=f"{tag} ‖∂L/∂c_t‖")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("mean total state-gradient norm" + (" (log scale)" if log else ""))
+    ax.set_title(f"State gradients (loss = {sg.loss})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax.figure
+
+
+def plot_cell_jacobians(cj, ax=None, share_ax=None, label: str = ""):
+    """Plot a CellJacobians result; see `plot_jacobian_curves`."""
+    if ax is None:
+        fig, axes = _new_axes(2 if cj.direct is not None else 1)
+        ax = axes[0]
+        share_ax = axes[1] if len(axes) > 1 else None
+    return plot_jacobian_curves(cj.by_distance(), cj.state, ax=ax, share_ax=share_ax,
+                                label=label)
+
+
+def plot_jacobian_curves(by: dict, state: str, ax, share_ax=None, label: str = ""):
+    """‖∂s_{T−1}/∂s_t‖₂ of the total vs the direct highway alone, by distance, log scale;
+    with `share_ax`, the direct path's energy share on a second axis."""
+    k = np.arange(len(by["spectral"]))
+    sym = {"c": "c", "h": "h"}.get(state, "s")
+    name = rf"$\partial {sym}_{{T-1}}/\partial {sym}_t$"
+    pre = f"{label} " if label else ""
+    ax.semilogy(k, by["spectral"].numpy(), label=f"{pre}total ‖{name}‖₂ (all paths)", lw=1.8)
+    if "direct" in by:
+        ax.semilogy(k, by["direct_spectral"].numpy(), ls="--",
+                    label=f"{pre}direct highway ∏ gate (largest unit)")
+        ax.semilogy(k, by["direct"].numpy(), ls=":", label=f"{pre}direct highway, mean unit")
+    ax.set_xlabel("distance k = T−1−t (steps)")
+    ax.set_ylabel("Jacobian norm (log scale)")
+    ax.set_title("State Jacobian across the span: highway vs total")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    if share_ax is not None and "direct" in by:
+        share_ax.plot(k, by["share"].numpy(), label=f"{pre}direct share")
+        share_ax.legend(fontsize="small")
+        share_ax.set_ylim(-0.02, 1.02)
+        share_ax.set_xlabel("distance k = T−1−t (steps)")
+        share_ax.set_ylabel("‖D‖² / (‖D‖² + ‖J − D‖²)")
+        share_ax.set_title("Share of the Jacobian carried by the highway")
+        share_ax.grid(True, alpha=0.3)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_step_paths(direct_mean, indirect_norm, ax=None, label: str = ""):
+    """Per-step direct (mean forget gate) vs indirect (‖K_t E_{t−1}‖₂) one-step terms."""
+    if ax is None:
+        fig, (ax,) = _new_axes()
+    t = np.arange(len(direct_mean))
+    pre = f"{label} " if label else ""
+    ax.plot(t, np.asarray(direct_mean), label=pre + r"direct: mean $f_t$ (the diagonal)")
+    ax.plot(t, np.asarray(indirect_norm),
+            label=pre + r"indirect: $\|\partial c_t/\partial c_{t-1} - \mathrm{diag}(f_t)\|_2$")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("one-step term")
+    ax.set_title("One step of the cell-state path: direct vs indirect")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax.figure
+
+
+def plot_decay_curves(forget_values, max_length: int, ax=None):
+    """f^k vs k for constant forget gates (log scale): the seed's decay table as curves."""
+    if ax is None:
+        fig, (ax,) = _new_axes()
+    k = np.arange(max_length + 1)
+    for f in forget_values:
+        ax.semilogy(k, np.power(float(f), k), label=f"f = {f}  (memory time {1 / (1 - f):.0f})"
+                    if f < 1 else f"f = {f}")
+    ax.set_xlabel("steps L")
+    ax.set_ylabel("gradient factor f^L (log scale)")
+    ax.set_title("Direct-path decay for a constant forget gate")
+    ax.set_ylim(bottom=1e-30)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax.figure

@@ -49,14 +49,17 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return p.dtype, p.device
 
 
-def random_inputs(model: nn.Module, *, seq_len: int, samples: int, seed: int) -> torch.Tensor:
+def random_inputs(model: nn.Module, *, seq_len: int, samples: int, seed: int,
+                  input_size: int | None = None) -> torch.Tensor:
     """Standard normal (samples, seq_len, I) batch-major inputs from a generator seeded with
     `seed`, drawn on the CPU (so the numbers do not depend on the device) and moved to the
     model's device and dtype."""
     for name, v in (("seq_len", seq_len), ("samples", samples)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{name} must be a positive int; got {v!r}")
-    size = model_input_size(model)
+    size = model_input_size(model) if input_size is None else input_size
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"input_size must be a positive int; got {size!r}")
     dtype, device = model_dtype_device(model)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(samples, seq_len, size, generator=g, dtype=torch.float64).to(

@@ -1,0 +1,77 @@
+"""The reference models that `compare` and the experiments build: RNN, LSTM, GRU and a small
+causal Transformer encoder, with the forget-bias initialisations of rnnscope.gates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .gates import chrono_init, init_forget_bias
+
+MODEL_KINDS = ("rnn", "lstm", "gru", "transformer")
+DISPLAY = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "transformer": "Transformer"}
+FORGET_INITS = ("default", "1.0", "chrono")
+
+
+class CausalTransformer(nn.Module):
+    """A small causal Transformer encoder over (B, T, I) sequences, returning (B, T, d_model).
+
+    Input projection, fixed sinusoidal positions, `num_layers` pre-norm encoder layers with a
+    causal mask (step t attends to steps ≤ t, like an RNN reading left to right), no dropout.
+    """
+
+    def __init__(self, input_size: int, d_model: int = 128, nhead: int = 4, num_layers: int = 1,
+                 dim_feedforward: int | None = None):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model must be divisible by nhead; got d_model={d_model}, "
+                             f"nhead={nhead}")
+        self.input_size = input_size
+        self.d_model = d_model
+        self.proj = nn.Linear(input_size, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward or 2 * d_model,
+                                           dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def positions(self, T: int, like: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(T, dtype=torch.float64).unsqueeze(1)
+        div = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float64)
+                        * (-math.log(10000.0) / self.d_model))
+        pe = torch.zeros(T, self.d_model, dtype=torch.float64)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)[:, : self.d_model // 2]
+        return pe.to(like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, I) -> (B, T, d_model)
+        T = x.shape[1]
+        z = self.proj(x) + self.positions(T, x)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device, dtype=x.dtype)
+        return self.encoder(z, mask=mask, is_causal=True)
+
+
+def build_model(kind: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
+                forget_init: str = "default", t_max: int | None = None,
+                generator: torch.Generator | None = None) -> nn.Module:
+    """A batch-first model of the given kind; `forget_init` ("default", "1.0", "chrono")
+    applies to LSTM and GRU (chrono needs t_max, usually the sequence length)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {', '.join(MODEL_KINDS)}; got {kind!r}")
+    if forget_init not in FORGET_INITS:
+        raise ValueError(f"forget_init must be one of {', '.join(FORGET_INITS)}; got "
+                         f"{forget_init!r}")
+    for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                    ("num_layers", num_layers)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int; got {v!r}")
+    if kind == "transformer":
+        nhead = 4 if hidden_size % 4 == 0 else 1
+        return CausalTransformer(input_size, hidden_size, nhead, num_layers)
+    cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind]
+    m = cls(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+    if kind != "rnn" and forget_init == "1.0":
+        init_forget_bias(m, 1.0)
+    elif kind != "rnn" and forget_init == "chrono":
+        chrono_init(m, max(t_max or 0, 3), generator=generator)
+    return m
