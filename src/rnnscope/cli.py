@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -317,6 +318,12 @@ def main(argv=None) -> int:
         return 130
     except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
         print(f"rnnscope {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - a user's model can raise anything
+        if os.environ.get("RNNSCOPE_DEBUG"):
+            raise
+        print(f"rnnscope {args.command}: error: {type(e).__name__}: {e} (set RNNSCOPE_DEBUG=1 "
+              "for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -70,7 +70,8 @@ def reading_highway(results: dict) -> str:
         cj = rec["layers"][0]["cell_jacobians"]
         k = min(10, T - 1)
         spec = [sum(_f(row[T - 1 - k]) for row in cj["spectral"]) / len(cj["spectral"])]
-        s = f"<b>{html.escape(name)}</b> (layer 0): ‖∂s_{{T−1}}/∂s_t‖₂ at distance {k} is {_num(spec[0])}"
+        s = (f"<b>{html.escape(name)}</b> (layer 0): ‖∂s<sub>T−1</sub>/∂s<sub>t</sub>‖₂ at "
+             f"distance {k} is {_num(spec[0])}")
         if cj.get("direct_max") is not None:
             dmax = sum(_f(row[T - 1 - k]) for row in cj["direct_max"]) / len(cj["direct_max"])
             share1 = sum(_f(row[T - 2]) for row in cj["share"]) / len(cj["share"]) if T > 1 else 1
@@ -95,8 +96,10 @@ def reading_step_paths(results: dict) -> str:
         d = [_f(v) for v in sp["direct_mean"]]
         ind = [_f(v) for v in sp["indirect_spectral"]]
         md, mi = sum(d) / len(d), sum(ind) / len(ind)
-        out.append(f"<b>{html.escape(name)}</b>: per step the direct term diag(f_t) averages "
-                   f"{_num(md)} and the indirect term ‖∂c_t/∂c_{{t−1}} − diag(f_t)‖₂ averages "
+        out.append(f"<b>{html.escape(name)}</b>: per step the direct term diag(f<sub>t</sub>) "
+                   "averages "
+                   f"{_num(md)} and the indirect term ‖∂c<sub>t</sub>/∂c<sub>t−1</sub> − "
+                   f"diag(f<sub>t</sub>)‖₂ averages "
                    f"{_num(mi)}: the seed's “f_t is the dominant term” holds "
                    f"{'here' if md > mi else 'not here — the indirect paths are larger'}.")
     return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
@@ -131,7 +134,8 @@ def reading_decay(results: dict) -> str:
     longest = max(r["length"] for r in rows)
     at = {r["forget"]: _f(r["factor"]) for r in rows if r["length"] == longest}
     parts = ", ".join(f"f = {f}: {_num(v)}" for f, v in sorted(at.items()))
-    return (f"<p>With a constant forget gate the direct path scales the gradient by f^L. Over "
+    return (f"<p>With a constant forget gate the direct path scales the gradient by "
+            f"f<sup>L</sup>. Over "
             f"{longest} steps: {parts}. Even f = 0.99 (memory time 100 steps) passes almost "
             "nothing over 1000 steps — why LSTMs still struggle past ~1000 steps.</p>")
 
@@ -152,22 +156,23 @@ td:first-child,th:first-child{text-align:left}.muted{color:#666;font-size:.9em}
 
 TITLES = {
     "gradient_flow": ("Gradient flow back through time",
-                      "Mean ‖∂L/∂x_t‖ over samples vs distance from the output step (k = T−1−t), "
+                      "Mean ‖∂L/∂x<sub>t</sub>‖ over samples vs distance from the output step (k = T−1−t), "
                       "linear (left, ±1 std band) and log scale (right); loss = sum of the "
                       "output features at the last step.", reading_gradient_flow),
     "highway": ("The cell-state path: direct highway vs total",
-                "Left: spectral norm of the exact span Jacobian ∂s_{T−1}/∂s_t (solid) and of "
+                "Left: spectral norm of the exact span Jacobian ∂s<sub>T−1</sub>/∂s<sub>t</sub> (solid) and of "
                 "the direct path alone, the product of forget (LSTM) or retain (GRU) gates "
                 "(dashed: largest unit, dotted: mean unit). Right: the direct path's share of "
-                "the Jacobian's energy, ‖D‖²/(‖D‖²+‖J−D‖²).", reading_highway),
+                "the Jacobian's energy, ‖D‖²/(‖D‖² + ‖J − D‖²).", reading_highway),
     "step_paths": ("One step of the LSTM cell-state path",
-                   "∂c_t/∂c_{t−1} = diag(f_t) + indirect paths through h_{t−1} and the gates, "
-                   "computed exactly at every step (at t = 0 the initial h_0 is an input, not a "
-                   "function of c_0, so the indirect term is 0 there).", reading_step_paths),
+                   "∂c<sub>t</sub>/∂c<sub>t−1</sub> = diag(f<sub>t</sub>) + indirect paths through "
+                   "h<sub>t−1</sub> and the gates, "
+                   "computed exactly at every step (at t = 0 the initial h<sub>0</sub> is an input, "
+                   "not a function of c<sub>0</sub>, so the indirect term is 0 there).", reading_step_paths),
     "gates": ("Forget and retain gates",
               "Left: distribution of gate values (LSTM f, GRU z) over samples, steps and units; "
               "right: per-unit memory time 1/(1 − mean gate), cumulative.", reading_gates),
-    "decay": ("Why long sequences remain hard", "f^L for constant forget gates: the seed's "
+    "decay": ("Why long sequences remain hard", "f<sup>L</sup> for constant forget gates: the seed's "
               "decay table as curves.", reading_decay),
 }
 
@@ -205,7 +210,7 @@ def render_html(results: dict, figures_b64: dict) -> str:
         parts.append(f"<h2>{head}</h2>")
         parts.append(f"<figure><img id='fig-{name}' alt='{html.escape(head)}' "
                      f"src='data:image/png;base64,{figures_b64[name]}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                     f"<figcaption>{caption}</figcaption></figure>")
         text = reading(results)
         if text:
             parts.append(f"<div class='reading'>{text}</div>")

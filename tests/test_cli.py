@@ -1,0 +1,222 @@
+"""The command line through its real entry point, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import rnnscope
+from rnnscope.models import DISPLAY, build_model
+
+SMALL = ["--seq-len", "12", "--hidden-size", "8", "--input-size", "5", "--samples", "6",
+         "--quiet"]
+
+
+def run(*args, cwd=None, check_code=None):
+    proc = subprocess.run([sys.executable, "-m", "rnnscope", *args], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check_code is not None:
+        assert proc.returncode == check_code, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def test_compare_writes_report_and_numbers_equal_the_api(tmp_path):
+    out = tmp_path / "rep"
+    p = run("compare", *SMALL, "--out", str(out), "--seed", "3", check_code=0)
+    assert p.stderr == ""
+    for f in ("report.html", "results.json", "figures/gradient_flow.png",
+              "figures/gradient_flow.svg", "figures/highway.png", "figures/gates.png",
+              "figures/step_paths.png", "figures/decay.png"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seed"] == 3 and res["versions"]["torch"] == torch.__version__
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(3)
+    models = {DISPLAY[k]: build_model(k, 5, 8, t_max=12, generator=gen).eval()
+              for k in ("rnn", "lstm", "gru", "transformer")}
+    cmp = rnnscope.compare(models, seq_len=12, samples=6, seed=3)
+    for name, prof in cmp.profiles.items():
+        saved = torch.tensor(res["comparison"]["profiles"][name]["per_sample"],
+                             dtype=torch.float64)
+        torch.testing.assert_close(saved, prof.per_sample, rtol=1e-12, atol=0)
+    x = rnnscope.profile.random_inputs(models["LSTM"], seq_len=12, samples=6, seed=3)
+    cj = rnnscope.cell_jacobians(models["LSTM"], x[:4], keep="norms")
+    saved = torch.tensor(res["recurrent"]["LSTM"]["layers"][0]["cell_jacobians"]["spectral"],
+                         dtype=torch.float64)
+    torch.testing.assert_close(saved, cj.spectral, rtol=1e-12, atol=0)
+    # the table is printed without --quiet, and the resolved configuration first
+    p = run("compare", *SMALL[:-1], "--no-report", "--models", "lstm,gru", check_code=0)
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("configuration: models=lstm,gru, seq_len=12")
+    assert any(line.startswith("LSTM") for line in lines)
+    assert not any(line.startswith("RNN") for line in lines)
+
+
+def test_replot_gives_the_same_figures(tmp_path):
+    run("compare", *SMALL, "--models", "rnn,lstm", "--out", str(tmp_path / "a"), check_code=0)
+    run("replot", str(tmp_path / "a" / "results.json"), "--out", str(tmp_path / "b"),
+        check_code=0)
+    for png in (tmp_path / "a" / "figures").glob("*.png"):
+        assert png.read_bytes() == (tmp_path / "b" / "figures" / png.name).read_bytes(), png.name
+
+
+def test_json_output_and_decay(tmp_path):
+    p = run("compare", *SMALL, "--json", "--out", str(tmp_path), check_code=0)
+    data = json.loads(p.stdout)
+    assert [r["model"] for r in data["table"]] == ["RNN", "LSTM", "GRU", "Transformer"]
+    assert Path(data["files"]["html"]).is_file()
+    p = run("decay", "--forget", "0.5,0.9", "--lengths", "2", "--json", check_code=0)
+    rows = json.loads(p.stdout)["rows"]
+    assert rows[0] == {"forget": 0.5, "length": 2, "factor": 0.25, "memory_time": 2.0}
+    p = run("decay", check_code=0)
+    assert "4.32e-05" in p.stdout and "1/(1-f)" in p.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compare", "--bogus"], "unrecognized arguments: --bogus"),
+    (["compare", "--seq"], "unrecognized arguments: --seq"),  # no abbreviations
+    (["compare", "--seq-len", "0"], "expected a positive integer, got '0'"),
+    (["compare", "--models", "rnn,lsmt"], "unknown value(s) lsmt"),
+    (["compare", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: COMMAND"),
+])
+def test_usage_errors_exit_2_with_one_line(args, needle):
+    p = run(*args, check_code=2)
+    assert needle in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["compare"], ["inspect"], ["decay"], ["replot"]):
+        p = run(*cmd, "--help", check_code=0)
+        assert "usage: rnnscope" in p.stdout
+
+
+def test_refuses_to_overwrite_a_report(tmp_path):
+    (tmp_path / "report.html").write_text("mine")
+    p = run("compare", *SMALL, "--out", str(tmp_path), check_code=1)
+    assert "already exist" in p.stderr and "--overwrite" in p.stderr
+    assert (tmp_path / "report.html").read_text() == "mine"
+    run("compare", *SMALL, "--models", "lstm", "--out", str(tmp_path), "--overwrite",
+        check_code=0)
+    assert (tmp_path / "report.html").read_text() != "mine"
+
+
+USER_MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.LSTM(6, 10, num_layers=2, bidirectional=True, batch_first=True)
+            self.decoder = nn.GRU(20, 7, batch_first=True)
+            self.head = nn.Linear(7, 3)
+
+        def forward(self, x):
+            y, _ = self.encoder(x)
+            z, _ = self.decoder(y)
+            return self.head(z)
+
+    def make():
+        return Tagger()
+""")
+
+
+def test_inspect_a_user_model_file_with_weights_and_inputs(tmp_path):
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mymodel
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(7)
+    model = mymodel.make()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    x = torch.randn(3, 9, 6)
+    torch.save(x, tmp_path / "x.pt")
+    p = run("inspect", "mymodel:make", "--weights", "w.pt", "--inputs", "x.pt", "--quiet",
+            "--out", "rep", cwd=tmp_path, check_code=0)
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert set(res["recurrent"]) == {"encoder", "decoder"}
+    enc = res["recurrent"]["encoder"]
+    assert enc["num_layers"] == 2 and enc["num_directions"] == 2 and len(enc["layers"]) == 4
+    assert len(enc["gates"]["layers"]) == 4
+    model.eval()
+    prof = rnnscope.gradient_profile(model, x)
+    saved = torch.tensor(res["comparison"]["profiles"]["mymodel:make"]["per_sample"],
+                         dtype=torch.float64)
+    torch.testing.assert_close(saved, prof.per_sample, rtol=1e-12, atol=0)
+    # the decoder is analysed on what it really receives: the encoder's output
+    with torch.no_grad():
+        y, _ = model.encoder(x)
+    sg = rnnscope.state_gradients(model.decoder, y)
+    saved_h = torch.tensor(res["recurrent"]["decoder"]["state_gradients"]["layers"][0][0]["h"])
+    torch.testing.assert_close(saved_h.double(), sg.layers[0][0].h, rtol=1e-5, atol=0)  # float32
+    # the same model as a file path works too, with seeded inputs
+    run("inspect", str(tmp_path / "mymodel.py") + ":make", "--quiet", "--seq-len", "5",
+        "--samples", "2", "--no-report", check_code=0)
+
+
+def test_inspect_refuses_pickles_that_would_run_code(tmp_path):
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    marker = tmp_path / "pwned"
+    evil = textwrap.dedent(f"""
+        import os, torch
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch {marker}",))
+        torch.save({{"w": Evil()}}, "evil.pt")
+    """)
+    subprocess.run([sys.executable, "-c", evil], cwd=tmp_path, check=True)
+    p = run("inspect", "mymodel:make", "--weights", "evil.pt", "--quiet", "--no-report",
+            cwd=tmp_path, check_code=1)
+    assert "refuses" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists()
+    p = run("inspect", "mymodel:make", "--inputs", "evil.pt", "--quiet", "--no-report",
+            cwd=tmp_path, check_code=1)
+    assert not marker.exists()
+    p = run("inspect", "evil.pt", "--quiet", "--no-report", cwd=tmp_path, check_code=1)
+    assert "not a TorchScript archive" in p.stderr and not marker.exists()
+
+
+def test_inspect_errors_are_clear(tmp_path):
+    p = run("inspect", "nosuchpkg:make", "--quiet", cwd=tmp_path, check_code=1)
+    assert "cannot import 'nosuchpkg'" in p.stderr
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pt")
+    p = run("inspect", "mymodel:make", "--weights", "bad.pt", "--quiet", cwd=tmp_path,
+            check_code=1)
+    assert "does not fit the model" in p.stderr
+    p = run("compare", "--device", "cuda", *SMALL) if not torch.cuda.is_available() else None
+    if p is not None:
+        assert p.returncode == 1 and "CUDA is not available" in p.stderr
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.GRU(4, 5, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_inspect_torchscript(tmp_path):
+    torch.manual_seed(0)
+    m = torch.jit.script(Wrapped())
+    m.save(str(tmp_path / "gru.ts"))
+    p = run("inspect", "gru.ts", "--input-size", "4", "--seq-len", "6", "--samples", "3",
+            "--quiet", "--out", "rep", cwd=tmp_path, check_code=0)
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert len(res["comparison"]["profiles"]["gru.ts"]["norms"]) == 6
+    assert "(none)" in res["recurrent"]
+    torch.save(torch.zeros(3), tmp_path / "plain.pt")  # a tensor file is not a model
+    p = run("inspect", "plain.pt", "--quiet", cwd=tmp_path, check_code=1)
+    assert "not a TorchScript archive" in p.stderr and "Traceback" not in p.stderr
