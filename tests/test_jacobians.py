@@ -317,3 +317,36 @@ def test_errors_are_clear():
         rnnscope.cell_jacobians(m, x, method="autograd")
     with pytest.raises(ValueError, match=r"state must be one of \('h',\)"):
         rnnscope.step_jacobians(nn.GRU(3, 4), x, state="c")
+
+
+def test_spectral_norm_helper_matches_svd_at_every_scale():
+    from rnnscope.results import spectral_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 4, dtype=torch.float64)
+    want = torch.linalg.matrix_norm(x, ord=2)
+    for scale in (1.0, 1e-200, 1e150):
+        torch.testing.assert_close(spectral_norm(x * scale), want * scale, rtol=1e-12, atol=0)
+    assert spectral_norm(torch.zeros(2, 3, 3)).tolist() == [0.0, 0.0]
+
+
+def test_jacobian_results_plot_and_serialise():
+    pytest.importorskip("matplotlib")
+    import json
+
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 4, batch_first=True)
+    x = torch.randn(2, 8, 3)
+    cj = rnnscope.cell_jacobians(m, x, keep="norms")
+    fig = cj.plot()
+    assert fig.axes[0].get_yscale() == "log" and len(fig.axes) == 2
+    d = json.loads(json.dumps(cj.to_dict(), allow_nan=False))
+    curves = rnnscope.CellJacobians.curves_from_dict(d)
+    for k, v in cj.by_distance().items():
+        torch.testing.assert_close(curves[k], v)
+    sg = rnnscope.state_gradients(m, x)
+    assert sg.plot().axes[0].get_yscale() == "log"
+    json.dumps(sg.to_dict(), allow_nan=False)
+    plt.close("all")
