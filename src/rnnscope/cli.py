@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
@@ -229,6 +230,43 @@ def _cmd_replot(args) -> int:
     return 0
 
 
+def _cmd_plot_log(args) -> int:
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+    from .monitor.loggers import read_jsonl
+
+    steps, alerts = read_jsonl(args.log)
+    if not steps:
+        raise ValueError(f"{args.log} holds no step records")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = list(dict.fromkeys(k for r in steps for k in r.get("layers", {})))
+    written = []
+    for layer in layers:
+        fig = plotting.plot_lag_heatmap(steps, layer)
+        if fig is None:
+            continue
+        path = out / f"heatmap_{layer.replace('/', '_').replace('.', '_')}.png"
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    fig = plotting.plot_alert_timeline(alerts, [r["step"] for r in steps])
+    path = out / "alerts.png"
+    if path.exists() and not args.overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
+    if args.json:
+        print(json.dumps({"files": written, "steps": len(steps), "alerts": len(alerts)}))
+    else:
+        _say(args, f"{len(steps)} steps, {len(alerts)} alerts\n" + "\n".join(written))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, *, report: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs "
                    "(default 0)")
@@ -302,6 +340,17 @@ def build_parser() -> StrictParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_replot)
+
+    pl = sub.add_parser("plot-log", help="heatmap and alert timeline of a monitor log",
+                        description="Draw the gradient-flow-over-training heatmap (lag × "
+                        "training step, log colour) per layer and the alert timeline from a "
+                        "GradientMonitor JSON Lines log.")
+    pl.add_argument("log", metavar="RUN.jsonl")
+    pl.add_argument("--out", default="rnnscope-monitor-plots", metavar="DIR")
+    pl.add_argument("--overwrite", action="store_true")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--quiet", action="store_true")
+    pl.set_defaults(func=_cmd_plot_log)
     return p
 
 

@@ -194,3 +194,52 @@ def plot_decay_curves(forget_values, max_length: int, ax=None):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return ax.figure
+
+
+def plot_lag_heatmap(records: list, layer: str, ax=None):
+    """Mean ‖∂L/∂x_t‖ at a layer's input by lag (rows) and training step (columns), log colour
+    scale; None if no record has that layer's input profile."""
+    from matplotlib.colors import LogNorm
+
+    rows = [(r["step"], r["layers"][layer]["input_grad"]) for r in records
+            if r.get("layers", {}).get(layer, {}).get("input_grad")]
+    if not rows:
+        return None
+    T = max(len(p) for _, p in rows)
+    grid = np.full((T, len(rows)), np.nan)
+    for j, (_, prof) in enumerate(rows):
+        vals = np.array([float(v) for v in prof])[::-1]  # by lag: lag 0 = last timestep
+        grid[: len(vals), j] = vals
+    pos = grid[np.isfinite(grid) & (grid > 0)]
+    if ax is None:
+        fig, (ax,) = _new_axes(1, width=8.0)
+    steps = [s for s, _ in rows]
+    norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None
+    masked = np.ma.masked_where(~(np.isfinite(grid) & (grid > 0)), grid)
+    im = ax.imshow(masked, aspect="auto", origin="lower", norm=norm, cmap="viridis",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, T - 0.5),
+                   interpolation="nearest")
+    ax.figure.colorbar(im, ax=ax, label=r"mean $\|\partial L/\partial x_t\|$ (log scale)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("lag k = T−1−t (steps before the last timestep)")
+    ax.set_title(f"{layer}: gradient reaching each lag over training")
+    return ax.figure
+
+
+def plot_alert_timeline(alerts: list, steps: list, ax=None):
+    """One row per alert kind, a mark at each step an alert fired."""
+    if ax is None:
+        fig, (ax,) = _new_axes(1, width=8.0, height=2.6)
+    kinds = sorted({a["kind"] for a in alerts})
+    for i, kind in enumerate(kinds):
+        xs = [a["step"] for a in alerts if a["kind"] == kind]
+        ax.scatter(xs, [i] * len(xs), marker="|", s=200, label=kind)
+    ax.set_yticks(range(len(kinds)))
+    ax.set_yticklabels(kinds)
+    if steps:
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    ax.set_xlabel("training step")
+    ax.set_title("Alerts" if kinds else "Alerts (none fired)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.figure.tight_layout()
+    return ax.figure

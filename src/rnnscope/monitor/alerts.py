@@ -1,0 +1,161 @@
+"""Alerts: vanishing, exploding, non-finite, saturated gates, and a clipping suggestion.
+
+Each alert has a clear message naming the layer, the step and the figure; it is rate-limited
+(one per kind and layer per `cooldown` steps) and delivered as a Python warning
+(`GradientFlowWarning`), to the loggers and to an optional callback.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+
+class GradientFlowWarning(UserWarning):
+    """Category of the warnings the monitor emits."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert: kind ("vanishing", "exploding", "nonfinite", "saturation", "clipping"),
+    the training step, the layer (or "model"), the figure that triggered it and a message."""
+
+    kind: str
+    step: int
+    layer: str
+    value: float
+    threshold: float
+    message: str
+
+    def to_dict(self) -> dict:
+        from ..results import json_number
+
+        return {"kind": self.kind, "step": self.step, "layer": self.layer,
+                "value": json_number(self.value), "threshold": json_number(self.threshold),
+                "message": self.message}
+
+
+@dataclass
+class AlertPolicy:
+    """Thresholds of the monitor's alerts.
+
+    Attributes:
+        vanish_lag: K, the lag (steps before the last timestep) from which gradient counts as
+            "far"; vanish_eps: alert when the largest mean ‖∂L/∂x‖ at lags ≥ K is below
+            eps × the one at lag 0.
+        explode_norm: alert when the global gradient norm exceeds this (None: off);
+            explode_factor: ... or jumps above factor × its running median over
+            `median_window` steps (after `min_history` steps).
+        saturation_frac: alert when more than this fraction of units have a mean gate above
+            saturation_hi or below saturation_lo (seen at replay steps).
+        clip_after: steps of norm history after which one clipping suggestion is made (0: off);
+            clip_quantile: the suggested max_norm is this quantile of the observed norms.
+        cooldown: steps between two alerts of the same kind for the same layer.
+        warn: deliver alerts as Python warnings; callback: called with each Alert.
+    """
+
+    vanish_lag: int = 20
+    vanish_eps: float = 1e-3
+    explode_norm: float | None = None
+    explode_factor: float = 10.0
+    median_window: int = 50
+    min_history: int = 10
+    saturation_frac: float = 0.5
+    saturation_hi: float = 0.99
+    saturation_lo: float = 0.01
+    clip_after: int = 200
+    clip_quantile: float = 0.99
+    cooldown: int = 100
+    warn: bool = True
+    callback: object = None
+
+    def __post_init__(self):
+        if self.vanish_lag < 1:
+            raise ValueError(f"vanish_lag must be ≥ 1; got {self.vanish_lag}")
+        if not 0 < self.vanish_eps < 1:
+            raise ValueError(f"vanish_eps must be in (0, 1); got {self.vanish_eps}")
+        if not 0 <= self.saturation_frac <= 1:
+            raise ValueError(f"saturation_frac must be in [0, 1]; got {self.saturation_frac}")
+        if not 0 < self.clip_quantile <= 1:
+            raise ValueError(f"clip_quantile must be in (0, 1]; got {self.clip_quantile}")
+
+
+@dataclass
+class AlertState:
+    """What the alerts remember between steps (bounded)."""
+
+    policy: AlertPolicy
+    norms: deque = field(default_factory=lambda: deque(maxlen=5000))
+    last: dict = field(default_factory=dict)
+    clip_done: bool = False
+
+    def _fire(self, out: list, alert: Alert) -> None:
+        key = (alert.kind, alert.layer)
+        prev = self.last.get(key)
+        if prev is not None and alert.step - prev < self.policy.cooldown:
+            return
+        self.last[key] = alert.step
+        out.append(alert)
+
+    def check(self, step: int, record: dict) -> list[Alert]:
+        """Alerts raised by one step's record (see GradientMonitor for its fields)."""
+        p, out = self.policy, []
+        for name, count in record.get("nonfinite_params", {}).items():
+            if count:
+                self._fire(out, Alert("nonfinite", step, name, count, 0,
+                                      f"step {step}: {int(count)} non-finite (NaN/Inf) gradient "
+                                      f"value(s) in {name}"))
+        g = record.get("global_norm")
+        if g is not None and math.isfinite(g):
+            hist = list(self.norms)[-p.median_window:]
+            if p.explode_norm is not None and g > p.explode_norm:
+                self._fire(out, Alert("exploding", step, "model", g, p.explode_norm,
+                                      f"step {step}: global gradient norm {g:.3g} exceeds the "
+                                      f"bound {p.explode_norm:.3g}"))
+            elif len(hist) >= p.min_history:
+                med = statistics.median(hist)
+                if med > 0 and g > p.explode_factor * med:
+                    self._fire(out, Alert("exploding", step, "model", g, p.explode_factor * med,
+                                          f"step {step}: global gradient norm {g:.3g} jumped to "
+                                          f"{g / med:.1f}× its running median {med:.3g}"))
+            self.norms.append(g)
+        for layer, rec in record.get("layers", {}).items():
+            prof = rec.get("input_grad")  # mean ‖∂L/∂x_t‖ per timestep t
+            if prof is not None and len(prof) > p.vanish_lag:
+                lag0 = prof[-1]
+                far = max(prof[: len(prof) - p.vanish_lag])
+                if lag0 > 0 and math.isfinite(lag0) and math.isfinite(far) and \
+                        far < p.vanish_eps * lag0:
+                    self._fire(out, Alert("vanishing", step, layer, far / lag0, p.vanish_eps,
+                                          f"step {step}: {layer}: gradient reaching lag ≥ "
+                                          f"{p.vanish_lag} is {far / lag0:.2e} of the gradient at "
+                                          f"lag 0 (threshold {p.vanish_eps:.0e})"))
+            bad = rec.get("input_grad_nonfinite", 0)
+            if bad:
+                self._fire(out, Alert("nonfinite", step, f"{layer} input", bad, 0,
+                                      f"step {step}: {int(bad)} non-finite value(s) in "
+                                      f"∂L/∂x at the input of {layer}"))
+            for key, gate in rec.get("gates", {}).items():
+                hi, lo = gate["frac_units_hi"], gate["frac_units_lo"]
+                if max(hi, lo) > p.saturation_frac:
+                    which = f"> {p.saturation_hi}" if hi >= lo else f"< {p.saturation_lo}"
+                    self._fire(out, Alert("saturation", step, f"{layer} {key}", max(hi, lo),
+                                          p.saturation_frac,
+                                          f"step {step}: {layer} {key}: {100 * max(hi, lo):.0f}% "
+                                          f"of units have a mean {gate['gate']} gate {which} "
+                                          f"(threshold {100 * p.saturation_frac:.0f}%)"))
+        if p.clip_after and not self.clip_done and len(self.norms) >= p.clip_after:
+            self.clip_done = True
+            ns = sorted(self.norms)
+            q = ns[min(len(ns) - 1, int(p.clip_quantile * len(ns)))]
+            med = statistics.median(ns)
+            clipped = sum(n > q for n in ns) / len(ns)
+            self._fire(out, Alert("clipping", step, "model", q, med,
+                                  f"step {step}: over {len(ns)} steps the global gradient norm "
+                                  f"had median {med:.3g} and {100 * p.clip_quantile:g}th "
+                                  f"percentile {q:.3g}; torch.nn.utils.clip_grad_norm_("
+                                  f"max_norm={q:.3g}) would have clipped {100 * clipped:.1f}% "
+                                  "of steps"))
+        return out
