@@ -108,6 +108,7 @@ class AlertState:
                                       f"step {step}: {int(count)} non-finite (NaN/Inf) gradient "
                                       f"value(s) in {name}"))
         g = record.get("global_norm")
+        g = None if g is None else float(g)  # records write NaN as the string "nan"
         if g is not None and math.isfinite(g):
             hist = list(self.norms)[-p.median_window:]
             if p.explode_norm is not None and g > p.explode_norm:
@@ -123,6 +124,7 @@ class AlertState:
             self.norms.append(g)
         for layer, rec in record.get("layers", {}).items():
             prof = rec.get("input_grad")  # mean ‖∂L/∂x_t‖ per timestep t
+            prof = None if prof is None else [float(v) for v in prof]
             if prof is not None and len(prof) > p.vanish_lag:
                 lag0 = prof[-1]
                 far = max(prof[: len(prof) - p.vanish_lag])

@@ -198,7 +198,11 @@ class GradientMonitor:
                 if not x.requires_grad:  # a data tensor: make a fresh leaf with equal values
                     x = x.detach().requires_grad_(True)
                     changed = True
-                cap.tensor_handles.append(x.register_hook(self._input_grad_hook(name, batch_dim)))
+                t = len(cap.cell_input)  # cells: this call's timestep (backward runs reversed)
+                if spec.is_cell:
+                    cap.cell_input.append(None)
+                cap.tensor_handles.append(x.register_hook(
+                    self._input_grad_hook(name, batch_dim, t)))
             if exact and not spec.is_cell:
                 n = min(self.max_batch, x.shape[batch_dim])
                 cap.x = x.detach().narrow(batch_dim, 0, n).clone()
@@ -212,7 +216,7 @@ class GradientMonitor:
 
         return hook
 
-    def _input_grad_hook(self, name: str, batch_dim: int):
+    def _input_grad_hook(self, name: str, batch_dim: int, t: int):
         spec = self.specs[name]
 
         def on_grad(g):
@@ -220,7 +224,7 @@ class GradientMonitor:
             n = g.detach().to(torch.float64).norm(dim=-1)  # (B, T) / (T, B); cells: (B,)
             bad = int((~torch.isfinite(g)).sum())
             if spec.is_cell:
-                cap.cell_input.append((n.sum().cpu(), n.numel()))
+                cap.cell_input[t] = (n.sum().cpu(), n.numel())
             else:
                 n = n if batch_dim == 0 else n.t()
                 cap.input_sum = n.sum(0).cpu()
@@ -357,10 +361,12 @@ class GradientMonitor:
                     stats.add(f"param/{mname}/{pname}" + (f".{lab}" if lab else ""), v, "max")
 
     def _input_stats(self, stats, name, cap, world) -> None:
-        if cap.cell_input:
-            sums = torch.tensor([float(s) for s, _ in cap.cell_input], dtype=torch.float64)
+        done = [v for v in cap.cell_input if v is not None]
+        if done:  # a step whose input got no gradient counts as zero
+            sums = torch.tensor([0.0 if v is None else float(v[0]) for v in cap.cell_input],
+                                dtype=torch.float64)
             stats.add(f"input_sum/{name}", sums / world, "sum")
-            stats.add(f"input_count/{name}", float(cap.cell_input[0][1]), "sum")
+            stats.add(f"input_count/{name}", float(done[0][1]), "sum")
         elif cap.input_sum is not None:
             stats.add(f"input_sum/{name}", cap.input_sum / world, "sum")
             stats.add(f"input_count/{name}", float(cap.input_count), "sum")
@@ -370,13 +376,16 @@ class GradientMonitor:
     def _exact_stats(self, stats, name, cap, world) -> str | None:
         spec = self.specs[name]
         if spec.is_cell:
+            count = None
             for key, per_t in cap.cell_state.items():
-                if per_t and all(v is None for v in per_t):
+                done = [v for v in per_t if v is not None]
+                if not done:
                     continue
                 sums = torch.tensor([0.0 if v is None else float(v[0]) for v in per_t],
                                     dtype=torch.float64)
-                count = next(v[1] for v in per_t if v is not None)
                 stats.add(f"state_sum/{name}/l0d0/{key}", sums / world, "sum")
+                count = done[0][1]
+            if count is not None:
                 stats.add(f"state_count/{name}/l0d0", float(count), "sum")
             return None
         if cap.x is None:

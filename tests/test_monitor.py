@@ -1,0 +1,307 @@
+import csv
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rnnscope
+from rnnscope.monitor import AlertPolicy, GradientFlowWarning, GradientMonitor, read_jsonl
+
+
+class Seq(nn.Module):
+    """A small sequence regressor around a (possibly time-major) recurrent layer."""
+
+    def __init__(self, kind=nn.LSTM, layers=2, bidirectional=False, batch_first=True):
+        super().__init__()
+        self.rnn = kind(5, 7, num_layers=layers, bidirectional=bidirectional,
+                        batch_first=batch_first)
+        self.head = nn.Linear(7 * (2 if bidirectional else 1), 1)
+        self.batch_first = batch_first
+
+    def forward(self, x):  # x: (B, T, 5) batch-major always
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out)
+
+
+def _data(step, B=6, T=12):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(B, T, 5, generator=g), torch.randn(B, T, 1, generator=g)
+
+
+def _train(model, steps, monitor=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outs, grads = [], []
+    for s in range(steps):
+        x, y = _data(s)
+        out = model(x)
+        loss = ((out - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if monitor is not None:
+            monitor.step()
+        outs.append(out.detach().clone())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return outs, grads
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_outputs_and_gradients_are_bit_identical_with_the_monitor(kind):
+    torch.manual_seed(0)
+    a = Seq(kind)
+    b = Seq(kind)
+    b.load_state_dict(a.state_dict())
+    outs_a, grads_a = _train(a, 4)
+    with GradientMonitor(b, replay_every=2) as mon:
+        outs_b, grads_b = _train(b, 4, mon)
+    for oa, ob in zip(outs_a, outs_b):
+        assert torch.equal(oa, ob)
+    for ga, gb in zip(grads_a, grads_b):
+        for x, y in zip(ga, gb):
+            assert torch.equal(x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert len(mon.history) == 4
+
+
+@pytest.mark.parametrize("bidirectional, batch_first", [(False, True), (True, False)])
+def test_exact_state_gradients_and_input_profile_equal_autograd(bidirectional, batch_first):
+    torch.manual_seed(1)
+    model = Seq(nn.LSTM, layers=2, bidirectional=bidirectional, batch_first=batch_first).double()
+    x, y = _data(0)
+    x, y = x.double(), y.double()
+    mon = GradientMonitor(model, replay_every=1, max_batch=4).attach()
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    rec = mon.step()
+    mon.detach()
+    # oracle 1: ∂L/∂x by autograd, per-sample norms averaged over the batch
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(((model(xr) - y) ** 2).mean(), xr)
+    torch.testing.assert_close(torch.tensor(rec["layers"]["rnn"]["input_grad"],
+                                            dtype=torch.float64), gx.norm(dim=-1).mean(0))
+    # oracle 2: total state gradients of the real loss, on the first max_batch samples
+    B = x.shape[0]
+
+    def real_loss(out):  # per-sample share of the mean loss
+        return ((model.head(out) - y) ** 2).sum((1, 2)) / y.numel()
+
+    xin = x if batch_first else x.transpose(0, 1)
+    sg = rnnscope.state_gradients(model.rnn, xin, loss=real_loss, keep="full")
+    for layer in range(2):
+        for d in range(2 if bidirectional else 1):
+            got = rec["layers"]["rnn"]["state_grad"][f"l{layer}d{d}"]
+            want = sg.layers[layer][d]
+            torch.testing.assert_close(torch.tensor(got["h"], dtype=torch.float64),
+                                       want.h[:4].mean(0))
+            torch.testing.assert_close(torch.tensor(got["c"], dtype=torch.float64),
+                                       want.c[:4].mean(0))
+    assert B == 6
+    gates = rec["layers"]["rnn"]["gates"]["l0d0"]
+    f = rnnscope.replay(model.rnn, xin).layers[0][0].gates["f"][:4].detach()
+    assert gates["mean"] == pytest.approx(f.mean().item(), rel=1e-9)
+
+
+def test_per_gate_parameter_norms_and_global_norm():
+    torch.manual_seed(2)
+    model = Seq(nn.GRU, layers=1)
+    x, y = _data(0)
+    with GradientMonitor(model) as mon:
+        ((model(x) - y) ** 2).mean().backward()
+        rec = mon.step()
+    norms = rec["layers"]["rnn"]["param_norms"]
+    g = model.rnn.weight_hh_l0.grad
+    for k, gate in enumerate("rzn"):
+        assert norms[f"weight_hh_l0.{gate}"] == pytest.approx(g[7 * k:7 * (k + 1)].norm().item(),
+                                                            rel=1e-6)
+    total = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters()))
+    assert rec["global_norm"] == pytest.approx(total.item(), rel=1e-6)  # float32 norms
+
+
+def test_cells_called_step_by_step():
+    torch.manual_seed(3)
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.LSTMCell(5, 6)
+
+        def forward(self, x):
+            h = c = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+            hs = []
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+                hs.append(h)
+            return torch.stack(hs, 1).sum(-1, keepdim=True)
+
+    m = Loop().double()
+    x, y = _data(0)
+    x, y = x.double(), y.double()
+    with GradientMonitor(m, replay_every=1) as mon:
+        ((m(x) - y) ** 2).mean().backward()
+        rec = mon.step()
+    # oracle: retain_grad on the reference unroll
+    xr = x.clone().requires_grad_(True)
+    h = c = torch.zeros(6, 6, dtype=torch.float64)
+    hs, cs = [], []
+    for t in range(12):
+        h, c = m.cell(xr[:, t], (h, c))
+        h.retain_grad()
+        c.retain_grad()
+        hs.append(h)
+        cs.append(c)
+    ((torch.stack(hs, 1).sum(-1, keepdim=True) - y) ** 2).mean().backward()
+    r = rec["layers"]["cell"]
+    torch.testing.assert_close(torch.tensor(r["input_grad"], dtype=torch.float64),
+                               xr.grad.norm(dim=-1).mean(0))
+    torch.testing.assert_close(torch.tensor(r["state_grad"]["l0d0"]["h"], dtype=torch.float64),
+                               torch.stack([t.grad.norm(dim=-1).mean() for t in hs]))
+    torch.testing.assert_close(torch.tensor(r["state_grad"]["l0d0"]["c"], dtype=torch.float64),
+                               torch.stack([t.grad.norm(dim=-1).mean() for t in cs]))
+
+
+def _hooks(m):
+    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) + len(x._backward_hooks)
+               for x in m.modules())
+
+
+def test_hooks_are_removed_on_detach_and_on_exceptions():
+    model = Seq()
+    assert _hooks(model) == 0
+    mon = GradientMonitor(model).attach()
+    assert _hooks(model) == 2  # one pre-hook and one forward hook on the LSTM
+    mon.detach()
+    assert _hooks(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with GradientMonitor(model):
+            assert _hooks(model) > 0
+            model(torch.randn(2, 3, 5)).sum().backward()
+            raise RuntimeError("boom")
+    assert _hooks(model) == 0
+    # a step that raises leaves no tensor hooks or captures behind
+    mon = GradientMonitor(model, replay_every=1).attach()
+    model(torch.randn(2, 3, 5))
+    assert mon._caps["rnn"].tensor_handles
+    mon.detach()
+    assert not mon._caps["rnn"].tensor_handles and _hooks(model) == 0
+
+
+def test_schedules_and_bounded_history():
+    model = Seq(nn.GRU, layers=1)
+    mon = GradientMonitor(model, every=2, replay_every=3, history=2).attach()
+    recs = []
+    for s in range(7):
+        x, y = _data(s)
+        ((model(x) - y) ** 2).mean().backward()
+        recs.append(mon.step())
+        model.zero_grad()
+    mon.detach()
+    assert [r is not None for r in recs] == [True, False, True, True, True, False, True]
+    assert [r["exact"] for r in recs if r] == [True, False, True, False, True]
+    assert "input_grad" not in recs[3]["layers"]["rnn"]  # step 3: exact only
+    assert len(mon.history) == 2 and mon.history[-1]["step"] == 6
+
+
+def test_alerts_fire_rate_limited_and_reach_loggers_and_callback(tmp_path):
+    torch.manual_seed(0)
+    model = Seq(nn.RNN, layers=1)
+    got = []
+    policy = AlertPolicy(vanish_lag=5, vanish_eps=0.5, explode_factor=5, min_history=3,
+                         clip_after=6, cooldown=3, callback=got.append)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.warns(GradientFlowWarning):
+        with GradientMonitor(model, replay_every=0, alerts=policy,
+                             loggers=[tmp_path, tmp_path / "m.csv"]) as mon:
+            for s in range(8):
+                x, y = _data(s, T=30)
+                scale = 1e4 if s == 5 else 1.0
+                # a loss at the last step only: the input profile then shows the decay by lag
+                loss = scale * ((model(x)[:, -1] - y[:, -1]) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                mon.step()
+            with torch.no_grad():
+                x, y = _data(99, T=30)
+            loss = ((model(x) - y) ** 2).mean() * float("nan")
+            opt.zero_grad()
+            loss.backward()
+            mon.step()
+    kinds = [a.kind for a in got]
+    assert "exploding" in kinds and "clipping" in kinds and "nonfinite" in kinds
+    vanishing = [a for a in got if a.kind == "vanishing"]
+    assert vanishing and all(b.step - a.step >= 3 for a, b in zip(vanishing, vanishing[1:]))
+    explode = next(a for a in got if a.kind == "exploding")
+    assert explode.step == 5 and "running median" in explode.message
+    nonfinite = [a for a in got if a.kind == "nonfinite"]
+    assert any("rnn.weight_hh_l0" in a.message for a in nonfinite)
+    steps, alerts = read_jsonl(tmp_path / "rnnscope-monitor.jsonl")
+    assert [s["step"] for s in steps] == list(range(9))
+    assert len(alerts) == len(got)
+    assert steps[-1]["nonfinite_params"]["rnn.weight_hh_l0"] == 7 * 7
+    assert steps[-1]["global_norm"] == "nan"
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert {r["name"] for r in rows} >= {"grad_norm/global", "rnn/input_grad/lag0"}
+
+
+def test_saturation_alert_at_replay_steps():
+    torch.manual_seed(0)
+    model = Seq(nn.LSTM, layers=1)
+    rnnscope.init_forget_bias(model.rnn, 12.0)  # f ≈ 1: a frozen memory
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with GradientMonitor(model, replay_every=1,
+                             alerts=AlertPolicy(callback=got.append)) as mon:
+            x, y = _data(0)
+            ((model(x) - y) ** 2).mean().backward()
+            rec = mon.step()
+    assert rec["layers"]["rnn"]["gates"]["l0d0"]["frac_units_hi"] == 1.0
+    sat = [a for a in got if a.kind == "saturation"]
+    assert sat and "100% of units have a mean f gate > 0.99" in sat[0].message
+
+
+def test_training_dropout_skips_the_replay_with_one_warning():
+    model = Seq(nn.LSTM, layers=2)
+    model.rnn.dropout = 0.3
+    with pytest.warns(GradientFlowWarning, match="dropout"):
+        with GradientMonitor(model, replay_every=1) as mon:
+            for s in range(2):
+                x, y = _data(s)
+                ((model(x) - y) ** 2).mean().backward()
+                rec = mon.step()
+    assert "exact replay skipped" in rec["skipped"]["rnn"]
+    assert "input_grad" in rec["layers"]["rnn"]
+
+
+def test_plot_log_cli(tmp_path):
+    import subprocess
+    import sys
+
+    model = Seq(nn.GRU, layers=1)
+    with GradientMonitor(model, loggers=tmp_path) as mon:
+        for s in range(5):
+            x, y = _data(s)
+            ((model(x) - y) ** 2).mean().backward()
+            mon.step()
+            model.zero_grad()
+    p = subprocess.run([sys.executable, "-m", "rnnscope", "plot-log",
+                        str(tmp_path / "rnnscope-monitor.jsonl"), "--out",
+                        str(tmp_path / "plots"), "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    files = json.loads(p.stdout)["files"]
+    assert any(f.endswith("heatmap_rnn.png") for f in files)
+    assert all((tmp_path / "plots" / f.split("/")[-1]).stat().st_size > 1000 for f in files)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="contains no nn.RNN"):
+        GradientMonitor(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="preset must be one of"):
+        GradientMonitor(Seq(), preset="turbo")
+    with pytest.raises(TypeError, match="a logger is"):
+        GradientMonitor(Seq(), loggers=[3])
+    with pytest.raises(ValueError, match="vanish_eps"):
+        AlertPolicy(vanish_eps=2)
