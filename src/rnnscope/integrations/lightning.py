@@ -1,0 +1,69 @@
+"""Lightning callback: `GradientFlowCallback` (extra: pip install 'rnnscope[lightning]').
+
+It attaches a GradientMonitor to the LightningModule at fit start, steps it at
+`on_before_optimizer_step` (after backward, gradients unscaled/accumulated, before the
+optimizer consumes them), logs its scalar figures through the trainer's loggers on global rank 0
+and detaches at the end of fit — also when fit raises.
+"""
+
+from __future__ import annotations
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the older package name
+    try:
+        from pytorch_lightning.callbacks import Callback
+    except ImportError as e:
+        raise ImportError("GradientFlowCallback needs Lightning: pip install "
+                          "'rnnscope[lightning]'") from e
+
+from ..monitor import GradientMonitor
+from ..monitor.loggers import flat_scalars
+
+
+class GradientFlowCallback(Callback):
+    """Monitor gradient flow through time while Lightning trains.
+
+    Args:
+        prefix: prefix of the logged metric names.
+        **monitor_kwargs: passed to GradientMonitor (every, replay_every, max_batch, loggers,
+            alerts, history, preset).
+
+    Attributes:
+        monitor: the GradientMonitor (None before fit starts); its `.history` and `.alerts`
+            hold the recent records and alerts.
+    """
+
+    def __init__(self, prefix: str = "rnnscope/", **monitor_kwargs):
+        super().__init__()
+        self.prefix = prefix
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: GradientMonitor | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.monitor = GradientMonitor(pl_module, **self.monitor_kwargs).attach()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.monitor is None:
+            return
+        record = self.monitor.step()
+        if record is None or not trainer.is_global_zero:
+            return
+        metrics = {self.prefix + k: v for k, v in flat_scalars(record).items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        for alert in self.monitor.alerts:
+            if alert.step == record["step"]:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"{self.prefix}alert/{alert.kind}": 1.0},
+                                       step=trainer.global_step)
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
