@@ -243,3 +243,82 @@ def plot_alert_timeline(alerts: list, steps: list, ax=None):
     ax.grid(True, axis="x", alpha=0.3)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_learning_curves(curves: dict, baseline: float, ax=None, train: dict | None = None):
+    """Evaluation loss / baseline vs training step per variant (log y); 1 = memoryless."""
+    if ax is None:
+        fig, (ax,) = _new_axes(1, width=7.5)
+    for name, pts in curves.items():
+        steps = [p[0] for p in pts]
+        vals = [float(p[1]) / baseline for p in pts]
+        (line,) = ax.plot(steps, vals, marker="o", ms=3, label=name)
+        if train and name in train:
+            tr = np.array([float(v) for v in train[name]]) / baseline
+            w = max(len(tr) // 100, 1)
+            smooth = np.convolve(tr, np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(w, len(tr) + 1), smooth, color=line.get_color(), alpha=0.25, lw=1)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="memoryless baseline")
+    ax.axhline(0.5, color="gray", ls=":", lw=1, label="50% of baseline")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss / baseline (log scale)")
+    ax.set_title("Learning curves (markers: held-out loss; faint: training loss)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax.figure
+
+
+def plot_heatmap_grid(heatmaps: dict, steps: dict):
+    """Per-variant lag × training-step heatmaps of mean ‖∂L/∂x_t‖, one shared log colour scale."""
+    from matplotlib.colors import LogNorm
+
+    names = [n for n, h in heatmaps.items() if h and any(r for r in h)]
+    if not names:
+        return None
+    grids = {}
+    for n in names:
+        rows = [r for r in heatmaps[n] if r]
+        T = max(len(r) for r in rows)
+        g = np.full((T, len(rows)), np.nan)
+        for j, r in enumerate(rows):
+            vals = np.array([float(v) for v in r])[::-1]
+            g[: len(vals), j] = vals
+        grids[n] = g
+    allv = np.concatenate([g[np.isfinite(g) & (g > 0)] for g in grids.values()])
+    norm = LogNorm(vmin=max(allv.min(), allv.max() * 1e-12), vmax=allv.max())
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 1, 3.6), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        g = grids[n]
+        s = steps[n]
+        im = ax.imshow(np.ma.masked_where(~(np.isfinite(g) & (g > 0)), g), aspect="auto",
+                       origin="lower", norm=norm, cmap="viridis", interpolation="nearest",
+                       extent=(s[0] - 0.5, s[-1] + 0.5, -0.5, g.shape[0] - 0.5))
+        ax.set_title(n)
+        ax.set_xlabel("training step")
+    axes[0][0].set_ylabel("lag k (steps before the last input)")
+    fig.colorbar(im, ax=list(axes[0]), label=r"mean $\|\partial L/\partial x_t\|$ (log)")
+    fig.suptitle("Gradient reaching each lag over training", y=1.0)
+    return fig
+
+
+def plot_memory_time_shift(before: dict, after: dict):
+    """Per-unit memory time 1/(1 − mean gate), cumulative: at initialisation (dashed) and after
+    training (solid), per gated variant."""
+    fig, (ax,) = _new_axes(1, width=7.5)
+    for name in before:
+        (line,) = ax.plot([], [])
+        color = line.get_color()
+        for stats, ls, when in ((before[name], "--", "init"), (after[name], "-", "end")):
+            mt = np.sort(np.concatenate([s.memory_time.numpy() for s in stats.layers]))
+            mt = mt[np.isfinite(mt)]
+            if mt.size:
+                ax.plot(mt, np.arange(1, mt.size + 1) / mt.size, ls=ls, color=color,
+                        label=f"{name} ({when})")
+    ax.set_xscale("log")
+    ax.set_xlabel("memory time 1/(1 − mean gate) (steps, log scale)")
+    ax.set_ylabel("fraction of units ≤ x")
+    ax.set_title("Forget/retain-gate memory times: before (dashed) and after (solid) training")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig

@@ -69,3 +69,48 @@ def decay(results: dict) -> dict:
 
 
 ALL = (gradient_flow, highway, step_paths, gates, decay)
+
+
+# ---- experiment ------------------------------------------------------------------------------
+
+
+def learning_curves(results: dict) -> dict:
+    v = results["variants"]
+    fig = plotting.plot_learning_curves({n: d["eval_loss"] for n, d in v.items()},
+                                        results["baseline"],
+                                        train={n: d["train_loss"] for n, d in v.items()})
+    return {"learning_curves": fig}
+
+
+def profiles_before_after(results: dict) -> dict:
+    from ..results import GradientProfile
+
+    fig, axes = plotting._new_axes(2)
+    for ax, when in zip(axes, ("init", "end")):
+        profs = {n: GradientProfile.from_dict(d[f"profile_{when}"])
+                 for n, d in results["variants"].items()}
+        plotting.plot_profiles(profs, ax=ax, log=True)
+        ax.set_title(("At initialisation" if when == "init" else "After training") +
+                     ": gradient of the task loss reaching each step")
+    fig.tight_layout()
+    return {"profiles": fig}
+
+
+def heatmaps(results: dict) -> dict:
+    v = results["variants"]
+    fig = plotting.plot_heatmap_grid({n: d["heatmap"] for n, d in v.items()},
+                                     {n: d["monitor_steps"] for n, d in v.items()})
+    return {"heatmaps": fig} if fig is not None else {}
+
+
+def memory_times(results: dict) -> dict:
+    v = {n: d for n, d in results["variants"].items() if d.get("gates_init")}
+    if not v:
+        return {}
+    fig = plotting.plot_memory_time_shift(
+        {n: GateStats.from_dict(d["gates_init"]) for n, d in v.items()},
+        {n: GateStats.from_dict(d["gates_end"]) for n, d in v.items()})
+    return {"memory_times": fig}
+
+
+EXPERIMENT = (learning_curves, profiles_before_after, heatmaps, memory_times)

@@ -14,13 +14,16 @@ def _f(v) -> float:
 
 
 def _num(v) -> str:
+    if isinstance(v, str) and v not in ("nan", "inf", "-inf"):
+        return v  # a word such as "never"
     return format_number(_f(v) if isinstance(v, (str, float)) else v)
 
 
 def _table(rows: list[dict], headers: dict) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers.values())
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_num(r.get(k)) if k != 'model' else str(r.get(k)))}</td>"
-                                    for k in headers) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(
+        f"<td>{html.escape(_num(r.get(k)) if k != 'model' else str(r.get(k)))}</td>"
+        for k in headers) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -177,15 +180,44 @@ TITLES = {
 }
 
 
+def _head(title: str) -> str:
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{title}</title><style>{CSS}</style></head><body><h1>{title}</h1>")
+
+
+def _figure_sections(results: dict, figures_b64: dict, titles: dict, extra=None) -> list[str]:
+    parts = []
+    for name, (head, caption, reading) in titles.items():
+        if name not in figures_b64:
+            continue
+        parts.append(f"<h2>{head}</h2>")
+        parts.append(f"<figure><img id='fig-{name}' alt='{html.escape(head)}' "
+                     f"src='data:image/png;base64,{figures_b64[name]}'>"
+                     f"<figcaption>{caption}</figcaption></figure>")
+        text = reading(results) if reading else ""
+        if text:
+            parts.append(f"<div class='reading'>{text}</div>")
+        if extra and name in extra:
+            parts.append(extra[name](results))
+    return parts
+
+
+def _config_table(results: dict) -> str:
+    rows = {**results["config"], **results["versions"], "wall time (s)": results.get("seconds")}
+    return ("<h2>Run configuration</h2><table><tbody>" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows.items()) + "</tbody></table>"
+        "<p class='muted'>Every number behind these figures is in results.json next to this "
+        "page; <code>rnnscope replot results.json</code> redraws them.</p>")
+
+
 def render_html(results: dict, figures_b64: dict) -> str:
     cfg = results["config"]
     title = ("rnnscope: RNN vs LSTM vs GRU vs Transformer gradient flow"
              if results["command"] == "compare"
              else f"rnnscope: gradient flow in {html.escape(str(cfg.get('model', 'model')))}")
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<title>{title}</title><style>{CSS}</style></head><body>",
-             f"<h1>{title}</h1>",
+    parts = [_head(title),
              "<p class='muted'>How much gradient reaches each earlier timestep, how fast it "
              "decays, and whether the gates keep the cell-state highway open. All numbers are "
              "exact measurements on the models and inputs described at the bottom.</p>",
@@ -204,32 +236,76 @@ def render_html(results: dict, figures_b64: dict) -> str:
         parts.append("<p class='muted'>Largest Lyapunov exponent of each recurrence (layer 0, "
                      "natural log per step; &lt; 0 contracts): " + ", ".join(
                          f"{html.escape(n)} {_num(v)}" for n, v in lyap.items()) + ".</p>")
-    for name, (head, caption, reading) in TITLES.items():
-        if name not in figures_b64:
-            continue
-        parts.append(f"<h2>{head}</h2>")
-        parts.append(f"<figure><img id='fig-{name}' alt='{html.escape(head)}' "
-                     f"src='data:image/png;base64,{figures_b64[name]}'>"
-                     f"<figcaption>{caption}</figcaption></figure>")
-        text = reading(results)
-        if text:
-            parts.append(f"<div class='reading'>{text}</div>")
-        if name == "decay":
-            parts.append(_table(results["decay_table"]["rows"],
-                                {"forget": "forget f", "length": "length L", "factor": "f^L",
-                                 "memory_time": "memory time 1/(1−f)"}))
+    decay_rows = lambda r: _table(r["decay_table"]["rows"], {  # noqa: E731
+        "forget": "forget f", "length": "length L", "factor": "f^L",
+        "memory_time": "memory time 1/(1−f)"})
+    parts += _figure_sections(results, figures_b64, TITLES, extra={"decay": decay_rows})
     skipped = {n: r["skipped"] for n, r in results["recurrent"].items() if "skipped" in r}
     if skipped:
         parts.append("<h2>Not analysed</h2><ul>" + "".join(
             f"<li><code>{html.escape(n)}</code>: {html.escape(why)}</li>"
             for n, why in skipped.items()) + "</ul>")
-    parts.append("<h2>Run configuration</h2>")
-    rows = [{"model": k, "v": v} for k, v in {**cfg, **results["versions"],
-                                              "wall time (s)": results.get("seconds")}.items()]
-    parts.append("<table><tbody>" + "".join(
-        f"<tr><td>{html.escape(str(r['model']))}</td><td>{html.escape(str(r['v']))}</td></tr>"
-        for r in rows) + "</tbody></table>")
-    parts.append("<p class='muted'>Every number behind these figures is in results.json next "
-                 "to this page; <code>rnnscope replot results.json</code> redraws them.</p>")
+    parts.append(_config_table(results))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---- experiment page ---------------------------------------------------------------------------
+
+
+def reading_learning(results: dict) -> str:
+    out = []
+    for row in results["table"]:
+        at = row["beats_half_baseline_at"]
+        out.append(f"<b>{html.escape(row['model'])}</b>: final held-out loss "
+                   f"{_num(row['final_over_baseline'])}× the memoryless baseline; "
+                   + (f"first below 50% of the baseline at step {at}." if at != "never"
+                      else "never below 50% of the baseline in this run."))
+    return "<p>" + "</p><p>".join(out) + "</p>"
+
+
+def reading_profiles(results: dict) -> str:
+    out = []
+    for row in results["table"]:
+        out.append(f"<b>{html.escape(row['model'])}</b>: effective memory "
+                   f"{row['effective_memory_init']} → {row['effective_memory_end']} steps "
+                   f"(of {results['config']['sequence_length']}).")
+    return ("<p>Effective memory: timesteps whose gradient of the task loss exceeds 1% of the "
+            "largest. " + " ".join(out) + "</p>")
+
+
+EXPERIMENT_TITLES = {
+    "learning_curves": ("Learning: loss against the memoryless baseline",
+                        "Held-out loss divided by the task's exact memoryless baseline (copy: "
+                        "10·log 8/(T+20); adding: 1/6) vs training step; below 1 the model uses "
+                        "memory.", reading_learning),
+    "profiles": ("Gradient flow at initialisation and after training",
+                 "Mean ‖∂L/∂x<sub>t</sub>‖ of the task's own loss vs distance from the last "
+                 "step (log scale), before and after training.", reading_profiles),
+    "heatmaps": ("Gradient flow over training",
+                 "Per training step (x) and lag before the last input (y): mean ‖∂L/∂x<sub>t</sub>‖ "
+                 "recorded by the GradientMonitor at every step, shared log colour scale.", None),
+    "memory_times": ("Gate memory times before and after",
+                     "Per-unit memory time 1/(1 − mean forget/retain gate) on held-out inputs, "
+                     "at initialisation (dashed) and after training (solid).", None),
+}
+
+
+def render_experiment_html(results: dict, figures_b64: dict) -> str:
+    cfg = results["config"]
+    title = f"rnnscope experiment: {html.escape(cfg['task'])} task, T = {cfg['T']}"
+    parts = [_head(title),
+             f"<p class='muted'>{len(results['variants'])} variants trained with Adam "
+             f"(lr {cfg['lr']}, gradient-norm clipping at {cfg['clip']}, batch "
+             f"{cfg['batch_size']}, {cfg['steps']} steps, same seed and batches for all); the "
+             "GradientMonitor recorded gradient flow at every step.</p>",
+             "<h2>Summary</h2>",
+             _table(results["table"], {"model": "variant",
+                                       "final_over_baseline": "final loss / baseline",
+                                       "beats_half_baseline_at": "first step < 50% of baseline",
+                                       "effective_memory_init": "effective memory at init",
+                                       "effective_memory_end": "effective memory at end"})]
+    parts += _figure_sections(results, figures_b64, EXPERIMENT_TITLES)
+    parts.append(_config_table(results))
     parts.append("</body></html>")
     return "\n".join(parts)

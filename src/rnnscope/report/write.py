@@ -12,8 +12,10 @@ from . import figures as figure_makers
 
 def figures_from_results(results: dict) -> dict:
     """{name: Figure} for every figure the results support, drawn from the dict alone."""
+    makers = figure_makers.EXPERIMENT if results.get("command") == "experiment" else \
+        figure_makers.ALL
     out = {}
-    for make in figure_makers.ALL:
+    for make in makers:
         out.update(make(results))
     return out
 
@@ -22,8 +24,8 @@ def load_results(path) -> dict:
     """Read a results.json written by `write_report` (plain JSON, nothing executed)."""
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
-    if not isinstance(data, dict) or "comparison" not in data:
-        raise ValueError(f"{path} is not an rnnscope results.json (no 'comparison' key)")
+    if not isinstance(data, dict) or not ("comparison" in data or "variants" in data):
+        raise ValueError(f"{path} is not an rnnscope results.json")
     return data
 
 
@@ -51,7 +53,7 @@ def write_report(results: dict, out_dir, *, overwrite: bool = False) -> dict:
     """
     import matplotlib.pyplot as plt
 
-    from .html import render_html
+    from .html import render_experiment_html, render_html
 
     out = Path(out_dir)
     check_writable(out, overwrite=overwrite)
@@ -68,7 +70,8 @@ def write_report(results: dict, out_dir, *, overwrite: bool = False) -> dict:
         embedded[name] = base64.b64encode(png).decode("ascii")
         paths[name] = str(out / "figures" / f"{name}.png")
         plt.close(fig)
-    (out / "report.html").write_text(render_html(results, embedded), encoding="utf-8")
+    render = render_experiment_html if results.get("command") == "experiment" else render_html
+    (out / "report.html").write_text(render(results, embedded), encoding="utf-8")
     paths["html"] = str(out / "report.html")
     return paths
 
