@@ -220,3 +220,18 @@ def test_inspect_torchscript(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "plain.pt")  # a tensor file is not a model
     p = run("inspect", "plain.pt", "--quiet", cwd=tmp_path, check_code=1)
     assert "not a TorchScript archive" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_experiment_command(tmp_path):
+    p = run("experiment", "copy", "--T", "5", "--steps", "30", "--variants", "lstm,gru",
+            "--hidden-size", "8", "--batch-size", "8", "--out", str(tmp_path), "--json",
+            check_code=0)
+    data = json.loads(p.stdout)
+    assert data["baseline"] == pytest.approx(10 * __import__("math").log(8) / 25)
+    assert [r["model"] for r in data["table"]] == ["lstm", "gru"]
+    for f in ("learning_curves", "profiles", "heatmaps", "memory_times"):
+        assert (tmp_path / "figures" / f"{f}.png").is_file(), f
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["variants"]["lstm"]["train_loss"]) == 30
+    p = run("experiment", "adding", "--variants", "transformer", check_code=2)
+    assert "unknown value(s) transformer" in p.stderr

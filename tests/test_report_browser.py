@@ -24,8 +24,19 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_report_renders_every_figure_without_console_errors(tmp_path):
-    results = compare_study(seq_len=20, hidden_size=16, input_size=6, samples=5)
+def _experiment_results():
+    from rnnscope.experiments import ExperimentConfig, run_experiment
+
+    return run_experiment(ExperimentConfig(task="adding", T=8, steps=20, batch_size=8,
+                                           hidden_size=8, variants=("rnn", "lstm"),
+                                           eval_every=10))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: compare_study(seq_len=20, hidden_size=16, input_size=6, samples=5),
+    _experiment_results], ids=["compare", "experiment"])
+def test_report_renders_every_figure_without_console_errors(tmp_path, make):
+    results = make()
     paths = write_report(results, tmp_path / "rep")
     html_path = Path(paths["html"])
     assert "http://" not in html_path.read_text() and "https://" not in html_path.read_text()
@@ -41,7 +52,8 @@ def test_report_renders_every_figure_without_console_errors(tmp_path):
             page.wait_for_load_state("load")
             images = page.evaluate("""() => Array.from(document.images).map(i => (
                 {id: i.id, ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}))""")
-            shot = Path(os.environ.get("RNNSCOPE_SCREENSHOT_DIR", tmp_path)) / "report.png"
+            shot = Path(os.environ.get("RNNSCOPE_SCREENSHOT_DIR", tmp_path)) / \
+                f"report-{results['command']}.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
