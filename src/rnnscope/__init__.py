@@ -1,10 +1,14 @@
 """rnnscope: measure, explain and monitor gradient flow through time in PyTorch RNNs.
 
-Public surface only; the implementation lives in private-by-convention modules.
+Public surface only: re-exports and __all__. Heavy optional dependencies (matplotlib,
+tensorboard, lightning) are imported only where used.
 """
 
-from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
+__version__ = "0.1.0"
+
+from . import experiments, tasks
 from .gates import chrono_init, gate_stats, init_forget_bias
+from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
 from .monitor import AlertPolicy, GradientMonitor
 from .profile import compare, gradient_profile
 from .replay import Trace, replay
@@ -14,11 +18,14 @@ from .results import (CellJacobians, Comparison, DecayTable, GateLayerStats, Gat
 from .theory import decay_table, memory_time
 
 __all__ = [
-    "CellJacobians", "StateGradientLayer", "StateGradients", "StepJacobians",
-    "cell_jacobians", "lyapunov_spectrum", "state_gradients", "step_jacobians",
-    "AlertPolicy", "GradientMonitor",
-    "Comparison", "DecayTable", "GateLayerStats", "GateStats", "GradientProfile", "Trace",
-    "chrono_init", "compare", "decay_table", "effective_memory", "gate_stats",
-    "gradient_profile", "init_forget_bias", "memory_time", "replay",
+    # measurements
+    "replay", "gradient_profile", "compare", "effective_memory", "state_gradients",
+    "cell_jacobians", "step_jacobians", "lyapunov_spectrum", "gate_stats",
+    # initialisations and closed forms
+    "init_forget_bias", "chrono_init", "decay_table", "memory_time",
+    # training-time monitoring, tasks and experiments
+    "GradientMonitor", "AlertPolicy", "tasks", "experiments",
+    # result objects
+    "Trace", "GradientProfile", "Comparison", "StateGradients", "StateGradientLayer",
+    "CellJacobians", "StepJacobians", "GateStats", "GateLayerStats", "DecayTable",
 ]
-__version__ = "0.1.0"

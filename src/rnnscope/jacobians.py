@@ -105,7 +105,7 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
         raise ValueError(f"method must be 'auto', 'closed' or 'autograd'; got {method!r}")
     if _is_custom_cell(module) or method == "autograd":
         return _autograd_recurrence(module, inputs, hx, layer=layer, direction=direction,
-                                    state=state, closed_ok=method != "autograd")
+                                    state=state)
     spec = describe(module)
     spec.check_layer(layer, direction)
     states = ("c", "h", "full") if spec.kind == "lstm" else ("h",)
@@ -145,7 +145,7 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
                        entry=entry if state == "c" else None, unbatched=tr.unbatched)
 
 
-def _autograd_recurrence(module, inputs, hx, *, layer, direction, state, closed_ok):
+def _autograd_recurrence(module, inputs, hx, *, layer, direction, state):
     """Autograd (torch.func) one-step Jacobians of a cell, built-in or user-written."""
     if isinstance(module, nn.RNNBase):
         raise ValueError("method='autograd' works on cells (nn.LSTMCell, a custom cell); for a "

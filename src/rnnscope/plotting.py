@@ -287,7 +287,8 @@ def plot_heatmap_grid(heatmaps: dict, steps: dict):
         grids[n] = g
     allv = np.concatenate([g[np.isfinite(g) & (g > 0)] for g in grids.values()])
     norm = LogNorm(vmin=max(allv.min(), allv.max() * 1e-12), vmax=allv.max())
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 1, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.9 * len(names) + 1.2, 3.6),
+                             squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], names):
         g = grids[n]
         s = steps[n]
@@ -298,17 +299,16 @@ def plot_heatmap_grid(heatmaps: dict, steps: dict):
         ax.set_xlabel("training step")
     axes[0][0].set_ylabel("lag k (steps before the last input)")
     fig.colorbar(im, ax=list(axes[0]), label=r"mean $\|\partial L/\partial x_t\|$ (log)")
-    fig.suptitle("Gradient reaching each lag over training", y=1.0)
+    fig.suptitle("Gradient reaching each lag over training")
     return fig
 
 
-def plot_memory_time_shift(before: dict, after: dict):
+def plot_memory_time_shift(before: dict, after: dict, colors: dict | None = None):
     """Per-unit memory time 1/(1 − mean gate), cumulative: at initialisation (dashed) and after
-    training (solid), per gated variant."""
+    training (solid), per gated variant (`colors`: name -> colour, to match other figures)."""
     fig, (ax,) = _new_axes(1, width=7.5)
-    for name in before:
-        (line,) = ax.plot([], [])
-        color = line.get_color()
+    for i, name in enumerate(before):
+        color = (colors or {}).get(name, f"C{i}")
         for stats, ls, when in ((before[name], "--", "init"), (after[name], "-", "end")):
             mt = np.sort(np.concatenate([s.memory_time.numpy() for s in stats.layers]))
             mt = mt[np.isfinite(mt)]

@@ -107,9 +107,11 @@ def memory_times(results: dict) -> dict:
     v = {n: d for n, d in results["variants"].items() if d.get("gates_init")}
     if not v:
         return {}
+    order = list(results["variants"])  # the colours the other figures give each variant
     fig = plotting.plot_memory_time_shift(
         {n: GateStats.from_dict(d["gates_init"]) for n, d in v.items()},
-        {n: GateStats.from_dict(d["gates_end"]) for n, d in v.items()})
+        {n: GateStats.from_dict(d["gates_end"]) for n, d in v.items()},
+        colors={n: f"C{order.index(n)}" for n in v})
     return {"memory_times": fig}
 
 
