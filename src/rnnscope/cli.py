@@ -321,6 +321,15 @@ def _common(p: argparse.ArgumentParser, *, report: bool = True) -> None:
                        help="samples used for Jacobians (default 4)")
 
 
+def _output_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    """--out/--overwrite/--json/--quiet for commands that only draw files."""
+    p.add_argument("--out", default=default_out, metavar="DIR",
+                   help=f"output folder (default ./{default_out})")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    p.add_argument("--quiet", action="store_true", help="no messages")
+
+
 def build_parser() -> StrictParser:
     from .models import FORGET_INITS, MODEL_KINDS
 
@@ -393,10 +402,7 @@ def build_parser() -> StrictParser:
     r = sub.add_parser("replot", help="redraw a report from a saved results.json",
                        description="Redraw figures and report.html from results.json.")
     r.add_argument("results", metavar="RESULTS.json")
-    r.add_argument("--out", default="rnnscope-report", metavar="DIR")
-    r.add_argument("--overwrite", action="store_true")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--quiet", action="store_true")
+    _output_options(r, "rnnscope-report")
     r.set_defaults(func=_cmd_replot)
 
     pl = sub.add_parser("plot-log", help="heatmap and alert timeline of a monitor log",
@@ -404,10 +410,7 @@ def build_parser() -> StrictParser:
                         "training step, log colour) per layer and the alert timeline from a "
                         "GradientMonitor JSON Lines log.")
     pl.add_argument("log", metavar="RUN.jsonl")
-    pl.add_argument("--out", default="rnnscope-monitor-plots", metavar="DIR")
-    pl.add_argument("--overwrite", action="store_true")
-    pl.add_argument("--json", action="store_true")
-    pl.add_argument("--quiet", action="store_true")
+    _output_options(pl, "rnnscope-monitor-plots")
     pl.set_defaults(func=_cmd_plot_log)
     return p
 

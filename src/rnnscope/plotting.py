@@ -14,6 +14,14 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("plotting needs matplotlib: pip install 'rnnscope[plot]'") from e
 
 
+def _plot_cdf(ax, values, **kwargs) -> None:
+    """Empirical cumulative distribution of the finite values (nothing drawn if none)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v)]
+    if v.size:
+        ax.plot(v, np.arange(1, v.size + 1) / v.size, **kwargs)
+
+
 def _new_axes(ncols=1, width=6.0, height=4.2):
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return fig, list(axes[0])
@@ -76,10 +84,7 @@ def plot_gate_stats(stats, axes=None, label: str = ""):
             f" dir {s.direction}" if s.direction else "")
         centers = 0.5 * (s.edges[1:] + s.edges[:-1]).numpy()
         ax_h.step(centers, s.hist.numpy(), where="mid", label=label_s)
-        mt = s.memory_time.numpy()
-        mt = np.sort(mt[np.isfinite(mt)])
-        if mt.size:
-            ax_m.plot(mt, np.arange(1, mt.size + 1) / mt.size, label=label_s)
+        _plot_cdf(ax_m, s.memory_time.numpy(), label=label_s)
     ax_h.set_xlabel(f"{gname} value")
     ax_h.set_ylabel("fraction of gate values")
     ax_h.set_title(f"{gname} distribution")
@@ -310,11 +315,8 @@ def plot_memory_time_shift(before: dict, after: dict, colors: dict | None = None
     for i, name in enumerate(before):
         color = (colors or {}).get(name, f"C{i}")
         for stats, ls, when in ((before[name], "--", "init"), (after[name], "-", "end")):
-            mt = np.sort(np.concatenate([s.memory_time.numpy() for s in stats.layers]))
-            mt = mt[np.isfinite(mt)]
-            if mt.size:
-                ax.plot(mt, np.arange(1, mt.size + 1) / mt.size, ls=ls, color=color,
-                        label=f"{name} ({when})")
+            _plot_cdf(ax, np.concatenate([s.memory_time.numpy() for s in stats.layers]), ls=ls,
+                      color=color, label=f"{name} ({when})")
     ax.set_xscale("log")
     ax.set_xlabel("memory time 1/(1 − mean gate) (steps, log scale)")
     ax.set_ylabel("fraction of units ≤ x")
