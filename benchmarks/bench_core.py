@@ -9,8 +9,23 @@ import rnnscope
 from timing import compare_times, report
 
 
+def seed_loop_as_written(model, x):
+    """The seed's analyze_lstm_gradients as written: one sample at a time, loss.backward()
+    (which also accumulates into the parameters' .grad — the seed's bug), a Python loop over
+    timesteps with .item()."""
+    norms = torch.zeros(x.shape[1])
+    for s in range(x.shape[0]):
+        xs = x[s:s + 1].clone().requires_grad_(True)
+        out, _ = model(xs)
+        out[0, -1, :].sum().backward()
+        for t in range(x.shape[1]):
+            norms[t] += xs.grad[0, t, :].norm().item()
+    model.zero_grad(set_to_none=True)
+    return norms / x.shape[0]
+
+
 def seed_loop(model, x):
-    """The seed's per-sample loop (batch of one per sample, gradient w.r.t. the input only)."""
+    """The seed's per-sample loop, tightened: gradient w.r.t. the input only, vectorised norms."""
     norms = torch.zeros(x.shape[1])
     for s in range(x.shape[0]):
         xs = x[s:s + 1].clone().requires_grad_(True)
@@ -41,11 +56,13 @@ def run(quick: bool = False):
     times = compare_times({
         "gradient_profile (one batched pass)": lambda: rnnscope.gradient_profile(lstm, x),
         "seed per-sample loop": lambda: seed_loop(lstm, x),
+        "seed per-sample loop, as written": lambda: seed_loop_as_written(lstm, x),
         "bare forward + loss.backward()": bare_backward,
         "bare forward + autograd.grad(inputs)": bare_input_grad,
     }, rounds=3 if quick else 7)
     rows.append(report("(a) gradient_profile vs the seed's loop (LSTM T=100 H=128 I=64 S=50)",
-                       {k: times[k] for k in ("seed per-sample loop",
+                       {k: times[k] for k in ("seed per-sample loop, as written",
+                                              "seed per-sample loop",
                                               "gradient_profile (one batched pass)")},
                        "gradient_profile (one batched pass)", "seed loop ≥ 2× slower"))
     rows.append(report("(b) gradient_profile vs the floor (same model, same batch)",

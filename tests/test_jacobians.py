@@ -350,3 +350,14 @@ def test_jacobian_results_plot_and_serialise():
     assert sg.plot().axes[0].get_yscale() == "log"
     json.dumps(sg.to_dict(), allow_nan=False)
     plt.close("all")
+
+
+def test_state_gradients_count_nonfinite_values():
+    m = nn.GRU(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    assert rnnscope.state_gradients(m, x).layers[0][0].nonfinite == 0
+    x[0, 1, 0] = float("nan")  # (an Inf would saturate the gates and give finite gradients)
+    sg = rnnscope.state_gradients(m, x, loss="all")
+    assert sg.layers[0][0].nonfinite > 0
+    h = sg.layers[0][0].h
+    assert not torch.isfinite(h[0]).all() and torch.isfinite(h[1]).all()

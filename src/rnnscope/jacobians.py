@@ -34,7 +34,7 @@ from .replay import replay
 from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
                       spectral_norm)
 
-CHUNK = 32  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
+CHUNK = 16  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,10 +399,13 @@ def _gradient_layer(gh, gc, reverse, keep) -> StateGradientLayer:
     h = stack(gh)
     c = stack(gc) if gc is not None else None
     norm = lambda t: t.to("cpu", torch.float64).norm(dim=-1)  # noqa: E731
-    return StateGradientLayer(h=norm(h), c=norm(c) if c is not None else None,
-                              h_full=h.cpu() if keep == "full" else None,
+    h_norm, c_norm = norm(h), (norm(c) if c is not None else None)
+    # a NaN/Inf value makes its norm non-finite: count values only when some norm is
+    bad = sum(count_nonfinite(t) for t, n in ((h, h_norm), (c, c_norm))
+              if n is not None and not torch.isfinite(n).all())
+    return StateGradientLayer(h=h_norm, c=c_norm, h_full=h.cpu() if keep == "full" else None,
                               c_full=c.cpu() if c is not None and keep == "full" else None,
-                              nonfinite=count_nonfinite(h) + count_nonfinite(c))
+                              nonfinite=bad)
 
 
 def _custom_state_gradients(cell, inputs, hx, *, loss, keep) -> StateGradients:

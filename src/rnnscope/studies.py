@@ -45,35 +45,45 @@ def _step_paths(sj) -> dict:
             "indirect_spectral": json_list(s["indirect_spectral"])}
 
 
-def recurrent_analysis(module: nn.Module, x: torch.Tensor, *, jac_samples: int,
+def _first(hx, n: int):
+    """The first n samples of an initial state (L·D, B, ·) or a tuple of them."""
+    if hx is None:
+        return None
+    if isinstance(hx, tuple):
+        return tuple(_first(h, n) for h in hx)
+    return hx.narrow(1, 0, n)
+
+
+def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_samples: int,
                        progress: Progress = _noop, name: str = "") -> dict:
     """Per layer and direction: highway vs total Jacobians, one-step paths, largest Lyapunov
-    exponent, gate statistics, total state gradients. x is in the module's own layout."""
+    exponent, gate statistics, total state gradients. x and hx in the module's own layout."""
     spec = describe(module)
-    xb = x if (spec.batch_first or spec.is_cell) else x.transpose(0, 1)
-    xj = xb[:jac_samples]
-    xj = xj if (spec.batch_first or spec.is_cell) else xj.transpose(0, 1)
+    batch_dim = 0 if (spec.batch_first or spec.is_cell) else 1
+    n = min(jac_samples, x.shape[batch_dim])
+    xj = x.narrow(batch_dim, 0, n)  # Jacobians on the first n samples, same layout
+    hj = _first(hx, n)
     state = "c" if spec.kind == "lstm" else "h"
     out = {"kind": spec.kind, "nonlinearity": spec.nonlinearity, "input_size": spec.input_size,
            "hidden_size": spec.hidden_size, "proj_size": spec.proj_size,
            "num_layers": spec.num_layers, "num_directions": spec.num_directions,
-           "state": state, "jacobian_samples": int(xj.shape[0] if spec.batch_first or
-                                                   spec.is_cell else xj.shape[1]),
+           "state": state, "jacobian_samples": n,
            "layers": []}
     for layer in range(spec.num_layers):
         for d in range(spec.num_directions):
             progress(f"{name} layer {layer} dir {d}: Jacobians")
-            cj = cell_jacobians(module, xj, layer=layer, direction=d, state=state, keep="norms")
-            sj = step_jacobians(module, xj, layer=layer, direction=d, state=state)
-            lyap = lyapunov_spectrum(module, xj, layer=layer, direction=d, k=1)
+            cj = cell_jacobians(module, xj, hj, layer=layer, direction=d, state=state,
+                                keep="norms")
+            sj = step_jacobians(module, xj, hj, layer=layer, direction=d, state=state)
+            lyap = lyapunov_spectrum(module, xj, hj, layer=layer, direction=d, k=1)
             out["layers"].append({"layer": layer, "direction": d,
                                   "cell_jacobians": cj.to_dict(), "step_paths": _step_paths(sj),
                                   "max_lyapunov": json_number(lyap.mean().item())})
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
-        out["gates"] = gate_stats(module, x).to_dict()
+        out["gates"] = gate_stats(module, x, hx).to_dict()
     progress(f"{name}: state gradients")
-    sg = state_gradients(module, x)
+    sg = state_gradients(module, x, hx)
     out["state_gradients"] = sg.to_dict()
     return out
 
@@ -122,10 +132,15 @@ def _capture_inputs(model: nn.Module, x: torch.Tensor) -> dict:
     handles = []
     for name, m in model.named_modules():
         if is_recurrent(m):
-            def hook(mod, args, name=name):
+            def hook(mod, args, kwargs, name=name):
                 if name not in seen:
-                    seen[name] = (args[0].detach(), args[1] if len(args) > 1 else None)
-            handles.append(m.register_forward_pre_hook(hook))
+                    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+                    if isinstance(hx, tuple):
+                        hx = tuple(h.detach() for h in hx)
+                    elif hx is not None:
+                        hx = hx.detach()
+                    seen[name] = (args[0].detach(), hx)
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             model(x)
@@ -168,8 +183,8 @@ def inspect_study(model: nn.Module, *, inputs: torch.Tensor | None = None, seq_l
             modules[key] = {"skipped": "a cell called step by step inside the model; analyse "
                             "it with rnnscope.cell_jacobians on a (B, T, I) sequence"}
         else:
-            x_m, hx = captured[name]
-            modules[key] = recurrent_analysis(m, x_m, jac_samples=jac_samples,
+            x_m, hx = captured[name]  # what the submodule really received, initial state too
+            modules[key] = recurrent_analysis(m, x_m, hx, jac_samples=jac_samples,
                                               progress=progress, name=key)
             modules[key]["hx_given"] = hx is not None
     if not modules:

@@ -40,10 +40,12 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
         hs.append(h)
         rzs.append(rz)
         ns.append(n)
-    rz_all = stack_steps(rzs, reverse)
-    gates = {"r": rz_all[..., :H], "z": rz_all[..., H:], "n": stack_steps(ns, reverse)}
-    return LayerTrace(x=x, h=stack_steps(hs, reverse), c=None, gates=gates, h0=h0, c0=None,
-                      reverse=reverse, steps_h=tuple(hs))
+    def gates():
+        rz_all = stack_steps(rzs, reverse)
+        return {"r": rz_all[..., :H], "z": rz_all[..., H:], "n": stack_steps(ns, reverse)}
+
+    return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=None, reverse=reverse,
+                      steps_h=tuple(hs), gate_builder=gates)
 
 
 def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: str = "tanh"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable
 
 import torch
 
@@ -19,17 +21,29 @@ class LayerTrace:
     `steps_h` / `steps_c` hold the same states as separate tensors in *processing* order (the
     autograd nodes the recurrence actually passes on), so that total state gradients can be
     taken with respect to them.
+
+    `c` and `gates` are stacked on first access (most measurements never need them, and a
+    (B, T, 5H) copy per layer is not free); they join the autograd graph if grad mode is on then.
     """
 
     x: torch.Tensor
     h: torch.Tensor
-    c: torch.Tensor | None
-    gates: dict[str, torch.Tensor]
     h0: torch.Tensor
     c0: torch.Tensor | None
     reverse: bool
     steps_h: tuple[torch.Tensor, ...] = field(repr=False)
     steps_c: tuple[torch.Tensor, ...] | None = field(repr=False, default=None)
+    gate_builder: Callable[[], dict] | None = field(repr=False, default=None)
+
+    @cached_property
+    def c(self) -> torch.Tensor | None:
+        """(B, T, H) cell states (LSTM), None otherwise."""
+        return None if self.steps_c is None else stack_steps(list(self.steps_c), self.reverse)
+
+    @cached_property
+    def gates(self) -> dict[str, torch.Tensor]:
+        """Gate name -> (B, T, H) activations ({} for a vanilla RNN)."""
+        return {} if self.gate_builder is None else self.gate_builder()
 
     def in_steps(self, tensor: torch.Tensor) -> torch.Tensor:
         """Reorder a (B, T, ...) position-order tensor into processing order."""

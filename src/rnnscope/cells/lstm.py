@@ -53,11 +53,13 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
         cs.append(c)
         sigs.append(sig)
         gs.append(g)
-    sig_all = stack_steps(sigs, reverse)
-    gates = {"i": sig_all[..., :H], "f": sig_all[..., H:2 * H], "g": stack_steps(gs, reverse),
-             "o": sig_all[..., 3 * H:]}
-    return LayerTrace(x=x, h=stack_steps(hs, reverse), c=stack_steps(cs, reverse), gates=gates,
-                      h0=h0, c0=c0, reverse=reverse, steps_h=tuple(hs), steps_c=tuple(cs))
+    def gates():
+        sig_all = stack_steps(sigs, reverse)
+        return {"i": sig_all[..., :H], "f": sig_all[..., H:2 * H], "g": stack_steps(gs, reverse),
+                "o": sig_all[..., 3 * H:]}
+
+    return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=c0, reverse=reverse,
+                      steps_h=tuple(hs), steps_c=tuple(cs), gate_builder=gates)
 
 
 def _k_matrix(p: LayerParams, i, f, g, c_prev) -> torch.Tensor:

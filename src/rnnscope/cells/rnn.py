@@ -27,8 +27,8 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
     for gx_t in steps:
         h = act(torch.addmm(gx_t, h, w_hh_t))
         hs.append(h)
-    return LayerTrace(x=x, h=stack_steps(hs, reverse), c=None, gates={}, h0=h0, c0=None,
-                      reverse=reverse, steps_h=tuple(hs))
+    return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=None, reverse=reverse,
+                      steps_h=tuple(hs))
 
 
 def act_derivative(h: torch.Tensor, nonlinearity: str) -> torch.Tensor:

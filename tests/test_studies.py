@@ -1,0 +1,54 @@
+"""The analyses behind the CLI, called directly."""
+
+import torch
+from torch import nn
+
+import rnnscope
+from rnnscope.studies import compare_study, inspect_study
+
+
+class WithState(nn.Module):
+    """An LSTM started from a learned initial state, passed as a keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, batch_first=True)
+        self.h0 = nn.Parameter(torch.randn(1, 1, 5))
+        self.c0 = nn.Parameter(torch.randn(1, 1, 5))
+
+    def forward(self, x):
+        B = x.shape[0]
+        hx = (self.h0.expand(1, B, 5).contiguous(), self.c0.expand(1, B, 5).contiguous())
+        return self.lstm(x, hx=hx)[0]
+
+
+def test_inspect_analyses_submodules_with_the_state_they_received():
+    torch.manual_seed(0)
+    model = WithState().eval()
+    x = torch.randn(4, 9, 3)
+    res = inspect_study(model, inputs=x, jac_samples=2)
+    rec = res["recurrent"]["lstm"]
+    assert rec["hx_given"] is True and rec["jacobian_samples"] == 2
+    hx = (model.h0.detach().expand(1, 4, 5), model.c0.detach().expand(1, 4, 5))
+    sg = rnnscope.state_gradients(model.lstm, x, hx)
+    torch.testing.assert_close(torch.tensor(rec["state_gradients"]["layers"][0][0]["h"],
+                                            dtype=torch.float64), sg.layers[0][0].h)
+    cj = rnnscope.cell_jacobians(model.lstm, x[:2], (hx[0][:, :2], hx[1][:, :2]), keep="norms")
+    torch.testing.assert_close(torch.tensor(rec["layers"][0]["cell_jacobians"]["spectral"],
+                                            dtype=torch.float64), cj.spectral)
+    # and the zero-state analysis would differ: the initial state matters here
+    sg0 = rnnscope.state_gradients(model.lstm, x)
+    assert not torch.allclose(sg0.layers[0][0].h, sg.layers[0][0].h)
+    assert not any(len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_compare_study_is_reproducible_and_json_safe():
+    import json
+
+    a = compare_study(models=("rnn", "gru"), seq_len=8, hidden_size=6, input_size=3, samples=4)
+    b = compare_study(models=("rnn", "gru"), seq_len=8, hidden_size=6, input_size=3, samples=4)
+    json.dumps(a, allow_nan=False)
+    assert a["comparison"]["table"] == b["comparison"]["table"]
+    assert a["recurrent"]["GRU"]["layers"][0]["cell_jacobians"]["spectral"] == \
+        b["recurrent"]["GRU"]["layers"][0]["cell_jacobians"]["spectral"]
+    assert set(a["recurrent"]) == {"RNN", "GRU"} and "gates" not in a["recurrent"]["RNN"]
