@@ -138,31 +138,38 @@ def plot_cell_jacobians(cj, ax=None, share_ax=None, label: str = ""):
                                 label=label)
 
 
-def plot_jacobian_curves(by: dict, state: str, ax, share_ax=None, label: str = ""):
-    """‖∂s_{T−1}/∂s_t‖₂ of the total vs the direct highway alone, by distance, log scale;
-    with `share_ax`, the direct path's energy share on a second axis."""
+def plot_jacobian_curves(by: dict, state: str, ax, share_ax=None, label: str = "",
+                         color=None, mean_unit: bool = True):
+    """‖∂s_{T−1}/∂s_t‖₂ of the total (solid) vs the direct highway alone (dashed: largest unit;
+    dotted: mean unit, if `mean_unit`), by distance, log scale; with `share_ax`, the direct
+    path's energy share on a second axis. One colour per recurrence."""
     k = np.arange(len(by["spectral"]))
     sym = {"c": "c", "h": "h"}.get(state, "s")
     name = rf"$\partial {sym}_{{T-1}}/\partial {sym}_t$"
     pre = f"{label} " if label else ""
-    ax.semilogy(k, by["spectral"].numpy(), label=f"{pre}total ‖{name}‖₂ (all paths)", lw=1.8)
+    (line,) = ax.semilogy(k, by["spectral"].numpy(), label=f"{pre}total ‖{name}‖₂", lw=1.8,
+                          color=color)
+    color = line.get_color()
     if "direct" in by:
-        ax.semilogy(k, by["direct_spectral"].numpy(), ls="--",
-                    label=f"{pre}direct highway ∏ gate (largest unit)")
-        ax.semilogy(k, by["direct"].numpy(), ls=":", label=f"{pre}direct highway, mean unit")
+        ax.semilogy(k, by["direct_spectral"].numpy(), ls="--", color=color,
+                    label=f"{pre}highway ∏ gate (largest unit)")
+        if mean_unit:
+            ax.semilogy(k, by["direct"].numpy(), ls=":", color=color,
+                        label=f"{pre}highway, mean unit")
     ax.set_xlabel("distance k = T−1−t (steps)")
     ax.set_ylabel("Jacobian norm (log scale)")
     ax.set_title("State Jacobian across the span: highway vs total")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small" if len(ax.lines) > 6 else "small",
+              ncol=2 if len(ax.lines) > 8 else 1)
     if share_ax is not None and "direct" in by:
-        share_ax.plot(k, by["share"].numpy(), label=f"{pre}direct share")
-        share_ax.legend(fontsize="small")
+        share_ax.plot(k, by["share"].numpy(), color=color, label=f"{pre}direct share")
         share_ax.set_ylim(-0.02, 1.02)
         share_ax.set_xlabel("distance k = T−1−t (steps)")
         share_ax.set_ylabel("‖D‖² / (‖D‖² + ‖J − D‖²)")
         share_ax.set_title("Share of the Jacobian carried by the highway")
         share_ax.grid(True, alpha=0.3)
+        share_ax.legend(fontsize="small")
     ax.figure.tight_layout()
     return ax.figure
 

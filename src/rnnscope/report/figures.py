@@ -21,13 +21,17 @@ def highway(results: dict) -> dict:
     rec = {k: v for k, v in results["recurrent"].items() if "layers" in v}
     if not rec:
         return {}
-    fig, axes = plotting._new_axes(2)
+    fig, axes = plotting._new_axes(2, height=4.8)
+    n_curves = sum(len(r["layers"]) for r in rec.values())
+    i = 0
     for name, r in rec.items():
         for lay in r["layers"]:
             tag = name if len(r["layers"]) == 1 else f"{name} l{lay['layer']}d{lay['direction']}"
             curves = CellJacobians.curves_from_dict(lay["cell_jacobians"])
             plotting.plot_jacobian_curves(curves, lay["cell_jacobians"]["state"], ax=axes[0],
-                                          share_ax=axes[1], label=tag)
+                                          share_ax=axes[1], label=tag, color=f"C{i % 10}",
+                                          mean_unit=n_curves <= 3)
+            i += 1
     axes[0].set_title(r"$\partial s_{T-1}/\partial s_t$: highway vs total (LSTM s = c; GRU, RNN s = h)")
     if not axes[1].lines:
         axes[1].set_visible(False)

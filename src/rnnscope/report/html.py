@@ -56,11 +56,12 @@ def reading_gradient_flow(results: dict) -> str:
                   "at the output step itself (a residual path) sets the 1% bar, so the "
                   "effective memory looks short although distant steps keep a steady share.")
         out.append(s)
-    fastest = max(rows.values(), key=lambda r: _f(r["decay_rate"]))
-    out.append(f"Steepest decay: <b>{html.escape(fastest['model'])}</b>. The additive cell-state "
-               "update gives LSTM and GRU a path whose decay is set by the gates; a vanilla RNN "
-               "multiplies by diag(tanh′)·W_hh at every step; attention connects every step "
-               "to the output directly.")
+    if results["command"] == "compare" and len(rows) > 1:
+        fastest = max(rows.values(), key=lambda r: _f(r["decay_rate"]))
+        out.append(f"Steepest decay: <b>{html.escape(fastest['model'])}</b>. The additive "
+                   "cell-state update gives LSTM and GRU a path whose decay is set by the "
+                   "gates; a vanilla RNN multiplies by diag(tanh′)·W_hh at every step; "
+                   "attention connects every step to the output directly.")
     return "<p>" + "</p><p>".join(out) + "</p>"
 
 
