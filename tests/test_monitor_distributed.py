@@ -2,7 +2,6 @@
 concatenated batch."""
 
 import json
-import socket
 import sys
 
 import pytest
@@ -38,8 +37,9 @@ def _step(model, x, y, monitor):
     return monitor.step()
 
 
-def _worker(rank, world, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _worker(rank, world, store_path, out_path):
+    # a file store: no port to pick, nothing on the network
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world)
     try:
         torch.manual_seed(0)
@@ -56,16 +56,10 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     out = tmp_path / "rank0.json"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2,
+                       join=True, start_method="spawn")
     ddp = json.loads(out.read_text())
     torch.manual_seed(0)
     model = Model()
