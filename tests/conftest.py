@@ -29,8 +29,8 @@ def assert_untouched(model, before):
     for n in before["params"]:
         assert torch.equal(before["params"][n], after["params"][n]), f"parameter {n} changed"
         b, a = before["grads"][n], after["grads"][n]
-        assert (b is None and a is None) or (b is not None and a is not None and torch.equal(b, a)), \
-            f".grad of {n} changed"
+        same = (b is None and a is None) or (b is not None and a is not None and torch.equal(b, a))
+        assert same, f".grad of {n} changed"
     assert before["requires_grad"] == after["requires_grad"]
     assert before["training"] == after["training"]
     assert before["hooks"] == after["hooks"]

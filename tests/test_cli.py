@@ -141,7 +141,7 @@ def test_inspect_a_user_model_file_with_weights_and_inputs(tmp_path):
     torch.save(model.state_dict(), tmp_path / "w.pt")
     x = torch.randn(3, 9, 6)
     torch.save(x, tmp_path / "x.pt")
-    p = run("inspect", "mymodel:make", "--weights", "w.pt", "--inputs", "x.pt", "--quiet",
+    run("inspect", "mymodel:make", "--weights", "w.pt", "--inputs", "x.pt", "--quiet",
             "--out", "rep", cwd=tmp_path, check_code=0)
     res = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert set(res["recurrent"]) == {"encoder", "decoder"}

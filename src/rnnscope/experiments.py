@@ -167,8 +167,8 @@ def summarise(variant: dict, baseline: float) -> dict:
     for when in ("init", "end"):
         em[when] = GradientProfile.from_dict(variant[f"profile_{when}"]).effective_memory()
     return {"model": variant["variant"], "final_over_baseline": final / baseline,
-            "beats_half_baseline_at": first if first is not None else "never", "effective_memory_init": em["init"],
-            "effective_memory_end": em["end"]}
+            "beats_half_baseline_at": first if first is not None else "never",
+            "effective_memory_init": em["init"], "effective_memory_end": em["end"]}
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: Callable = None) -> dict:

@@ -32,7 +32,8 @@ def highway(results: dict) -> dict:
                                           share_ax=axes[1], label=tag, color=f"C{i % 10}",
                                           mean_unit=n_curves <= 3)
             i += 1
-    axes[0].set_title(r"$\partial s_{T-1}/\partial s_t$: highway vs total (LSTM s = c; GRU, RNN s = h)")
+    axes[0].set_title(r"$\partial s_{T-1}/\partial s_t$: highway vs total "
+                      "(LSTM s = c; GRU, RNN s = h)")
     if not axes[1].lines:
         axes[1].set_visible(False)
     fig.tight_layout()

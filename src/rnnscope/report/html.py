@@ -147,8 +147,8 @@ def reading_decay(results: dict) -> str:
 # ---- page ------------------------------------------------------------------------------------
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.5}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
+margin:2em auto;padding:0 1em;color:#222;line-height:1.5}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em}
@@ -159,25 +159,31 @@ td:first-child,th:first-child{text-align:left}.muted{color:#666;font-size:.9em}
 """
 
 TITLES = {
-    "gradient_flow": ("Gradient flow back through time",
-                      "Mean ‖∂L/∂x<sub>t</sub>‖ over samples vs distance from the output step (k = T−1−t), "
-                      "linear (left, ±1 std band) and log scale (right); loss = sum of the "
-                      "output features at the last step.", reading_gradient_flow),
-    "highway": ("The cell-state path: direct highway vs total",
-                "Left: spectral norm of the exact span Jacobian ∂s<sub>T−1</sub>/∂s<sub>t</sub> (solid) and of "
-                "the direct path alone, the product of forget (LSTM) or retain (GRU) gates "
-                "(dashed: largest unit, dotted: mean unit). Right: the direct path's share of "
-                "the Jacobian's energy, ‖D‖²/(‖D‖² + ‖J − D‖²).", reading_highway),
-    "step_paths": ("One step of the LSTM cell-state path",
-                   "∂c<sub>t</sub>/∂c<sub>t−1</sub> = diag(f<sub>t</sub>) + indirect paths through "
-                   "h<sub>t−1</sub> and the gates, "
-                   "computed exactly at every step (at t = 0 the initial h<sub>0</sub> is an input, "
-                   "not a function of c<sub>0</sub>, so the indirect term is 0 there).", reading_step_paths),
-    "gates": ("Forget and retain gates",
-              "Left: distribution of gate values (LSTM f, GRU z) over samples, steps and units; "
-              "right: per-unit memory time 1/(1 − mean gate), cumulative.", reading_gates),
-    "decay": ("Why long sequences remain hard", "f<sup>L</sup> for constant forget gates: the seed's "
-              "decay table as curves.", reading_decay),
+    "gradient_flow": (
+        "Gradient flow back through time",
+        "Mean ‖∂L/∂x<sub>t</sub>‖ over samples vs distance from the output step "
+        "(k = T−1−t), linear (left, ±1 std band) and log scale (right); loss = sum of the "
+        "output features at the last step.", reading_gradient_flow),
+    "highway": (
+        "The cell-state path: direct highway vs total",
+        "Left: spectral norm of the exact span Jacobian ∂s<sub>T−1</sub>/∂s<sub>t</sub> "
+        "(solid) and of the direct path alone, the product of forget (LSTM) or retain (GRU) "
+        "gates (dashed: largest unit, dotted: mean unit). Right: the direct path's share of "
+        "the Jacobian's energy, ‖D‖²/(‖D‖² + ‖J − D‖²).", reading_highway),
+    "step_paths": (
+        "One step of the LSTM cell-state path",
+        "∂c<sub>t</sub>/∂c<sub>t−1</sub> = diag(f<sub>t</sub>) + indirect paths through "
+        "h<sub>t−1</sub> and the gates, computed exactly at every step (at t = 0 the initial "
+        "h<sub>0</sub> is an input, not a function of c<sub>0</sub>, so the indirect term is 0 "
+        "there).", reading_step_paths),
+    "gates": (
+        "Forget and retain gates",
+        "Left: distribution of gate values (LSTM f, GRU z) over samples, steps and units; "
+        "right: per-unit memory time 1/(1 − mean gate), cumulative.", reading_gates),
+    "decay": (
+        "Why long sequences remain hard",
+        "f<sup>L</sup> for constant forget gates: the seed's decay table as curves.",
+        reading_decay),
 }
 
 
@@ -284,8 +290,9 @@ EXPERIMENT_TITLES = {
                  "Mean ‖∂L/∂x<sub>t</sub>‖ of the task's own loss vs distance from the last "
                  "step (log scale), before and after training.", reading_profiles),
     "heatmaps": ("Gradient flow over training",
-                 "Per training step (x) and lag before the last input (y): mean ‖∂L/∂x<sub>t</sub>‖ "
-                 "recorded by the GradientMonitor at every step, shared log colour scale.", None),
+                 "Per training step (x) and lag before the last input (y): mean "
+                 "‖∂L/∂x<sub>t</sub>‖ recorded by the GradientMonitor at every step, shared log "
+                 "colour scale.", None),
     "memory_times": ("Gate memory times before and after",
                      "Per-unit memory time 1/(1 − mean forget/retain gate) on held-out inputs, "
                      "at initialisation (dashed) and after training (solid).", None),
