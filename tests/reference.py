@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 
+# The fused module kinds the property tests draw from.
+KINDS = {"rnn_tanh": lambda **k: nn.RNN(nonlinearity="tanh", **k),
+         "rnn_relu": lambda **k: nn.RNN(nonlinearity="relu", **k),
+         "lstm": nn.LSTM, "gru": nn.GRU}
+
+
 def _blocks(w, n):
     return [w[k * (w.shape[0] // n):(k + 1) * (w.shape[0] // n)] for k in range(n)]
 

@@ -5,12 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rnnscope
-from reference import reference_forward
-
-KINDS = {"rnn_tanh": lambda **k: nn.RNN(nonlinearity="tanh", **k),
-         "rnn_relu": lambda **k: nn.RNN(nonlinearity="relu", **k),
-         "lstm": nn.LSTM, "gru": nn.GRU}
-
+from reference import KINDS, reference_forward
 
 @st.composite
 def configs(draw):
