@@ -376,8 +376,8 @@ def build_parser() -> StrictParser:
                        description="Train model variants on a long-memory task while the "
                        "GradientMonitor records gradient flow; report learning curves against "
                        "the exact baseline, gradient flow at init and end, and gate memory "
-                       "times. The default (adding, T=50, 3000 steps, 5 variants) takes about "
-                       "2.5 minutes on 2 CPU cores.")
+                       "times. The default (adding, T=50, 3000 steps, 5 variants) finishes in under "
+                       "5 minutes on 2 CPU cores.")
     e.add_argument("task", choices=("copy", "adding"))
     e.add_argument("--T", type=_positive_int, default=50, help="delay / sequence length "
                    "(default 50)")
