@@ -304,19 +304,20 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, *, report: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, jacobians: bool = True) -> None:
+    """Options of the commands that analyse and write a report."""
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs "
                    "(default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute (default auto: cuda if available)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
-    if report:
-        p.add_argument("--out", default="rnnscope-report", metavar="DIR",
-                       help="report folder (default ./rnnscope-report)")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace an existing report.html/results.json in --out")
-        p.add_argument("--no-report", action="store_true", help="print the table only")
+    p.add_argument("--out", default="rnnscope-report", metavar="DIR",
+                   help="report folder (default ./rnnscope-report)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing report.html/results.json in --out")
+    p.add_argument("--no-report", action="store_true", help="print the table only")
+    if jacobians:
         p.add_argument("--jacobian-samples", type=_positive_int, default=4, metavar="N",
                        help="samples used for Jacobians (default 4)")
 
@@ -343,11 +344,16 @@ def build_parser() -> StrictParser:
                        "same seeded inputs; write report.html, figures and results.json.")
     c.add_argument("--models", type=_csv(str, MODEL_KINDS), default=list(MODEL_KINDS),
                    help=f"comma-separated kinds from {','.join(MODEL_KINDS)} (default all)")
-    c.add_argument("--seq-len", type=_positive_int, default=100, metavar="T")
-    c.add_argument("--hidden-size", type=_positive_int, default=128, metavar="H")
-    c.add_argument("--input-size", type=_positive_int, default=64, metavar="I")
-    c.add_argument("--samples", type=_positive_int, default=50, metavar="S")
-    c.add_argument("--layers", type=_positive_int, default=1, metavar="L")
+    c.add_argument("--seq-len", type=_positive_int, default=100, metavar="T",
+                   help="sequence length (default 100)")
+    c.add_argument("--hidden-size", type=_positive_int, default=128, metavar="H",
+                   help="hidden units, also the Transformer's width (default 128)")
+    c.add_argument("--input-size", type=_positive_int, default=64, metavar="I",
+                   help="input features per step (default 64)")
+    c.add_argument("--samples", type=_positive_int, default=50, metavar="S",
+                   help="random input sequences for the gradient profiles (default 50)")
+    c.add_argument("--layers", type=_positive_int, default=1, metavar="L",
+                   help="recurrent / encoder layers (default 1)")
     c.add_argument("--forget-bias", choices=FORGET_INITS, default="default",
                    help="LSTM/GRU forget (retain) gate initialisation: PyTorch default, an "
                    "effective bias of 1.0, or chrono (Tallec & Ollivier 2018, t_max = T)")
@@ -365,8 +371,10 @@ def build_parser() -> StrictParser:
                    "layout (weights_only load)")
     i.add_argument("--input-size", type=_positive_int, metavar="I",
                    help="features per step when the model does not say")
-    i.add_argument("--seq-len", type=_positive_int, default=100, metavar="T")
-    i.add_argument("--samples", type=_positive_int, default=16, metavar="S")
+    i.add_argument("--seq-len", type=_positive_int, default=100, metavar="T",
+                   help="length of the random inputs when --inputs is not given (default 100)")
+    i.add_argument("--samples", type=_positive_int, default=16, metavar="S",
+                   help="number of random input sequences (default 16)")
     _common(i)
     i.set_defaults(func=_cmd_inspect)
 
@@ -376,26 +384,29 @@ def build_parser() -> StrictParser:
                        description="Train model variants on a long-memory task while the "
                        "GradientMonitor records gradient flow; report learning curves against "
                        "the exact baseline, gradient flow at init and end, and gate memory "
-                       "times. The default (adding, T=50, 3000 steps, 5 variants) finishes in under "
-                       "5 minutes on 2 CPU cores.")
+                       "times. The default (adding, T=50, 3000 steps, 5 variants) finishes in "
+                       "under 5 minutes on 2 CPU cores.")
     e.add_argument("task", choices=("copy", "adding"))
     e.add_argument("--T", type=_positive_int, default=50, help="delay / sequence length "
                    "(default 50)")
-    e.add_argument("--steps", type=_positive_int, default=3000)
-    e.add_argument("--batch-size", type=_positive_int, default=64)
-    e.add_argument("--hidden-size", type=_positive_int, default=64)
-    e.add_argument("--lr", type=float, default=3e-3)
-    e.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping bound")
+    e.add_argument("--steps", type=_positive_int, default=3000,
+                   help="training steps per variant (default 3000)")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
+    e.add_argument("--hidden-size", type=_positive_int, default=64, help="(default 64)")
+    e.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    e.add_argument("--clip", type=float, default=1.0,
+                   help="gradient-norm clipping bound (default 1.0)")
     e.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=list(VARIANTS),
                    help=f"comma-separated from {','.join(VARIANTS)} (default all)")
-    _common(e)
+    _common(e, jacobians=False)
     e.set_defaults(func=_cmd_experiment)
 
     d = sub.add_parser("decay", help="the gradient-decay table f^L and memory times",
                        description="Print f^L for constant forget gates f over lengths L.")
     d.add_argument("--forget", type=_csv(float), default=[0.9, 0.95, 0.99, 0.999],
-                   metavar="F,F,...")
-    d.add_argument("--lengths", type=_csv(int), default=[100, 500, 1000], metavar="L,L,...")
+                   metavar="F,F,...", help="forget-gate values (default 0.9,0.95,0.99,0.999)")
+    d.add_argument("--lengths", type=_csv(int), default=[100, 500, 1000], metavar="L,L,...",
+                   help="sequence lengths (default 100,500,1000)")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(func=_cmd_decay)
 
