@@ -94,3 +94,16 @@ def count_nonfinite(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
     return int((~torch.isfinite(t)).sum().item())
+
+
+def narrow_state(hx, n: int, *, dim: int = 1, clone: bool = False):
+    """The first n samples of an initial state — (L·D, B, ·) tensors, batch on `dim`, or a
+    tuple of them — detached (and copied with `clone`). None stays None."""
+    if hx is None:
+        return None
+    if isinstance(hx, tuple):
+        return tuple(narrow_state(h, n, dim=dim, clone=clone) for h in hx)
+    out = hx.detach()
+    if out.dim() > dim:
+        out = out.narrow(dim, 0, n)
+    return out.clone() if clone else out

@@ -83,7 +83,7 @@ def _custom_cell_state0(cell: nn.Module, hx, B: int, like: torch.Tensor):
     return like.new_zeros(B, size)
 
 
-def _custom_inputs(cell: nn.Module, inputs) -> tuple[torch.Tensor, bool]:
+def _custom_inputs(inputs) -> tuple[torch.Tensor, bool]:
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
         raise TypeError(f"inputs must be a floating-point torch.Tensor; got "
                         f"{getattr(inputs, 'dtype', type(inputs).__name__)}")
@@ -162,7 +162,7 @@ def _autograd_recurrence(module, inputs, hx, *, layer, direction, state):
         kind = spec.kind
         allowed = ("full",) if kind == "lstm" else ("h",)
     else:
-        x, unbatched = _custom_inputs(module, inputs)
+        x, unbatched = _custom_inputs(inputs)
         state0 = _custom_cell_state0(module, hx, x.shape[0], x)
         kind = "custom"
         allowed = ("full",)
@@ -366,19 +366,32 @@ def state_gradients(module: nn.Module, inputs: torch.Tensor, hx=None, *, loss="l
         top = tr.layers[-1]
         seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, F)
         losses = per_sample_loss(seq, loss, seq.shape[0])
-        targets = [t for dirs in tr.layers for lt in dirs
-                   for t in lt.steps_h + (lt.steps_c or ())]
-        grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True)
+        return trace_state_gradients(tr, [losses.sum()], keep=keep, loss=_loss_name(loss))
+
+
+def trace_state_gradients(trace, outputs: list, grad_outputs: list | None = None, *,
+                          keep: str = "norms", loss: str = "custom") -> StateGradients:
+    """Total state gradients of a replay `trace` from one backward of `outputs` (weighted by
+    `grad_outputs`, as in torch.autograd.grad) taken w.r.t. the per-step state tensors.
+
+    Shared by `state_gradients` (outputs = [Σ_s L_s]) and the GradientMonitor (outputs = the
+    replayed output and final states, grad_outputs = the gradients the real loss sent them).
+    A state the backward never reaches gets gradient zero.
+    """
+    targets = [t for dirs in trace.layers for lt in dirs
+               for t in lt.steps_h + (lt.steps_c or ())]
+    grads = (torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True)
+             if outputs else [None] * len(targets))
     it = iter(_zeros_if_none(grads, targets))
     layers = []
-    for dirs in tr.layers:
+    for dirs in trace.layers:
         row = []
         for lt in dirs:
             gh = [next(it) for _ in lt.steps_h]
             gc = [next(it) for _ in lt.steps_c] if lt.steps_c is not None else None
             row.append(_gradient_layer(gh, gc, lt.reverse, keep))
         layers.append(tuple(row))
-    return StateGradients(tuple(layers), _loss_name(loss))
+    return StateGradients(tuple(layers), loss)
 
 
 def _loss_name(loss) -> str:
@@ -409,7 +422,7 @@ def _gradient_layer(gh, gc, reverse, keep) -> StateGradientLayer:
 
 
 def _custom_state_gradients(cell, inputs, hx, *, loss, keep) -> StateGradients:
-    x, _ = _custom_inputs(cell, inputs)
+    x, _ = _custom_inputs(inputs)
     state0 = _custom_cell_state0(cell, hx, x.shape[0], x)
     with torch.enable_grad():
         states = custom.run(cell, x, state0)

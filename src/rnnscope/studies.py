@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checks import narrow_state
 from .gates import gate_stats
 from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
 from .models import DISPLAY, build_model
@@ -45,15 +46,6 @@ def _step_paths(sj) -> dict:
             "indirect_spectral": json_list(s["indirect_spectral"])}
 
 
-def _first(hx, n: int):
-    """The first n samples of an initial state (L·D, B, ·) or a tuple of them."""
-    if hx is None:
-        return None
-    if isinstance(hx, tuple):
-        return tuple(_first(h, n) for h in hx)
-    return hx.narrow(1, 0, n)
-
-
 def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_samples: int,
                        progress: Progress = _noop, name: str = "") -> dict:
     """Per layer and direction: highway vs total Jacobians, one-step paths, largest Lyapunov
@@ -62,7 +54,7 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
     batch_dim = 0 if (spec.batch_first or spec.is_cell) else 1
     n = min(jac_samples, x.shape[batch_dim])
     xj = x.narrow(batch_dim, 0, n)  # Jacobians on the first n samples, same layout
-    hj = _first(hx, n)
+    hj = narrow_state(hx, n)
     state = "c" if spec.kind == "lstm" else "h"
     out = {"kind": spec.kind, "nonlinearity": spec.nonlinearity, "input_size": spec.input_size,
            "hidden_size": spec.hidden_size, "proj_size": spec.proj_size,

@@ -55,7 +55,7 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: st
     """
     H = p.w_hh.shape[1]
     r, z, nn_ = (tr.in_steps(tr.gates[k])[:, n] for k in ("r", "z", "n"))
-    h_prev = tr.prev_h()[:, n]
+    h_prev = tr.prev_h[:, n]
     w_r, w_z, w_n = p.w_hh.view(3, H, H).unbind(0)
     gh_n = h_prev @ w_n.t()
     if p.b_hh is not None:

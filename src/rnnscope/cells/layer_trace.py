@@ -49,13 +49,16 @@ class LayerTrace:
         """Reorder a (B, T, ...) position-order tensor into processing order."""
         return tensor.flip(1) if self.reverse else tensor
 
+    @cached_property
     def prev_h(self) -> torch.Tensor:
-        """(B, T, H_out) state entering each processing step n (h0 for n = 0)."""
+        """(B, T, H_out) state entering each processing step n (h0 for n = 0); built once,
+        since Jacobian sweeps read it chunk by chunk."""
         hs = self.in_steps(self.h)
         return torch.cat([self.h0.unsqueeze(1), hs[:, :-1]], dim=1)
 
+    @cached_property
     def prev_c(self) -> torch.Tensor:
-        """(B, T, H) cell state entering each processing step n (c0 for n = 0)."""
+        """(B, T, H) cell state entering each processing step n (c0 for n = 0); built once."""
         cs = self.in_steps(self.c)
         return torch.cat([self.c0.unsqueeze(1), cs[:, :-1]], dim=1)
 

@@ -92,7 +92,7 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     K_n E_{n−1} (with E_{−1} = 0: the initial h0 is an input, not a function of c0).
     """
     i, f, g, o = (tr.in_steps(tr.gates[k])[:, n] for k in ("i", "f", "g", "o"))
-    c_prev = tr.prev_c()[:, n]
+    c_prev = tr.prev_c[:, n]
     k = _k_matrix(p, i, f, g, c_prev)  # (B, S, H, P)
     H = p.w_hh.shape[0] // 4
     c_now = tr.in_steps(tr.c)[:, n]

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..checks import narrow_state
 from ..recurrent import GATES, RETAIN_GATE, describe, is_recurrent
+from ..jacobians import trace_state_gradients
 from ..replay import replay
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
 from .loggers import make_loggers
@@ -207,7 +209,7 @@ class GradientMonitor:
                 n = min(self.max_batch, x.shape[batch_dim])
                 cap.x = x.detach().narrow(batch_dim, 0, n).clone()
                 hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                cap.hx = _slice_state(hx, 1, n)
+                cap.hx = narrow_state(hx, n, clone=True)
             if not changed:
                 return None
             if args:
@@ -222,7 +224,8 @@ class GradientMonitor:
         def on_grad(g):
             cap = self._caps[name]
             n = g.detach().to(torch.float64).norm(dim=-1)  # (B, T) / (T, B); cells: (B,)
-            bad = int((~torch.isfinite(g)).sum())
+            # a NaN/Inf value makes its norm non-finite: count values only then
+            bad = 0 if torch.isfinite(n).all() else int((~torch.isfinite(g)).sum())
             if spec.is_cell:
                 cap.cell_input[t] = (n.sum().cpu(), n.numel())
             else:
@@ -308,7 +311,7 @@ class GradientMonitor:
                 if reason:
                     skipped[name] = reason
         stats.sync(self.process_group)
-        record = self._record(stats, cheap, exact)
+        record = self._record(stats, exact)
         if skipped:
             record["skipped"] = skipped
             for name, why in skipped.items():
@@ -340,12 +343,11 @@ class GradientMonitor:
         if not grads:
             return
         norms = torch.stack([g.norm() for g in grads]).to(torch.float64)
-        bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads])
         stats.add("global_norm", norms.pow(2).sum().sqrt().cpu(), "max")
-        bad = bad.cpu()
-        for n, b in zip(names, bad.tolist()):
-            if b:
-                stats.add(f"nonfinite_params/{n}", b, "max")
+        # a NaN/Inf value makes its parameter's norm non-finite: count values only there
+        for i in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+            stats.add(f"nonfinite_params/{names[i]}", int((~torch.isfinite(grads[i])).sum()),
+                      "max")
         for mname, m in self.modules.items():
             spec = self.specs[mname]
             G = len(GATES[spec.kind]) or 1
@@ -402,26 +404,15 @@ class GradientMonitor:
             if t is not None and g is not None:
                 outs.append(t)
                 gouts.append(g.to(t.dtype))
-        targets = [s for dirs in tr.layers for lt in dirs
-                   for s in lt.steps_h + (lt.steps_c or ())]
-        grads = (torch.autograd.grad(outs, targets, gouts, allow_unused=True)
-                 if outs else [None] * len(targets))
-        it = iter(grads)
+        sg = trace_state_gradients(tr, outs, gouts)  # (B, T) norms, input-position order
         B = x.shape[0 if spec.batch_first else 1]
         for layer, dirs in enumerate(tr.layers):
             for d, lt in enumerate(dirs):
                 key = f"l{layer}d{d}"
-                for which, steps in (("h", lt.steps_h), ("c", lt.steps_c)):
-                    if steps is None:
-                        continue
-                    gs = [next(it) for _ in steps]
-                    norms = torch.stack([torch.zeros(B, dtype=torch.float64, device=s.device)
-                                         if g is None else g.detach().to(torch.float64).norm(
-                                             dim=-1) for g, s in zip(gs, steps)], 1)  # (B, T)
-                    if lt.reverse:
-                        norms = norms.flip(1)  # to input-position order
-                    stats.add(f"state_sum/{name}/{key}/{which}", norms.sum(0).cpu() / world,
-                              "sum")
+                g = sg.layers[layer][d]
+                for which, norms in (("h", g.h), ("c", g.c)):
+                    if norms is not None:
+                        stats.add(f"state_sum/{name}/{key}/{which}", norms.sum(0) / world, "sum")
                 stats.add(f"state_count/{name}/{key}", float(B), "sum")
                 if spec.kind in RETAIN_GATE:
                     gate = lt.gates[RETAIN_GATE[spec.kind]].detach().to(torch.float64)
@@ -432,7 +423,7 @@ class GradientMonitor:
                               torch.histc(gate.reshape(-1).cpu(), GATE_BINS, 0.0, 1.0), "sum")
         return None
 
-    def _record(self, stats: StatSet, cheap: bool, exact: bool) -> dict:
+    def _record(self, stats: StatSet, exact: bool) -> dict:
         from ..results import json_number
 
         v = stats.values
@@ -480,17 +471,6 @@ class GradientMonitor:
             layers[name] = r
         rec["layers"] = layers
         return rec
-
-
-def _slice_state(hx, dim: int, n: int):
-    """The first n samples of an initial state (tensor or tuple), detached."""
-    if hx is None:
-        return None
-    if isinstance(hx, tuple):
-        return tuple(_slice_state(h, dim, n) for h in hx)
-    if hx.dim() < 2:
-        return hx.detach().clone()
-    return hx.detach().narrow(dim, 0, n).clone()
 
 
 __all__ = ["GradientMonitor"]
