@@ -33,7 +33,7 @@ def _draw_profiles(ax, profiles: dict, log: bool) -> None:
         k = np.arange(len(y))
         (line,) = ax.plot(k, y, label=name, lw=1.6)
         if p.per_sample.shape[0] > 1 and not log:
-            sd = p.std.flip(0).numpy()
+            sd = p.std_by_distance().numpy()
             ax.fill_between(k, np.maximum(y - sd, 0), y + sd, color=line.get_color(), alpha=0.15,
                             lw=0)
     if log:

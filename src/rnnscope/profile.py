@@ -1,13 +1,15 @@
 """Input-gradient analysis: gradient_profile, compare.
 
 The per-sample norm ‖∂L_s/∂x_{s,t}‖ for every sample s and timestep t comes from ONE batched
-forward and ONE backward of Σ_s L_s with respect to the inputs only. That is exact because the
-samples of a batch do not interact: ∂(Σ_r L_r)/∂x_s = ∂L_s/∂x_s. Anything that mixes samples
-(batch norm in training mode, a loss that couples samples) breaks this; batch norm in training
-mode is refused, a custom loss must return one independent loss per sample.
+forward and ONE backward of Σ_s L_s with respect to the measured tensor only. That is exact
+because the samples of a batch do not interact: ∂(Σ_r L_r)/∂x_s = ∂L_s/∂x_s. Anything that
+mixes samples (batch norm in training mode, a loss that couples samples) breaks this; batch
+norm in training mode is refused, a custom loss must return one independent loss per sample.
 
-Only ∂L/∂inputs is taken (torch.autograd.grad with inputs=x), so the model's parameters, their
-.grad, train/eval mode and requires_grad flags are left exactly as they were.
+Where x is measured (the model's input or a submodule's, `site.forward_at_site`) and which of
+its dimensions is time come from what the model's recurrent submodules really receive.
+Only ∂L/∂x is taken (torch.autograd.grad), so the model's parameters, their .grad, train/eval
+mode and requires_grad flags are left exactly as they were.
 """
 
 from __future__ import annotations
@@ -18,32 +20,36 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .checks import count_nonfinite
+from .losses import LOSS_CHOICES, check_loss_option, sample_losses
 from .results import Comparison, GradientProfile
+from .site import ModelCall, SiteForward, forward_at_site, model_call, unwrap_model
 
 
-def model_input_size(model: nn.Module) -> int:
-    """The feature size a model's forward expects: its own `input_size`, else that of its first
-    recurrent submodule."""
+def model_input_size(model: nn.Module) -> int | None:
+    """The feature size a model's forward expects, when the model says: its own `input_size`,
+    else that of its first recurrent submodule (verified later against what that submodule
+    really receives, see `_check_drawn_inputs`). None when nothing says."""
+    model = unwrap_model(model)
     size = getattr(model, "input_size", None)
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         return size
     for m in model.modules():
         if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
             return m.input_size
-    raise ValueError(f"cannot tell the input size of a {type(model).__name__}: it has no "
-                     "`input_size` attribute and no recurrent submodule; pass `inputs` "
-                     "explicitly")
+    return None
 
 
 def is_time_major(model: nn.Module) -> bool:
     """True when the model's forward takes (T, B, I): an nn.RNNBase with batch_first=False."""
+    model = unwrap_model(model)
     return isinstance(model, nn.RNNBase) and not model.batch_first
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(iter(model.parameters()), None)
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
     if p is None:
         return torch.get_default_dtype(), torch.device("cpu")
     return p.dtype, p.device
@@ -58,7 +64,11 @@ def random_inputs(model: nn.Module, *, seq_len: int, samples: int, seed: int,
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{name} must be a positive int; got {v!r}")
     size = model_input_size(model) if input_size is None else input_size
-    if not isinstance(size, int) or size <= 0:
+    if size is None:
+        raise ValueError(f"cannot tell the input size of a {type(model).__name__}: it has no "
+                         "`input_size` attribute and no recurrent submodule; pass inputs (or "
+                         "input_size=)")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"input_size must be a positive int; got {size!r}")
     dtype, device = model_dtype_device(model)
     g = torch.Generator().manual_seed(seed)
@@ -67,37 +77,22 @@ def random_inputs(model: nn.Module, *, seq_len: int, samples: int, seed: int,
 
 
 def per_sample_loss(outputs: torch.Tensor, loss, batch: int) -> torch.Tensor:
-    """(B,) per-sample losses from batch-major outputs (B, T, F) — or (B, F) for a model that
-    returns only its final output."""
+    """(B,) per-sample losses from batch-major outputs (B, T, F) of a recurrent module's own
+    replay (used by the state-gradient analyses, whose outputs have a known layout)."""
     if callable(loss):
         out = loss(outputs)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch,):
-            raise ValueError(f"a loss callable must return per-sample losses of shape ({batch},); "
-                             f"got {tuple(getattr(out, 'shape', ())) or type(out).__name__}")
-        return out
-    if outputs.dim() == 2:  # (B, F): the model already reduced time to its final output
-        if loss == "all":
-            raise ValueError("loss='all' needs the output sequence (B, T, F), but the model "
-                             f"returned {tuple(outputs.shape)}")
-        return outputs.sum(-1)
+        if not isinstance(out, torch.Tensor) or out.dim() not in (1, 2) or out.shape[0] != batch:
+            raise ValueError(f"a loss callable must return per-sample losses of shape ({batch},) "
+                             f"or per-step losses ({batch}, T); got "
+                             f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}")
+        return out if out.dim() == 1 else out.sum(1)
     if outputs.dim() != 3:
-        raise ValueError(f"expected the model's output sequence (B, T, F); got "
-                         f"{tuple(outputs.shape)}")
+        raise ValueError(f"expected the output sequence (B, T, F); got {tuple(outputs.shape)}")
     if loss == "last":
         return outputs[:, -1].sum(-1)
     if loss == "all":
         return outputs.sum((1, 2))
-    raise ValueError(f"loss must be 'last', 'all' or a callable(outputs) -> (B,) losses; "
-                     f"got {loss!r}")
-
-
-def _check_loss_option(loss) -> str:
-    if callable(loss):
-        return "custom"
-    if loss not in ("last", "all"):
-        raise ValueError(f"loss must be 'last', 'all' or a callable(outputs) -> (B,) losses; "
-                         f"got {loss!r}")
-    return loss
+    raise ValueError(f"loss must be {LOSS_CHOICES}; got {loss!r}")
 
 
 def _refuse_sample_mixing(model: nn.Module) -> None:
@@ -108,120 +103,175 @@ def _refuse_sample_mixing(model: nn.Module) -> None:
                              "batched backward would be wrong; call model.eval() first")
 
 
-def cudnn_guard(model: nn.Module, x: torch.Tensor):
+def cudnn_guard(model: nn.Module, x):
     """cuDNN refuses RNN backward in eval mode; use PyTorch's own kernels there instead."""
+    data = x.data if isinstance(x, PackedSequence) else x
     eval_rnn = any(isinstance(m, nn.RNNBase) and not m.training for m in model.modules())
-    if x.is_cuda and eval_rnn:
+    if isinstance(data, torch.Tensor) and data.is_cuda and eval_rnn:
         return torch.backends.cudnn.flags(enabled=False)
     return contextlib.nullcontext()
 
 
-def first_output(out) -> torch.Tensor:
-    """The output sequence of a forward that returns a tensor or a tuple (sequence first)."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model must return a tensor or a tuple whose first element is the "
-                        f"output sequence; got {type(out).__name__}")
-    return out
+def site_gradients(call: ModelCall, *, at, time_dim, loss, drawn: bool = False):
+    """One forward at the site and one backward of Σ_s L_s: (SiteForward, (B, T, F) gradient
+    batch-major). Leaves the model untouched (only the site's gradient is taken)."""
+    _refuse_sample_mixing(call.model)
+    with cudnn_guard(call.model, call.inputs):
+        fwd = forward_at_site(call, at=at, time_dim=time_dim, drawn_batch_major=drawn)
+        losses, _ = sample_losses(fwd, loss)
+        grads = torch.autograd.grad(losses.sum(), fwd.tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, fwd.tensors)]
+    return fwd, fwd.batch_major(grads)
 
 
-def input_gradients(model: nn.Module, x: torch.Tensor, loss="last") -> torch.Tensor:
-    """∂(Σ_s L_s)/∂x for batch-major x (B, T, I) in one forward and backward; same shape as x.
-
-    Leaves the model untouched (only the input gradient is taken).
-    """
-    _refuse_sample_mixing(model)
-    time_major = is_time_major(model)
-    x = x.detach().requires_grad_(True)
-    with cudnn_guard(model, x), torch.enable_grad():
-        out = first_output(model(x.transpose(0, 1) if time_major else x))
-        if time_major and out.dim() == 3:
-            out = out.transpose(0, 1)
-        losses = per_sample_loss(out, loss, x.shape[0])
-        (grad,) = torch.autograd.grad(losses.sum(), x, allow_unused=True)
-    if grad is None:  # the output does not depend on the inputs at all
-        grad = torch.zeros_like(x)
-    return grad
-
-
-def gradient_profile(model: nn.Module, inputs: torch.Tensor | None = None, *, seq_len: int = 100,
-                     samples: int = 50, loss="last", seed: int = 0) -> GradientProfile:
-    """Per-sample, per-timestep input-gradient norms ‖∂L_s/∂x_{s,t}‖ in one batched pass.
+def gradient_profile(model: nn.Module, inputs=None, *, at=None, forward_args=(),
+                     forward_kwargs=None, time_dim: int | None = None, loss="last",
+                     seq_len: int = 100, samples: int = 50, seed: int = 0,
+                     input_size: int | None = None) -> GradientProfile:
+    """Per-sample, per-timestep gradient norms ‖∂L_s/∂x_{s,t}‖ in one batched pass.
 
     Args:
-        model: any nn.Module whose forward takes the input sequence — (B, T, I), or (T, B, I)
-            for an nn.RNNBase with batch_first=False — and returns a tensor or a tuple whose
-            first element is the output sequence (or the (B, F) final output).
-        inputs: in the model's own layout; None draws standard normal (samples, seq_len, I)
-            inputs from a torch.Generator seeded with `seed`.
-        loss: "last" (sum of output features at the last step, the seed's choice), "all" (sum
-            over all steps and features) or a callable(outputs (B, T, F) batch-major) -> (B,).
+        model: any nn.Module, called as `model(inputs, *forward_args, **forward_kwargs)`;
+            `torch.compile`, `nn.DataParallel` and DDP wrappers are measured through the module
+            they wrap.
+        inputs: the model's first forward argument as it takes it: features in its own layout,
+            token ids, or a PackedSequence. None draws standard normal (samples, seq_len, I)
+            features from a generator seeded with `seed` (laid out the way the model reads
+            them).
+        at: where x is measured. None: the model's input when it is floating point, otherwise
+            the input of the first recurrent submodule the forward calls (an embedding model is
+            measured at the embedding's output). "input", a submodule name as in
+            `named_modules()`, or the submodule itself. A recurrent submodule called once per
+            step (a decoder, a cell) is measured across its calls as one time axis.
+        forward_args, forward_kwargs: further arguments of the forward (hidden state, lengths,
+            masks), as captum's `additional_forward_args`.
+        time_dim: 0 or 1, which dimension of the model's input and output is time; only needed
+            where the recurrent submodules' own inputs cannot tell (the error says so).
+        loss: "last" (per sample, the sum of the output features at its last step — for packed
+            or padded sequences its own last valid step), "all" (all steps) or a callable on
+            what the model returns -> per-sample (B,) or per-step (B, T) losses.
+        input_size: features of the drawn inputs when the model does not say.
 
     Returns:
-        A `GradientProfile`; non-finite inputs or gradients are counted in it and warned about.
+        A `GradientProfile` (per sample and timestep of the site, `.site` says where, `.lengths`
+        which steps each packed sequence has); non-finite values are counted and warned about.
 
     Example:
-        >>> lstm = nn.LSTM(8, 16, batch_first=True)
-        >>> prof = gradient_profile(lstm, seq_len=20, samples=4)
-        >>> prof.per_sample.shape
-        torch.Size([4, 20])
+        >>> lm = nn.Sequential(nn.Embedding(50, 8), nn.LSTM(8, 16, batch_first=True))
+        >>> prof = gradient_profile(lm, torch.randint(0, 50, (4, 20)))
+        >>> prof.site, tuple(prof.per_sample.shape)
+        ('1', (4, 20))
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    loss_name = _check_loss_option(loss)
+    loss_name = check_loss_option(loss)
     if inputs is None:
-        x = random_inputs(model, seq_len=seq_len, samples=samples, seed=seed)
-    else:
-        x = _inputs_batch_major(model, inputs)
-    return _profile(model, x, loss, loss_name, seed=seed if inputs is None else None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        x = random_inputs(model, seq_len=seq_len, samples=samples, seed=seed,
+                          input_size=input_size)
+        call = model_call(model, x, forward_args, forward_kwargs)
+        return _profile_drawn(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name,
+                              seed=seed, sized_by_model=input_size is None)
+    call = model_call(model, inputs, forward_args, forward_kwargs)
+    _check_recurrent_inputs(call.model, inputs)
+    return _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name, seed=None)
 
 
-def _inputs_batch_major(model: nn.Module, inputs) -> torch.Tensor:
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor; got {type(inputs).__name__}")
-    if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be a floating-point tensor; got dtype {inputs.dtype}")
-    layout = "(T, B, I)" if is_time_major(model) else "(B, T, I)"
-    if inputs.dim() != 3:
-        raise ValueError(f"inputs must be {layout} for this {type(model).__name__}; got "
+def _check_recurrent_inputs(model: nn.Module, inputs) -> None:
+    """A recurrent module measured directly gets its inputs checked up front, with a message
+    that names its layout (torch's own error does not say which layout it expects)."""
+    if not isinstance(model, (nn.RNNBase, nn.RNNCellBase)) or not isinstance(inputs, torch.Tensor):
+        return
+    cell = isinstance(model, nn.RNNCellBase)
+    layout = "(B, T, I)" if cell or model.batch_first else "(T, B, I)"
+    if inputs.dim() not in (2, 3) or inputs.shape[-1] != model.input_size:
+        bf = "" if cell else f", batch_first={model.batch_first}"
+        raise ValueError(f"inputs must be {layout} with I={model.input_size} (or unbatched "
+                         f"(T, I)) for this {type(model).__name__}{bf}; got "
                          f"{tuple(inputs.shape)}")
-    x = inputs.transpose(0, 1) if is_time_major(model) else inputs
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be floating point for a {type(model).__name__}; got "
+                        f"{inputs.dtype}")
+    if 0 in inputs.shape:
         raise ValueError(f"inputs must have at least one sample and one timestep; got "
                          f"{tuple(inputs.shape)} {layout}")
+
+
+def _profile_drawn(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
+                   sized_by_model: bool) -> GradientProfile:
+    """Profile on drawn batch-major (S, T, I) features, handed to the model the way it reads
+    them: a model whose recurrent submodule takes dimension 0 as time gets (T, S, I)."""
+    x = call.inputs
     try:
-        size = model_input_size(model)
-    except ValueError:
-        size = None
-    if size is not None and x.shape[-1] != size:
-        raise ValueError(f"inputs must be {layout} with I={size} for this "
-                         f"{type(model).__name__}; got {tuple(inputs.shape)}")
-    return x
+        prof = _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name,
+                        seed=seed, expect=x.shape[:2])
+    except _TimeMajor:
+        prof = _profile(call.replace(x.transpose(0, 1)), at=at, time_dim=time_dim, loss=loss,
+                        loss_name=loss_name, seed=seed, expect=x.shape[:2])
+    except (RuntimeError, ValueError, TypeError) as e:
+        if sized_by_model and not isinstance(e, _Refused):
+            raise ValueError(f"the {type(call.model).__name__} failed on drawn inputs "
+                             f"{tuple(x.shape)} (I taken from its first recurrent submodule): "
+                             f"{e}. If layers before the recurrence change the feature size, "
+                             "pass inputs (or input_size=)") from None
+        raise
+    return prof
 
 
-def _profile(model, x, loss, loss_name, seed) -> GradientProfile:
-    grad = input_gradients(model, x, loss)
-    per_sample = grad.detach().to(device="cpu", dtype=torch.float64).norm(dim=-1)  # (S, T)
-    bad_in, bad_grad = count_nonfinite(x), count_nonfinite(grad)
+class _TimeMajor(Exception):
+    """The model read dimension 0 of the drawn inputs as time."""
+
+
+class _Refused(ValueError):
+    """A measurement rnnscope refuses on purpose (not a failure of the drawn inputs)."""
+
+
+def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
+             expect=None) -> GradientProfile:
+    try:
+        fwd, grad = site_gradients(call, at=at, time_dim=time_dim, loss=loss,
+                                   drawn=expect is not None)
+    except ValueError as e:
+        if expect is not None and "batch norm" in str(e):
+            raise _Refused(str(e)) from None
+        raise
+    if expect is not None and fwd.site == "input" and fwd.axes.layout == "tb" and \
+            time_dim is None and (fwd.axes.B, fwd.axes.T) == (expect[1], expect[0]):
+        raise _TimeMajor()
+    return _as_profile(fwd, grad, loss_name, seed)
+
+
+def _as_profile(fwd: SiteForward, grad: torch.Tensor, loss_name: str, seed) -> GradientProfile:
+    per_sample = grad.detach().to(device="cpu", dtype=torch.float64).norm(dim=-1)  # (B, T)
+    lengths = fwd.axes.lengths
+    x_site = fwd.tensors
+    bad_in = sum(count_nonfinite(t.detach()) for t in x_site)
+    bad_grad = count_nonfinite(grad)
     if bad_in or bad_grad:
-        warnings.warn(f"gradient_profile: {bad_in} non-finite input value(s) and {bad_grad} "
-                      "non-finite gradient value(s); affected norms are NaN/Inf and the "
-                      "summaries nan", RuntimeWarning, stacklevel=3)
-    config = {"seq_len": int(x.shape[1]), "samples": int(x.shape[0]), "seed": seed,
-              "dtype": str(x.dtype).replace("torch.", ""), "device": str(x.device)}
-    return GradientProfile(per_sample, loss_name, bad_in, bad_grad, config)
+        warnings.warn(f"gradient_profile: {bad_in} non-finite input value(s) at {fwd.site!r} and "
+                      f"{bad_grad} non-finite gradient value(s); affected norms are NaN/Inf and "
+                      "the summaries nan", RuntimeWarning, stacklevel=4)
+    config = {"seq_len": int(per_sample.shape[1]), "samples": int(per_sample.shape[0]),
+              "seed": seed, "dtype": str(grad.dtype).replace("torch.", ""),
+              "device": str(grad.device), "site": fwd.site, "time_dim": fwd.time_dim}
+    return GradientProfile(per_sample, loss_name, bad_in, bad_grad, config, lengths=lengths,
+                           site=fwd.site)
 
 
 def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None, *,
-            seq_len: int = 100, samples: int = 50, loss="last", seed: int = 0) -> Comparison:
+            seq_len: int = 100, samples: int = 50, loss="last", seed: int = 0,
+            at=None, forward_args=(), forward_kwargs=None,
+            time_dim: int | None = None) -> Comparison:
     """Gradient profiles of several models on the same inputs.
 
     Args:
-        models: name -> model (any model `gradient_profile` accepts), all with the same input
-            size.
-        inputs: batch-major (B, T, I) for every model (transposed for time-major ones); None
-            draws one seeded standard normal batch shared by all models.
+        models: name -> model (any model `gradient_profile` accepts), all taking the same
+            inputs.
+        inputs: batch-major (B, T, I) features shared by every model (a model whose recurrent
+            submodule reads dimension 0 as time is given them transposed), or token ids /
+            any first argument the models all take; None draws one seeded standard normal
+            batch shared by all models.
+        at, forward_args, forward_kwargs, time_dim, loss: as in `gradient_profile`, for every
+            model.
 
     Example:
         >>> cmp = compare({"RNN": nn.RNN(4, 8), "LSTM": nn.LSTM(4, 8)}, seq_len=10, samples=3)
@@ -231,21 +281,40 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
     if not isinstance(models, Mapping) or not models:
         raise TypeError("models must be a non-empty mapping name -> nn.Module; got "
                         f"{type(models).__name__}")
-    loss_name = _check_loss_option(loss)
-    sizes = {name: model_input_size(m) for name, m in models.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"all models must take the same input size to share inputs; got {sizes}")
-    first = next(iter(models.values()))
+    loss_name = check_loss_option(loss)
+    for name, m in models.items():
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"models[{name!r}] must be an nn.Module; got {type(m).__name__}")
     if inputs is None:
-        base = random_inputs(first, seq_len=seq_len, samples=samples, seed=seed)
+        sizes = {name: model_input_size(m) for name, m in models.items()}
+        known = {v for v in sizes.values() if v is not None}
+        if len(known) > 1:
+            raise ValueError(f"all models must take the same input size to share inputs; got "
+                             f"{sizes}")
+        if not known:
+            raise ValueError("cannot tell the models' input size; pass inputs")
+        first = next(iter(models.values()))
+        base = random_inputs(first, seq_len=seq_len, samples=samples, seed=seed,
+                             input_size=known.pop())
     else:
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
-            raise ValueError("compare takes batch-major inputs (B, T, I); got "
-                             f"{tuple(getattr(inputs, 'shape', ())) or type(inputs).__name__}")
+        if not isinstance(inputs, (torch.Tensor, PackedSequence)):
+            raise TypeError(f"inputs must be a tensor or a PackedSequence; got "
+                            f"{type(inputs).__name__}")
         base = inputs
     profiles = {}
     for name, model in models.items():
-        dtype, device = model_dtype_device(model)
-        x = base.to(device=device, dtype=dtype)
-        profiles[name] = _profile(model, x, loss, loss_name, seed if inputs is None else None)
+        x = base
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dtype, device = model_dtype_device(model)
+            x = x.to(device=device, dtype=dtype)
+        call = model_call(model, x, forward_args, forward_kwargs)
+        floating = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3
+        if floating:
+            profiles[name] = _profile_drawn(call, at=at, time_dim=time_dim, loss=loss,
+                                            loss_name=loss_name,
+                                            seed=seed if inputs is None else None,
+                                            sized_by_model=False)
+        else:
+            profiles[name] = _profile(call, at=at, time_dim=time_dim, loss=loss,
+                                      loss_name=loss_name, seed=None)
     return Comparison(profiles)

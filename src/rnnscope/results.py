@@ -113,11 +113,15 @@ class GradientProfile:
 
     Attributes:
         per_sample: (S, T) float64: sample s, timestep t (t = T−1 is the output step for
-            loss="last").
+            loss="last"); 0 past the end of a packed sequence.
         loss: the loss used ("last", "all" or "custom").
         nonfinite_inputs, nonfinite_grads: counts of NaN/Inf entries seen (never dropped: they
             make the affected norms non-finite and the summaries nan).
-        config: how it was measured (seq_len, samples, seed, dtype, device).
+        config: how it was measured (seq_len, samples, seed, dtype, device, site).
+        lengths: (S,) int64 steps of each sequence (packed or padded inputs), or None when all
+            have T. Steps past a sequence's end are not measured: they are left out of every
+            mean, and distances are counted from each sequence's own last step.
+        site: where the gradient was measured: "input" or a submodule name.
     """
 
     per_sample: torch.Tensor
@@ -125,34 +129,82 @@ class GradientProfile:
     nonfinite_inputs: int = 0
     nonfinite_grads: int = 0
     config: dict = field(default_factory=dict)
+    lengths: torch.Tensor | None = None
+    site: str = "input"
+
+    def _valid(self) -> torch.Tensor:
+        """(S, T) bool: steps inside each sequence."""
+        S, T = self.per_sample.shape
+        if self.lengths is None:
+            return torch.ones(S, T, dtype=torch.bool)
+        return torch.arange(T).unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    def _aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, T) norms indexed by distance k from each sequence's own last step, and the mask
+        of distances that sequence has."""
+        if self.lengths is None:
+            return self.per_sample.flip(1), self._valid()
+        S, T = self.per_sample.shape
+        k = torch.arange(T).unsqueeze(0)
+        idx = (self.lengths.unsqueeze(1) - 1 - k).clamp_min(0)
+        return self.per_sample.gather(1, idx), k < self.lengths.unsqueeze(1)
+
+    @staticmethod
+    def _masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = mask.sum(0)
+        total = torch.where(mask, v, torch.zeros_like(v)).sum(0)
+        return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
 
     @property
     def norms(self) -> torch.Tensor:
-        """(T,) mean norm over samples, indexed by timestep."""
-        return self.per_sample.mean(0)
+        """(T,) mean norm over samples, indexed by timestep (over the sequences that have it)."""
+        if self.lengths is None:
+            return self.per_sample.mean(0)
+        return self._masked_mean(self.per_sample, self._valid())
 
     @property
     def std(self) -> torch.Tensor:
         """(T,) standard deviation over samples (0 for a single sample)."""
         if self.per_sample.shape[0] < 2:
             return torch.zeros_like(self.norms)
-        return self.per_sample.std(0)
+        if self.lengths is None:
+            return self.per_sample.std(0)
+        mask = self._valid()
+        mean = self.norms
+        dev = torch.where(mask, (self.per_sample - mean) ** 2, torch.zeros_like(self.per_sample))
+        n = mask.sum(0)
+        return (dev.sum(0) / (n - 1).clamp_min(1)).sqrt()
 
     @property
     def finite(self) -> bool:
         return bool(torch.isfinite(self.per_sample).all())
 
     def by_distance(self) -> torch.Tensor:
-        """(T,) mean norms indexed by distance k = T−1−t (steps before the output step)."""
-        return self.norms.flip(0)
+        """(T,) mean norms indexed by distance k = T−1−t steps before the output step (for
+        sequences of different lengths, before each sequence's own last step)."""
+        v, mask = self._aligned()
+        if self.lengths is None:
+            return v.mean(0)
+        return self._masked_mean(v, mask)
+
+    def std_by_distance(self) -> torch.Tensor:
+        """(T,) standard deviation over samples at each distance (0 for a single sample)."""
+        v, mask = self._aligned()
+        if v.shape[0] < 2:
+            return torch.zeros(v.shape[1], dtype=v.dtype)
+        mean = self._masked_mean(v, mask)
+        dev = torch.where(mask, (v - mean) ** 2, torch.zeros_like(v))
+        return (dev.sum(0) / (mask.sum(0) - 1).clamp_min(1)).sqrt()
 
     def decay_ratio(self) -> float:
-        """norms[0] / norms[-1]: first timestep over last, the seed's ratio with no epsilon.
+        """Mean norm at the farthest step over the mean norm at the output step: the first
+        timestep over the last, with no epsilon.
 
         A gradient that vanished entirely at the last step gives inf (0 at both ends gives nan);
         non-finite norms give nan. Values ≪ 1 mean the early timesteps receive far less gradient.
         """
-        first, last = float(self.norms[0]), float(self.norms[-1])
+        bd = self.by_distance()
+        first, last = float(bd[-1]), float(bd[0])
         if not (math.isfinite(first) and math.isfinite(last)):
             return math.nan
         if last == 0:
@@ -171,7 +223,7 @@ class GradientProfile:
         """Timesteps with a mean norm above threshold × max; None if any norm is non-finite."""
         if not self.finite:
             return None
-        return effective_memory(self.norms, threshold)
+        return effective_memory(self.by_distance(), threshold)
 
     def summary(self, threshold: float = 0.01) -> dict:
         return {"decay_ratio": self.decay_ratio(), "decay_rate": self.decay_rate(),
@@ -182,16 +234,21 @@ class GradientProfile:
 
     def to_dict(self) -> dict:
         s = self.summary()
-        return {"loss": self.loss, "config": dict(self.config),
+        return {"loss": self.loss, "config": dict(self.config), "site": self.site,
+                "lengths": None if self.lengths is None else self.lengths.tolist(),
                 "per_sample": json_list(self.per_sample), "norms": json_list(self.norms),
+                "by_distance": json_list(self.by_distance()),
                 "nonfinite_inputs": self.nonfinite_inputs,
                 "nonfinite_grads": self.nonfinite_grads,
                 **{k: (json_number(v) if isinstance(v, float) else v) for k, v in s.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GradientProfile":
+        lengths = d.get("lengths")
         return cls(from_json_list(d["per_sample"]), d["loss"], d["nonfinite_inputs"],
-                   d["nonfinite_grads"], dict(d.get("config", {})))
+                   d["nonfinite_grads"], dict(d.get("config", {})),
+                   lengths=None if lengths is None else torch.tensor(lengths, dtype=torch.int64),
+                   site=d.get("site", "input"))
 
     def plot(self, ax=None, log: bool = False, label: str | None = None):
         """Mean norm vs distance from the output step (± 1 std band). Returns the figure."""

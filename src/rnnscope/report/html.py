@@ -28,6 +28,8 @@ def _table(rows: list[dict], headers: dict) -> str:
 
 
 def _norms_by_distance(profile: dict) -> list[float]:
+    if "by_distance" in profile:
+        return [_f(v) for v in profile["by_distance"]]
     return [_f(v) for v in profile["norms"]][::-1]
 
 
