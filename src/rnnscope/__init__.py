@@ -8,24 +8,26 @@ __version__ = "0.1.0"
 
 from . import experiments, tasks
 from .gates import chrono_init, gate_stats, init_forget_bias
+from .lag import lag_profile
 from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
 from .monitor import AlertPolicy, GradientMonitor
 from .profile import compare, gradient_profile
 from .replay import Trace, replay
 from .results import (CellJacobians, Comparison, DecayTable, GateLayerStats, GateStats,
-                      GradientProfile, StateGradientLayer, StateGradients, StepJacobians,
-                      effective_memory)
+                      GradientProfile, LagProfile, StateGradientLayer, StateGradients,
+                      StepJacobians, effective_memory)
 from .theory import decay_table, memory_time
 
 __all__ = [
     # measurements
-    "replay", "gradient_profile", "compare", "effective_memory", "state_gradients",
-    "cell_jacobians", "step_jacobians", "lyapunov_spectrum", "gate_stats",
+    "replay", "gradient_profile", "lag_profile", "compare", "effective_memory",
+    "state_gradients", "cell_jacobians", "step_jacobians", "lyapunov_spectrum", "gate_stats",
     # initialisations and closed forms
     "init_forget_bias", "chrono_init", "decay_table", "memory_time",
     # training-time monitoring, tasks and experiments
     "GradientMonitor", "AlertPolicy", "tasks", "experiments",
     # result objects
-    "Trace", "GradientProfile", "Comparison", "StateGradients", "StateGradientLayer",
+    "Trace", "GradientProfile", "LagProfile", "Comparison", "StateGradients",
+    "StateGradientLayer",
     "CellJacobians", "StepJacobians", "GateStats", "GateLayerStats", "DecayTable",
 ]

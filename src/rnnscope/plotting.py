@@ -54,6 +54,24 @@ def plot_profiles(profiles: dict, ax=None, log: bool = False):
     return fig
 
 
+def plot_lag_profile(profiles: dict, ax=None, log: bool = True):
+    """Mean ‖∂ℓ_t/∂x_{t−k}‖ against lag k, one line per LagProfile."""
+    if ax is None:
+        fig, (ax,) = _new_axes()
+    fig = ax.figure
+    for name, lp in profiles.items():
+        y = lp.by_lag().numpy()
+        ax.plot(np.arange(len(y)), y, label=name, lw=1.6)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("lag k = t − s (steps between input and loss step)")
+    ax.set_ylabel("mean ‖∂ℓ_t/∂x_{t−k}‖")
+    ax.set_title("How far back each step's loss reaches" + (" (log scale)" if log else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def plot_comparison(profiles: dict, log: bool | None = None, axes=None):
     """The seed's comparison figure: linear and log panels side by side (log=None)."""
     modes = [False, True] if log is None else [bool(log)]

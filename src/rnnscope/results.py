@@ -258,6 +258,107 @@ class GradientProfile:
 
 
 @dataclass(frozen=True)
+class LagProfile:
+    """Lag-resolved gradient flow: per-sample norms ‖∂ℓ_t/∂x_s‖ for loss positions t.
+
+    Attributes:
+        per_sample: (S, P, T) float64: sample, loss position p (step `positions[p]`), step s
+            of the measured site. Entries with s > t (the future of the loss step, non-zero
+            only for bidirectional or non-causal models) are kept but not summarised.
+        positions: (P,) int64 loss steps t.
+        lengths: (S,) steps of each sequence (packed inputs) or None; positions and steps past
+            a sequence's end are not measured.
+        site: "input" or the submodule measured at.
+        nonfinite: NaN/Inf norms seen (they make the summaries nan).
+        config: how it was measured.
+    """
+
+    per_sample: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor | None = None
+    site: str = "input"
+    nonfinite: int = 0
+    config: dict = field(default_factory=dict)
+
+    def lag_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, P, K) norms indexed by lag k (step s = t_p − k), and the mask of the lags that
+        exist (t_p − k ≥ 0 and t_p inside the sequence); K = max position + 1."""
+        S, P, T = self.per_sample.shape
+        K = int(self.positions.max()) + 1
+        k = torch.arange(K)
+        src = self.positions.unsqueeze(1) - k.unsqueeze(0)  # (P, K): step s = t − k
+        exists = (src >= 0).unsqueeze(0).expand(S, P, K)
+        if self.lengths is not None:
+            inside = self.positions.unsqueeze(0) < self.lengths.unsqueeze(1)  # (S, P)
+            exists = exists & inside.unsqueeze(-1)
+        idx = src.clamp_min(0).unsqueeze(0).expand(S, P, K)
+        return self.per_sample.gather(2, idx), exists
+
+    def by_lag(self) -> torch.Tensor:
+        """(K,) mean of ‖∂ℓ_t/∂x_{t−k}‖ over samples and loss positions at each lag k (a large
+        lag averages over the positions far enough from the start)."""
+        v, exists = self.lag_table()
+        n = exists.sum((0, 1))
+        total = torch.where(exists, v, torch.zeros_like(v)).sum((0, 1))
+        return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.per_sample).all())
+
+    def decay_rate(self) -> float:
+        """Fitted per-step decay rate r over lags: norm at lag k ≈ A·exp(−r·k)."""
+        return fit_decay_rate(self.by_lag())
+
+    def half_life(self) -> float:
+        return half_life_from_rate(self.decay_rate())
+
+    def effective_memory(self, threshold: float = 0.01) -> int | None:
+        """Lags whose mean norm is above threshold × the largest; None if non-finite."""
+        bl = self.by_lag()
+        if not torch.isfinite(bl).all():
+            return None
+        return effective_memory(bl, threshold)
+
+    def summary(self, threshold: float = 0.01) -> dict:
+        return {"decay_rate": self.decay_rate(), "half_life": self.half_life(),
+                "effective_memory": self.effective_memory(threshold),
+                "positions": int(self.positions.numel()), "max_lag": int(self.positions.max()),
+                "nonfinite": self.nonfinite}
+
+    def __repr__(self) -> str:
+        S, P, T = self.per_sample.shape
+        s = self.summary()
+        return (f"LagProfile(site={self.site!r}, samples={S}, positions={P}, T={T}, "
+                f"decay_rate={s['decay_rate']:.4g}, half_life={s['half_life']:.4g}, "
+                f"effective_memory={s['effective_memory']})")
+
+    def to_dict(self) -> dict:
+        s = self.summary()
+        return {"site": self.site, "config": dict(self.config),
+                "positions": self.positions.tolist(),
+                "lengths": None if self.lengths is None else self.lengths.tolist(),
+                "per_sample": json_list(self.per_sample), "by_lag": json_list(self.by_lag()),
+                "nonfinite": self.nonfinite,
+                **{k: (json_number(v) if isinstance(v, float) else v) for k, v in s.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LagProfile":
+        lengths = d.get("lengths")
+        return cls(from_json_list(d["per_sample"]), torch.tensor(d["positions"],
+                                                                 dtype=torch.int64),
+                   lengths=None if lengths is None else torch.tensor(lengths, dtype=torch.int64),
+                   site=d.get("site", "input"), nonfinite=d.get("nonfinite", 0),
+                   config=dict(d.get("config", {})))
+
+    def plot(self, ax=None, log: bool = True, label: str | None = None):
+        """Mean ‖∂ℓ_t/∂x_{t−k}‖ against lag k. Returns the figure."""
+        from . import plotting
+
+        return plotting.plot_lag_profile({label or self.site: self}, ax=ax, log=log)
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Gradient profiles of several models measured on the same inputs."""
 

@@ -48,6 +48,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+class CellOverTime(nn.Module):
+    """An nn.RNNCell/LSTMCell/GRUCell run over a (B, T, I) sequence from a zero state, returning
+    the (B, T, H) sequence of its h states: what a bare cell given a sequence is taken to mean.
+    The cell is called once per step, so its calls form the time axis."""
+
+    def __init__(self, cell: nn.RNNCellBase):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, I) -> (B, T, H)
+        state = None
+        hs = []
+        for x_t in x.unbind(1):
+            state = self.cell(x_t, state)
+            hs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(hs, dim=1)
+
+
 @dataclass(frozen=True)
 class ModelCall:
     """`model(inputs, *args, **kwargs)`: the user's model and the arguments it takes."""
@@ -56,12 +74,13 @@ class ModelCall:
     inputs: Any
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    time_dim: int | None = None  # known by construction (a cell run over (B, T, I)), else None
 
     def __call__(self, inputs=None):
         return self.model(self.inputs if inputs is None else inputs, *self.args, **self.kwargs)
 
     def replace(self, inputs) -> "ModelCall":
-        return ModelCall(self.model, inputs, self.args, self.kwargs)
+        return ModelCall(self.model, inputs, self.args, self.kwargs, self.time_dim)
 
 
 def model_call(model, inputs, forward_args=(), forward_kwargs=None) -> ModelCall:
@@ -75,7 +94,11 @@ def model_call(model, inputs, forward_args=(), forward_kwargs=None) -> ModelCall
     if not isinstance(inputs, (torch.Tensor, PackedSequence)):
         raise TypeError(f"inputs must be a torch.Tensor (features or token ids) or a "
                         f"PackedSequence; got {type(inputs).__name__}")
-    return ModelCall(unwrap_model(model), inputs, tuple(forward_args), dict(forward_kwargs or {}))
+    model = unwrap_model(model)
+    if isinstance(model, nn.RNNCellBase) and isinstance(inputs, torch.Tensor) and \
+            inputs.dim() == 3 and not forward_args and not forward_kwargs:
+        return ModelCall(CellOverTime(model), inputs, time_dim=1)
+    return ModelCall(model, inputs, tuple(forward_args), dict(forward_kwargs or {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +353,16 @@ def capturing(model: nn.Module, site_module: nn.Module | None, cap: Capture, *,
 # Batch and time dimensions of tensors outside the recurrent modules
 
 
-def _layout_error(what: str, shape, anchor: str, B: int, T: int, extra: str = "") -> ValueError:
-    return ValueError(
+class AmbiguousLayout(ValueError):
+    """Batch and time cannot be told apart (they have the same size)."""
+
+
+def _layout_error(what: str, shape, anchor: str, B: int, T: int, extra: str = "",
+                  cls=ValueError) -> ValueError:
+    T_text = f" of T={T} steps" if T is not None else ""
+    return cls(
         f"cannot tell which dimension of {what} {tuple(shape)} is time: the recurrent submodule "
-        f"'{anchor}' receives B={B} sequences of T={T} steps{extra}; pass time_dim=0 "
+        f"'{anchor}' receives B={B} sequences{T_text}{extra}; pass time_dim=0 "
         "(time first) or time_dim=1 (batch first)")
 
 
@@ -360,10 +389,10 @@ def batch_time_dims(shape, *, B: int, T: int | None, anchor: str, what: str,
     if len(fits) == 1:
         return fits[0]
     if not fits:
-        raise _layout_error(what, shape, anchor, B, T if T is not None else -1,
+        raise _layout_error(what, shape, anchor, B, T,
                             extra=" and neither of its first two dimensions matches that")
-    raise _layout_error(what, shape, anchor, B, T if T is not None else -1,
-                        extra=" (batch and time have the same size)")
+    raise _layout_error(what, shape, anchor, B, T, extra=" (batch and time have the same size)",
+                        cls=AmbiguousLayout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +469,8 @@ def forward_at_site(call: ModelCall, *, at=None, time_dim=None,
     """
     model = call.model
     inputs = call.inputs
+    if time_dim is None:
+        time_dim = call.time_dim
     float_inputs = torch.is_floating_point(_differentiable(inputs))
     if at is None:
         at = "input" if float_inputs else "auto"
@@ -527,6 +558,8 @@ def _plain_axes(fwd: SiteForward, x: torch.Tensor, site_name: str, time_dim):
             try:
                 bdim, tdim = batch_time_dims(x.shape, B=ax.B, T=ax.T, anchor=name, what=what,
                                              time_dim=time_dim)
+            except AmbiguousLayout:
+                raise
             except ValueError:
                 if time_dim is not None:
                     raise
