@@ -235,3 +235,118 @@ def test_experiment_command(tmp_path):
     assert len(res["variants"]["lstm"]["train_loss"]) == 30
     p = run("experiment", "adding", "--variants", "transformer", check_code=2)
     assert "unknown value(s) transformer" in p.stderr
+
+
+LM_FILE = '''
+import torch
+from torch import nn
+
+
+class WordLM(nn.Module):
+    """As PyTorch's word_language_model example writes it: (T, B) token ids, forward(input,
+    hidden), flattened (T*B, V) log-probabilities."""
+
+    def __init__(self, ntoken=30, ninp=8, nhid=12, nlayers=2):
+        super().__init__()
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=0.2)
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.nlayers, self.nhid, self.ntoken = nlayers, nhid, ntoken
+
+    def forward(self, input, hidden):
+        output, hidden = self.rnn(self.encoder(input), hidden)
+        decoded = self.decoder(output).view(-1, self.ntoken)
+        return torch.log_softmax(decoded, dim=1), hidden
+
+    def init_hidden(self, bsz):
+        w = next(self.parameters())
+        return (w.new_zeros(self.nlayers, bsz, self.nhid), w.new_zeros(self.nlayers, bsz, self.nhid))
+
+
+def make():
+    torch.manual_seed(0)
+    return WordLM()
+
+
+T, B = 15, 3
+
+
+def last_step(out):  # per-sample: log-probabilities summed at the last step
+    return out[0].view(T, B, -1)[-1].sum(-1)
+
+
+def every_step(out):  # per-step (B, T)
+    return out[0].view(T, B, -1).sum(-1).t()
+
+
+def batch():
+    torch.manual_seed(1)
+    m = make()
+    return torch.randint(0, 30, (T, B)), m.init_hidden(B)
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(10, 16)
+        self.lstm = nn.LSTM(16, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(self.proj(x))[0]
+
+
+def tagger():
+    torch.manual_seed(0)
+    return Tagger()
+'''
+
+
+def test_inspect_a_token_id_language_model(tmp_path):
+    (tmp_path / "lm.py").write_text(LM_FILE)
+    m = _load_file_model(tmp_path / "lm.py")
+    ids, hidden = m.batch()
+    torch.save((ids, hidden), tmp_path / "args.pt")
+    torch.save({"epoch": 3, "model_state_dict": m.make().state_dict()}, tmp_path / "ckpt.pt")
+    # flattened (T*B, V) output: "last" cannot be read, the error names --loss
+    p = run("inspect", "lm.py:make", "--inputs", "args.pt", "--no-report", "--quiet",
+            cwd=tmp_path, check_code=1)
+    assert "flattened" in p.stderr and "loss" in p.stderr
+    p = run("inspect", "lm.py:make", "--inputs", "args.pt", "--weights", "ckpt.pt", "--loss",
+            "lm.py:every_step", "--out", "rep", cwd=tmp_path, check_code=0)
+    assert "checkpoint key 'model_state_dict'" in p.stdout
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert res["config"]["measured_at"] == "rnn"
+    prof = res["comparison"]["profiles"]["lm.py:make"]
+    assert len(prof["per_sample"]) == 3 and len(prof["per_sample"][0]) == 15  # (B, T)
+    lag = res["lag"]["lm.py:make"]
+    assert lag["site"] == "rnn" and len(lag["by_lag"]) >= 1
+    assert (tmp_path / "rep" / "figures" / "lag.png").exists()
+    assert res["recurrent"]["rnn"]["num_layers"] == 2
+    # the same numbers as the API with a loss callable, independent of the CLI
+    model = m.make().eval()
+    api = rnnscope.gradient_profile(model, ids, forward_args=(hidden,), loss=m.every_step)
+    torch.testing.assert_close(torch.tensor(prof["per_sample"], dtype=torch.float64),
+                               api.per_sample, rtol=1e-6, atol=1e-9)
+    # the report's advice names only options that exist for inspect
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "--forget-bias" not in html
+
+
+def test_inspect_input_size_is_used_as_given(tmp_path):
+    (tmp_path / "lm.py").write_text(LM_FILE)
+    p = run("inspect", "lm.py:tagger", "--input-size", "10", "--seq-len", "7", "--samples", "3",
+            "--no-report", "--json", "--quiet", cwd=tmp_path, check_code=0)
+    out = json.loads(p.stdout)
+    assert out["config"]["seq_len"] == 7 and out["config"]["samples"] == 3
+    p = run("inspect", "lm.py:tagger", "--seq-len", "7", "--samples", "3", "--no-report",
+            "--quiet", cwd=tmp_path, check_code=1)
+    assert "input_size" in p.stderr or "--input-size" in p.stderr
+
+
+def _load_file_model(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_for_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

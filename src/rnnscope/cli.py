@@ -168,29 +168,44 @@ def _cmd_compare(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .loader import load_inputs, load_model, load_weights
+    from .loader import load_batch, load_inputs, load_loss, load_model, load_weights
     from .recurrent import describe, is_recurrent
     from .studies import inspect_study
 
     device = _resolve_device(args.device)
     _check_out(args)
+    if args.inputs and args.batch:
+        raise UsageError("rnnscope inspect: error: give --inputs FILE.pt or --batch FILE.py:FN, "
+                         "not both")
     torch.manual_seed(args.seed)
     model = load_model(args.model, device=device)
-    if args.weights:
-        load_weights(model, args.weights)
-    model.eval()  # inter-layer dropout cannot be replayed; measurements are deterministic
-    inputs = load_inputs(args.inputs).to(device) if args.inputs else None
-    if inputs is not None and any(p.is_floating_point() for p in model.parameters()):
-        inputs = inputs.to(next(model.parameters()).dtype)
-    config = {"model": args.model, "weights": args.weights, "inputs": args.inputs,
+    weights = load_weights(model, args.weights) if args.weights else None
+    model.eval()  # dropout off: measurements are deterministic and replayable
+    inputs = None
+    if args.inputs:
+        inputs = load_inputs(args.inputs, model)
+    elif args.batch:
+        inputs = load_batch(args.batch, model)
+    if inputs is not None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        inputs = inputs.to(device, dtype=dtype)
+    loss = args.loss if args.loss in ("last", "all") else load_loss(args.loss)
+    config = {"model": args.model, "weights": args.weights, "inputs": args.inputs or args.batch,
+              "at": args.at, "loss": args.loss, "time_dim": args.time_dim,
               "seq_len": args.seq_len, "samples": args.samples, "seed": args.seed,
               "device": device, "out": args.out}
     _print_config(args, config)
+    if weights is not None and (weights.key or weights.prefix):
+        found = [f"checkpoint key {weights.key!r}" if weights.key else "",
+                 f"key prefix {weights.prefix!r} removed" if weights.prefix else ""]
+        _say(args, "weights: " + ", ".join(f for f in found if f))
     recs = [describe(m) for m in model.modules() if is_recurrent(m)]
-    total = 1 + sum(s.num_layers * s.num_directions + (s.kind != "rnn") + 1 for s in recs)
+    total = 1 + (loss != "last") + sum(s.num_layers * s.num_directions + (s.kind != "rnn") + 1
+                                       for s in recs)
     progress = Progress(total, not args.quiet)
     try:
-        results = inspect_study(model, inputs=inputs, seq_len=args.seq_len,
+        results = inspect_study(model, inputs=inputs, at=args.at, loss=loss,
+                                time_dim=args.time_dim, seq_len=args.seq_len,
                                 samples=args.samples, seed=args.seed,
                                 jac_samples=args.jacobian_samples, label=args.model,
                                 source=args.model, input_size=args.input_size,
@@ -198,7 +213,7 @@ def _cmd_inspect(args) -> int:
     finally:
         progress.close()
     results["config"].update({"weights": args.weights, "inputs_file": args.inputs,
-                              "device": device})
+                              "batch": args.batch, "device": device})
     paths = None if args.no_report else _write(args, results)
     _emit(args, results, paths)
     return 0
@@ -367,10 +382,26 @@ def build_parser() -> StrictParser:
                    "(a callable returning an nn.Module) or a TorchScript file")
     i.add_argument("--weights", metavar="FILE", help="state dict to load (torch.load with "
                    "weights_only=True: files needing arbitrary unpickling are refused)")
-    i.add_argument("--inputs", metavar="FILE.pt", help="a saved input tensor in the model's own "
-                   "layout (weights_only load)")
+    i.add_argument("--inputs", metavar="FILE.pt", help="the model's forward arguments, saved "
+                   "with torch.save: a tensor (the first argument: features in the model's own "
+                   "layout, token ids or a PackedSequence), a tuple/list of positional "
+                   "arguments or a dict of keyword arguments (weights_only load)")
+    i.add_argument("--batch", metavar="FILE.py:FN", help="a function returning the forward "
+                   "arguments in the same forms as --inputs (runs your code, like MODEL)")
+    i.add_argument("--at", metavar="NAME", help="measure the gradient at this submodule's "
+                   "input (a name from model.named_modules(), or 'input'); default: the "
+                   "model's input if it is floating point, else the first recurrent "
+                   "submodule's input")
+    i.add_argument("--loss", default="last", metavar="last|all|FILE.py:FN",
+                   help="last: output features at each sequence's last step (default); all: "
+                   "every step, also shows the lag-resolved profile; or a function of the "
+                   "model's output returning (B,) or per-step (B, T) losses")
+    i.add_argument("--time-dim", type=int, choices=(0, 1), metavar="0|1",
+                   help="which dimension of the model's input and output is time, when the "
+                   "recurrent submodules cannot tell (batch and time of the same size)")
     i.add_argument("--input-size", type=_positive_int, metavar="I",
-                   help="features per step when the model does not say")
+                   help="features per step of the random inputs (default: the model's own "
+                   "input_size, else its first recurrent submodule's)")
     i.add_argument("--seq-len", type=_positive_int, default=100, metavar="T",
                    help="length of the random inputs when --inputs is not given (default 100)")
     i.add_argument("--samples", type=_positive_int, default=16, metavar="S",

@@ -169,8 +169,8 @@ def gradient_profile(model: nn.Module, inputs=None, *, at=None, forward_args=(),
         x = random_inputs(model, seq_len=seq_len, samples=samples, seed=seed,
                           input_size=input_size)
         call = model_call(model, x, forward_args, forward_kwargs)
-        return _profile_drawn(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name,
-                              seed=seed, sized_by_model=input_size is None)
+        return profile_drawn(call, at=at, time_dim=time_dim, loss=loss, seed=seed,
+                             sized_by_model=input_size is None)[0]
     call = model_call(model, inputs, forward_args, forward_kwargs)
     _check_recurrent_inputs(call.model, inputs)
     return _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name, seed=None)
@@ -196,17 +196,20 @@ def _check_recurrent_inputs(model: nn.Module, inputs) -> None:
                          f"{tuple(inputs.shape)} {layout}")
 
 
-def _profile_drawn(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
-                   sized_by_model: bool) -> GradientProfile:
+def profile_drawn(call: ModelCall, *, at, time_dim, loss, seed,
+                  sized_by_model: bool) -> tuple[GradientProfile, ModelCall]:
     """Profile on drawn batch-major (S, T, I) features, handed to the model the way it reads
-    them: a model whose recurrent submodule takes dimension 0 as time gets (T, S, I)."""
+    them: a model whose recurrent submodule takes dimension 0 as time gets (T, S, I).
+    Returns the profile and the call that was measured."""
     x = call.inputs
+    loss_name = check_loss_option(loss)
     try:
         prof = _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name,
                         seed=seed, expect=x.shape[:2])
     except _TimeMajor:
-        prof = _profile(call.replace(x.transpose(0, 1)), at=at, time_dim=time_dim, loss=loss,
-                        loss_name=loss_name, seed=seed, expect=x.shape[:2])
+        call = call.replace(x.transpose(0, 1))
+        prof = _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name,
+                        seed=seed, expect=x.shape[:2])
     except (RuntimeError, ValueError, TypeError) as e:
         if sized_by_model and not isinstance(e, _Refused):
             raise ValueError(f"the {type(call.model).__name__} failed on drawn inputs "
@@ -214,7 +217,7 @@ def _profile_drawn(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
                              f"{e}. If layers before the recurrence change the feature size, "
                              "pass inputs (or input_size=)") from None
         raise
-    return prof
+    return prof, call
 
 
 class _TimeMajor(Exception):
@@ -310,10 +313,9 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
         call = model_call(model, x, forward_args, forward_kwargs)
         floating = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3
         if floating:
-            profiles[name] = _profile_drawn(call, at=at, time_dim=time_dim, loss=loss,
-                                            loss_name=loss_name,
-                                            seed=seed if inputs is None else None,
-                                            sized_by_model=False)
+            profiles[name] = profile_drawn(call, at=at, time_dim=time_dim, loss=loss,
+                                           seed=seed if inputs is None else None,
+                                           sized_by_model=False)[0]
         else:
             profiles[name] = _profile(call, at=at, time_dim=time_dim, loss=loss,
                                       loss_name=loss_name, seed=None)

@@ -323,7 +323,8 @@ class LagProfile:
     def summary(self, threshold: float = 0.01) -> dict:
         return {"decay_rate": self.decay_rate(), "half_life": self.half_life(),
                 "effective_memory": self.effective_memory(threshold),
-                "positions": int(self.positions.numel()), "max_lag": int(self.positions.max()),
+                "n_positions": int(self.positions.numel()),
+                "max_lag": int(self.positions.max()),
                 "nonfinite": self.nonfinite}
 
     def __repr__(self) -> str:

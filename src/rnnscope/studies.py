@@ -20,7 +20,9 @@ from .checks import narrow_state
 from .gates import gate_stats
 from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
 from .models import DISPLAY, build_model
-from .profile import compare, gradient_profile, is_time_major, random_inputs
+from .lag import lag_profile
+from .profile import compare, gradient_profile, profile_drawn, random_inputs
+from .site import Capture, ModelCall, capturing, model_call, recurrent_axes, unwrap_model
 from .recurrent import RETAIN_GATE, describe, is_recurrent
 from .results import Comparison, json_list, json_number
 from .theory import decay_table
@@ -115,70 +117,90 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _capture_inputs(model: nn.Module, x: torch.Tensor) -> dict:
-    """Run the model once and record what each recurrent submodule received.
-
-    Forward pre-hooks are held as handles and removed in `finally`, also on error.
-    """
-    seen = {}
-    handles = []
-    for name, m in model.named_modules():
-        if is_recurrent(m):
-            def hook(mod, args, kwargs, name=name):
-                if name not in seen:
-                    hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                    if isinstance(hx, tuple):
-                        hx = tuple(h.detach() for h in hx)
-                    elif hx is not None:
-                        hx = hx.detach()
-                    seen[name] = (args[0].detach(), hx)
-            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+def capture_recurrent_calls(call: ModelCall) -> dict:
+    """Run the model once (no graph) and return name -> (module, [RecurrentCall]) for every
+    recurrent submodule the forward calls, in call order. Hooks are removed on exit."""
+    cap = Capture()
+    with capturing(call.model, None, cap, grad_at_site=False), torch.no_grad():
+        call()
+    return {name: (cap.modules[name], calls) for name, calls in cap.recurrent.items()}
 
 
-def inspect_study(model: nn.Module, *, inputs: torch.Tensor | None = None, seq_len: int = 100,
-                  samples: int = 16, seed: int = 0, jac_samples: int = 4, label: str = "model",
-                  source: str = "", input_size: int | None = None,
+def _detached(hx):
+    if isinstance(hx, tuple):
+        return tuple(h.detach() for h in hx)
+    return None if hx is None else hx.detach()
+
+
+def recurrent_sequence(name: str, module: nn.Module, calls: list):
+    """The whole input sequence and initial state a recurrent submodule received in one
+    forward, in its own layout: one call as it was; calls that chain their state (a decoder
+    stepping one token at a time, a cell in a loop) joined along time, from the first call's
+    state. Returns (x, hx) or raises ValueError saying why it cannot be analysed."""
+    axes = recurrent_axes(name, module, calls)  # refuses unchained repeated calls
+    first = calls[0]
+    if axes.layout != "steps":
+        return first.x, _detached(first.hx)
+    if isinstance(module, nn.RNNCellBase):
+        xs = [c.x if c.x.dim() == 2 else c.x.unsqueeze(0) for c in calls]
+        return torch.stack(xs, dim=1), _detached(first.hx)  # (B, T, I)
+    dim = 0 if (first.x.dim() == 2 or not module.batch_first) else 1
+    return torch.cat([c.x for c in calls], dim=dim), _detached(first.hx)
+
+
+def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
+                  time_dim: int | None = None, seq_len: int = 100, samples: int = 16,
+                  seed: int = 0, jac_samples: int = 4, label: str = "model", source: str = "",
+                  input_size: int | None = None, lag_positions: int = 16,
                   progress: Progress = _noop) -> dict:
-    """The same analysis for a user's model: its input-gradient profile, and for every
-    recurrent submodule (found by type), per layer and direction, Jacobians, gates and state
-    gradients on the inputs that submodule actually receives inside the model.
+    """The same analysis for a user's model: its gradient profile (lag-resolved too when the
+    loss is per step) and, for every recurrent submodule, per layer and direction, Jacobians,
+    gates and state gradients on the inputs that submodule actually receives inside the model.
 
-    `inputs` are in the model's own layout; None draws seeded standard normal inputs of
-    `input_size` features (default: the model's own input size).
+    `inputs` is a `loader.ForwardInputs` (the model's forward arguments) or None, which draws
+    seeded standard normal features of `input_size` (default: the model's own input size).
     """
     t0 = time.perf_counter()
+    progress("gradient profile")
     if inputs is None:
         x = random_inputs(model, seq_len=seq_len, samples=samples, seed=seed,
                           input_size=input_size)
-        inputs = x.transpose(0, 1) if is_time_major(model) else x
+        prof, call = profile_drawn(model_call(model, x), at=at, time_dim=time_dim, loss=loss,
+                                   seed=seed, sized_by_model=input_size is None)
         given = False
     else:
+        call = model_call(model, inputs.inputs, inputs.args, inputs.kwargs)
+        prof = gradient_profile(model, inputs.inputs, forward_args=inputs.args,
+                                forward_kwargs=inputs.kwargs, at=at, time_dim=time_dim, loss=loss)
         given = True
-    progress("gradient profile")
-    prof = gradient_profile(model, inputs)
-    captured = _capture_inputs(model, inputs)
+    lag = None
+    if loss != "last":
+        progress("lag profile")
+        try:
+            lag = lag_profile(model, call.inputs, forward_args=call.args,
+                              forward_kwargs=call.kwargs, at=at, time_dim=time_dim,
+                              loss=None if loss == "all" else loss, positions=lag_positions,
+                              seed=seed)
+        except ValueError as e:  # e.g. a custom loss that returns per-sample losses only
+            lag = {"skipped": str(e)}
+    captured = capture_recurrent_calls(call)
     modules = {}
-    for name, m in model.named_modules():
-        if not is_recurrent(m):
+    for name, m in unwrap_model(model).named_modules():
+        if not isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
             continue
-        key = name or "(model)"
-        if name not in captured:
+        key = name or type(m).__name__
+        if key not in captured:
             modules[key] = {"skipped": "not called by the model's forward"}
-        elif describe(m).is_cell:
-            modules[key] = {"skipped": "a cell called step by step inside the model; analyse "
-                            "it with rnnscope.cell_jacobians on a (B, T, I) sequence"}
-        else:
-            x_m, hx = captured[name]  # what the submodule really received, initial state too
+            continue
+        try:
+            x_m, hx = recurrent_sequence(key, *captured[key])
             modules[key] = recurrent_analysis(m, x_m, hx, jac_samples=jac_samples,
                                               progress=progress, name=key)
-            modules[key]["hx_given"] = hx is not None
+        except (ValueError, TypeError) as e:
+            modules[key] = {"skipped": str(e)}
+            continue
+        modules[key]["hx_given"] = hx is not None
+        modules[key]["calls"] = len(captured[key][1])
     if not modules:
         modules["(none)"] = {"skipped": f"{type(model).__name__} has no nn.RNN/LSTM/GRU "
                              "submodule (a TorchScript model hides them): only the input-"
@@ -186,9 +208,14 @@ def inspect_study(model: nn.Module, *, inputs: torch.Tensor | None = None, seq_l
     config = {"model": label, "source": source, "seq_len": int(prof.per_sample.shape[1]),
               "samples": int(prof.per_sample.shape[0]), "seed": None if given else seed,
               "inputs": "given" if given else "seeded standard normal",
-              "jacobian_samples": jac_samples, "loss": "last"}
-    return {"command": "inspect", "config": config, "versions": versions(),
-            "comparison": Comparison({label: prof}).to_dict(),
-            "recurrent": modules,
-            "decay_table": decay_table(DECAY_FORGET, DECAY_LENGTHS).to_dict(),
-            "seconds": round(time.perf_counter() - t0, 3)}
+              "measured_at": prof.site, "jacobian_samples": jac_samples,
+              "loss": loss if isinstance(loss, str) else "custom"}
+    out = {"command": "inspect", "config": config, "versions": versions(),
+           "comparison": Comparison({label: prof}).to_dict(),
+           "recurrent": modules,
+           "decay_table": decay_table(DECAY_FORGET, DECAY_LENGTHS).to_dict(),
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if lag is not None:
+        out["lag"] = {label: lag if isinstance(lag, dict) else lag.to_dict()}
+    return out
+

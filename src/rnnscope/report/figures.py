@@ -17,6 +17,19 @@ def gradient_flow(results: dict) -> dict:
     return {"gradient_flow": fig}
 
 
+def lag(results: dict) -> dict:
+    from ..results import LagProfile
+
+    lags = {n: LagProfile.from_dict(d) for n, d in results.get("lag", {}).items()
+            if "skipped" not in d}
+    if not lags:
+        return {}
+    fig, (ax,) = plotting._new_axes(1, width=7.5)
+    plotting.plot_lag_profile(lags, ax=ax, log=True)
+    fig.tight_layout()
+    return {"lag": fig}
+
+
 def highway(results: dict) -> dict:
     rec = {k: v for k, v in results["recurrent"].items() if "layers" in v}
     if not rec:
@@ -73,7 +86,7 @@ def decay(results: dict) -> dict:
     return {"decay": plotting.plot_decay_curves(forgets, longest)}
 
 
-ALL = (gradient_flow, highway, step_paths, gates, decay)
+ALL = (gradient_flow, lag, highway, step_paths, gates, decay)
 
 
 # ---- experiment ------------------------------------------------------------------------------

@@ -67,6 +67,25 @@ def reading_gradient_flow(results: dict) -> str:
     return "<p>" + "</p><p>".join(out) + "</p>"
 
 
+def reading_lag(results: dict) -> str:
+    out = []
+    for name, d in results.get("lag", {}).items():
+        if "skipped" in d:
+            continue
+        bl = [_f(v) for v in d["by_lag"]]
+        k = min(10, len(bl) - 1)
+        frac = bl[k] / bl[0] if bl and bl[0] > 0 else math.nan
+        em = d["effective_memory"]
+        out.append(f"<b>{html.escape(name)}</b>, measured at <code>{html.escape(d['site'])}"
+                   f"</code> over {len(d['positions'])} loss steps: the loss at step t reaches the "
+                   f"input {k} steps earlier with {_num(frac)} of the gradient it sends to its "
+                   f"own step; it halves every {_num(d['half_life'])} steps, and "
+                   f"{em if em is not None else 'n/a'} lags carry more than 1% of the largest. "
+                   "This is the memory a per-step loss actually uses; the profile above sums all "
+                   "steps' losses and hides it.")
+    return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
+
+
 def reading_highway(results: dict) -> str:
     out = []
     T = results["config"]["seq_len"]
@@ -127,10 +146,15 @@ def reading_gates(results: dict) -> str:
                    f"{_num(100 * _f(s['saturation']['>0.99']))}% of gate values exceed 0.99 "
                    f"and {_num(100 * _f(s['saturation']['<0.1']))}% are below 0.1.")
             if med < T / 10:
+                if results["command"] == "compare":
+                    fix_one, fix_chrono = "--forget-bias 1.0", "--forget-bias chrono"
+                else:  # inspect analyses the user's model: the fix is in their code
+                    fix_one = "rnnscope.init_forget_bias(m, 1.0) on this module m"
+                    fix_chrono = f"rnnscope.chrono_init(m, t_max={T})"
                 txt += (" Memory times this short close the highway within a few steps; a "
-                        "forget bias of 1 (f ≈ 0.73 at zero input, --forget-bias 1.0) or chrono "
+                        f"forget bias of 1 (f ≈ 0.73 at zero input, {fix_one}) or chrono "
                         "initialisation (memory times spread up to the sequence length, "
-                        "--forget-bias chrono) keeps it open longer.")
+                        f"{fix_chrono}) keeps it open longer.")
             out.append(txt)
     return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
 
@@ -164,8 +188,12 @@ TITLES = {
     "gradient_flow": (
         "Gradient flow back through time",
         "Mean ‖∂L/∂x<sub>t</sub>‖ over samples vs distance from the output step "
-        "(k = T−1−t), linear (left, ±1 std band) and log scale (right); loss = sum of the "
-        "output features at the last step.", reading_gradient_flow),
+        "(k = T−1−t, from each sequence's own last step), linear (left, ±1 std band) and log "
+        "scale (right).", reading_gradient_flow),
+    "lag": (
+        "How far back each step's loss reaches",
+        "Mean ‖∂ℓ<sub>t</sub>/∂x<sub>t−k</sub>‖ over samples and loss steps t, against the lag "
+        "k (log scale): the per-step loss ℓ<sub>t</sub> differentiated alone.", reading_lag),
     "highway": (
         "The cell-state path: direct highway vs total",
         "Left: spectral norm of the exact span Jacobian ∂s<sub>T−1</sub>/∂s<sub>t</sub> "
