@@ -195,3 +195,101 @@ def oracle_cell_jacobians(module, x, hx=None, layer=0, direction=0, state="h"):
         J = torch.autograd.functional.jacobian(run, s0)  # (B, N, B, N)
         out.append(torch.stack([J[b, :, b, :] for b in range(B)]))
     return torch.stack(out, 1)
+
+
+def reference_forward_lengths(module, x, lengths, hx=None, masks=None):
+    """Per-sample oracle for variable-length batches and inter-layer dropout.
+
+    x: batch-major padded (B, T, I); lengths: each sample's length (ints, original batch
+    order); hx as the module takes it, (L·D, B, ·) in the original batch order. masks: None, or
+    one (B, T, D·H_out) multiplier per layer boundary, applied to layer l's output before layer
+    l + 1. Every sample runs alone over its own first lengths[b] inputs (direction 1 from
+    position lengths[b] − 1 down to 0), as PyTorch documents for packed sequences.
+    Returns (output (B, T, D·H_out), zero past each length; h_n; c_n or None).
+    """
+    kind = module_kind(module)
+    L = module.num_layers
+    D = 2 if module.bidirectional else 1
+    H = module.hidden_size
+    P = getattr(module, "proj_size", 0) or H
+    nonlin = module_nonlinearity(module)
+    B, T = x.shape[:2]
+    if hx is None:
+        h0, c0 = x.new_zeros(L * D, B, P), x.new_zeros(L * D, B, H)
+    elif kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, x.new_zeros(L * D, B, H)
+    outs, h_n, c_n = [], [[None] * B for _ in range(L * D)], [[None] * B for _ in range(L * D)]
+    for b in range(B):
+        n = int(lengths[b])
+        inp = x[b:b + 1, :n]
+        for layer in range(L):
+            dir_outs = []
+            for d in range(D):
+                p = layer_params(module, layer, d)
+                h, c = h0[layer * D + d, b:b + 1], c0[layer * D + d, b:b + 1]
+                seq = [None] * n
+                for t in (range(n - 1, -1, -1) if d else range(n)):
+                    h, c_new = reference_step(kind, p, inp[:, t], h, c, nonlin)
+                    c = c_new if c_new is not None else c
+                    seq[t] = h
+                dir_outs.append(torch.stack(seq, 1))
+                h_n[layer * D + d][b] = h
+                c_n[layer * D + d][b] = c
+            inp = torch.cat(dir_outs, -1)
+            if masks is not None and layer < L - 1:
+                inp = inp * masks[layer][b:b + 1, :n]
+        outs.append(torch.cat([inp, inp.new_zeros(1, T - n, inp.shape[-1])], 1))
+    h_n = torch.stack([torch.cat(row, 0) for row in h_n])
+    c_n = torch.stack([torch.cat(row, 0) for row in c_n]) if kind == "lstm" else None
+    return torch.cat(outs, 0), h_n, c_n
+
+
+def fused_layer_by_layer(module, inputs, hx, masks):
+    """The module's own fused kernel, one layer at a time, with given inter-layer multipliers.
+
+    Builds a one-layer nn.RNN/LSTM/GRU per layer holding copies of that layer's parameters and
+    chains them, multiplying layer l's output by masks[l] ((B, T, D·H_out), batch-major,
+    original batch order) before layer l + 1. inputs: a tensor in the module's layout or a
+    PackedSequence. With the masks a training-mode module drew, this reproduces the module's
+    training-mode output bit for bit. Returns the last layer's output (tensor or PackedSequence).
+    """
+    from torch.nn.utils.rnn import PackedSequence
+
+    kind = module_kind(module)
+    D = 2 if module.bidirectional else 1
+    H = module.hidden_size
+    P = getattr(module, "proj_size", 0) or H
+    base = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
+    dtype = next(module.parameters()).dtype
+    out = inputs
+    for layer in range(module.num_layers):
+        kw = dict(input_size=module.input_size if layer == 0 else D * P, hidden_size=H,
+                  bidirectional=module.bidirectional, bias=module.bias,
+                  batch_first=module.batch_first)
+        if kind == "lstm":
+            kw["proj_size"] = module.proj_size
+        if kind == "rnn":
+            kw["nonlinearity"] = module_nonlinearity(module)
+        one = base(**kw).to(dtype)
+        with torch.no_grad():
+            for name, prm in one.named_parameters():
+                prm.copy_(getattr(module, name.replace("_l0", f"_l{layer}")))
+        layer_hx = None
+        if hx is not None:
+            sl = slice(layer * D, (layer + 1) * D)
+            layer_hx = (hx[0][sl], hx[1][sl]) if kind == "lstm" else hx[sl]
+        out, _ = one(out, layer_hx)
+        if layer < module.num_layers - 1:
+            m = masks[layer]
+            if isinstance(out, PackedSequence):
+                order = (torch.arange(m.shape[0]) if out.sorted_indices is None
+                         else out.sorted_indices)
+                m_sorted = m[order]
+                rows = [m_sorted[:int(bs), t] for t, bs in enumerate(out.batch_sizes)]
+                out = PackedSequence(out.data * torch.cat(rows, 0), out.batch_sizes,
+                                     out.sorted_indices, out.unsorted_indices)
+            else:
+                out = out * (m if module.batch_first else m.transpose(0, 1))
+    return out

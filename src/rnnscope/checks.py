@@ -36,14 +36,78 @@ def check_inputs(spec: RecurrentSpec, inputs) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"inputs have an empty time dimension (T=0); got {tuple(inputs.shape)}")
     if B == 0:
         raise ValueError(f"inputs have an empty batch dimension (B=0); got {tuple(inputs.shape)}")
-    p = next(spec.module.parameters())
-    if inputs.dtype != p.dtype:
-        raise TypeError(f"inputs are {inputs.dtype} but the {name}'s parameters are {p.dtype}; "
-                        f"convert one of them (e.g. module.to({inputs.dtype}))")
-    if inputs.device != p.device:
-        raise ValueError(f"inputs are on {inputs.device} but the {name}'s parameters are on "
-                         f"{p.device}")
+    _check_dtype_device(spec, inputs, "inputs")
     return x, unbatched
+
+
+def check_packed(spec: RecurrentSpec, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a PackedSequence for a fused module and unpack it.
+
+    Returns x (B, T, I) batch-major in the batch's ORIGINAL order (PyTorch's kernel sorts the
+    batch internally with sorted_indices; hx and h_n stay in the original order), zero at
+    padded positions, differentiable w.r.t. packed.data; lengths (B,) int64 on the CPU, in
+    the original order; and rows (N,), the flat (B·T) position of each packed row (see
+    `packed_layout`). T is the longest length (len(batch_sizes)).
+    """
+    name = type(spec.module).__name__
+    if spec.is_cell:
+        raise TypeError(f"a {name} takes one step per call and cannot take a PackedSequence; "
+                        "pass a (B, T, I) tensor (or use nn.RNN/nn.LSTM/nn.GRU)")
+    data, batch_sizes = packed.data, packed.batch_sizes
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
+        raise TypeError(f"the PackedSequence's data must be a floating-point tensor; got "
+                        f"{getattr(data, 'dtype', type(data).__name__)}")
+    if data.dim() != 2 or data.shape[-1] != spec.input_size:
+        raise ValueError(f"the PackedSequence's data must be (N, I={spec.input_size}) for this "
+                         f"{name}; got {tuple(data.shape)}")
+    if (not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1
+            or batch_sizes.numel() == 0 or batch_sizes.dtype != torch.int64):
+        raise ValueError("the PackedSequence's batch_sizes must be a non-empty 1-D int64 tensor "
+                         "(build it with torch.nn.utils.rnn.pack_padded_sequence or pack_sequence)")
+    bs = batch_sizes.cpu()
+    if int(bs.sum()) != data.shape[0] or bool((bs[1:] > bs[:-1]).any()) or int(bs[-1]) < 1:
+        raise ValueError(f"the PackedSequence is malformed: batch_sizes {bs.tolist()} must be "
+                         f"positive, non-increasing and sum to N={data.shape[0]}")
+    _check_dtype_device(spec, data, "the PackedSequence's data")
+    B, T = int(bs[0]), bs.numel()
+    rows, lengths = packed_layout(bs, packed.sorted_indices)
+    x = data.new_zeros(B * T, data.shape[-1]).index_copy(0, rows.to(data.device), data)
+    return x.view(B, T, -1), lengths, rows
+
+
+def packed_layout(batch_sizes: torch.Tensor, sorted_indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of a packed `data` tensor lives in a batch-major (B, T) grid.
+
+    Returns rows (N,) int64, the flat index b·T + t (b in the original batch order) of packed row
+    n, and lengths (B,) int64 in the original order. Packed rows are time-major: for each t, the
+    first batch_sizes[t] samples in sorted order (sorted_indices[j] is the original index of
+    sorted sample j; None means the batch is already sorted).
+    """
+    bs = batch_sizes.cpu()
+    B, T = int(bs[0]), bs.numel()
+    order = (torch.arange(B) if sorted_indices is None
+             else sorted_indices.cpu().to(torch.int64))
+    if order.shape != (B,) or not torch.equal(order.sort().values, torch.arange(B)):
+        raise ValueError(f"the PackedSequence's sorted_indices must be a permutation of "
+                         f"range({B}); got {order.tolist()}")
+    t_of = torch.repeat_interleave(torch.arange(T), bs)  # (N,) time of each packed row
+    j_of = torch.arange(int(bs.sum())) - torch.repeat_interleave(bs.cumsum(0) - bs, bs)
+    rows = order[j_of] * T + t_of
+    sorted_lengths = (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)  # (B,) sorted
+    lengths = torch.empty(B, dtype=torch.int64)
+    lengths[order] = sorted_lengths
+    return rows, lengths
+
+
+def _check_dtype_device(spec: RecurrentSpec, t: torch.Tensor, what: str) -> None:
+    name = type(spec.module).__name__
+    p = next(spec.module.parameters())
+    if t.dtype != p.dtype:
+        raise TypeError(f"{what} are {t.dtype} but the {name}'s parameters are {p.dtype}; "
+                        f"convert one of them (e.g. module.to({t.dtype}))")
+    if t.device != p.device:
+        raise ValueError(f"{what} are on {t.device} but the {name}'s parameters are on "
+                         f"{p.device}")
 
 
 def check_initial_state(spec: RecurrentSpec, hx, batch: int, unbatched: bool, like: torch.Tensor):

@@ -9,6 +9,7 @@ when proj_size > 0, else H), L layers, D directions.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -101,37 +102,197 @@ _FUSED = {nn.RNN: "rnn", nn.LSTM: "lstm", nn.GRU: "gru"}
 _CELLS = {nn.RNNCell: "rnn", nn.LSTMCell: "lstm", nn.GRUCell: "gru"}
 
 
+def _builtin_parent(module) -> type | None:
+    """The nearest of nn.RNN/LSTM/GRU/RNNCell/LSTMCell/GRUCell in the module's class hierarchy."""
+    for cls in type(module).__mro__:
+        if cls in _FUSED or cls in _CELLS:
+            return cls
+    return None
+
+
 def is_recurrent(module: nn.Module) -> bool:
-    """True for the module types `describe` accepts."""
-    return type(module) in _FUSED or type(module) in _CELLS
+    """True for the module types `describe` accepts: nn.RNN/LSTM/GRU, the three cells, and their
+    subclasses (whose forward `replay` checks once with `check_subclass`)."""
+    return isinstance(module, nn.Module) and _builtin_parent(module) is not None
 
 
 def describe(module: nn.Module) -> RecurrentSpec:
-    """Describe a fused nn.RNN/LSTM/GRU or an nn.RNNCell/LSTMCell/GRUCell, or refuse it.
+    """Describe a fused nn.RNN/LSTM/GRU or an nn.RNNCell/LSTMCell/GRUCell (or a subclass of one),
+    or refuse it.
 
-    Subclasses are refused on purpose: their forward may differ from PyTorch's equations, and a
-    replay that silently computed something else would be worse than an error.
+    A subclass is described from the attributes its PyTorch parent defines. Whether its forward
+    still computes the parent's equations is a separate, cached check (`check_subclass`) that
+    `replay` performs; `describe` only reads attributes.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (nn.RNN, nn.LSTM, nn.GRU or a cell); "
                         f"got {type(module).__name__}")
     t = type(module)
-    if t in _FUSED:
-        kind = _FUSED[t]
+    parent = _builtin_parent(module)
+    if parent in _FUSED:
+        kind = _FUSED[parent]
         mode = getattr(module, "mode", "")
         nonlin = "relu" if mode == "RNN_RELU" else "tanh"
         return RecurrentSpec(module, kind, nonlin, False, module.input_size, module.hidden_size,
                              getattr(module, "proj_size", 0), module.num_layers,
                              2 if module.bidirectional else 1, module.batch_first, module.bias,
                              float(module.dropout))
-    if t in _CELLS:
-        kind = _CELLS[t]
+    if parent in _CELLS:
+        kind = _CELLS[parent]
         nonlin = getattr(module, "nonlinearity", "tanh")
         return RecurrentSpec(module, kind, nonlin, True, module.input_size, module.hidden_size, 0,
                              1, 1, True, module.bias, 0.0)
-    supported = "nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell"
+    supported = "nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell (or a subclass)"
     hint = ""
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        hint = (f" ({t.__name__} subclasses {t.__mro__[1].__name__}, but its forward may differ "
-                "from PyTorch's equations, so it is not replayed; pass the inner module)")
+        hint = (f" ({t.__name__} subclasses {t.__mro__[1].__name__} directly, whose forward "
+                "is not one of PyTorch's recurrences; subclass nn.RNN, nn.LSTM or nn.GRU)")
     raise TypeError(f"cannot replay a {t.__name__}: expected one of {supported}{hint}")
+
+
+# module -> (accepted, message); weak keys, so a checked module can still be garbage-collected.
+_SUBCLASS_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_subclass(module: nn.Module) -> None:
+    """Refuse a subclass of a PyTorch recurrent module whose forward computes something else.
+
+    rnnscope replays PyTorch's equations, so a subclass is measurable only if its forward is
+    its parent's (extra attributes, or a wrapper that is the identity on ordinary inputs, are
+    fine). The check runs the module's own forward and the parent's
+    (`type(parent).forward(module, ...)`) on small seeded probe inputs (B=2, T=3, with and
+    without an initial state, the module's dtype and device, drawn from a private generator)
+    under torch.no_grad and compares outputs and final states. It is done once per module
+    instance and cached. Built-in modules pass without a probe.
+
+    The module is left exactly as it was: forward is called directly (no hooks fire), nothing
+    is written to parameters or .grad, and the global RNG state is saved before and restored
+    after each call (both calls see the same state, so dropout masks agree and the user's
+    random stream is unchanged).
+
+    Raises:
+        TypeError: the module is not a supported recurrent module, or its forward fails or
+            differs from its parent's on the probe.
+    """
+    describe(module)  # refuses what is not a recurrent module at all
+    parent = _builtin_parent(module)
+    if type(module) is parent:
+        return
+    try:
+        result = _SUBCLASS_CHECKS.get(module)
+    except TypeError:  # not weak-referenceable / not hashable: check every time
+        result = None
+    if result is None:
+        result = _probe_subclass(module, parent)
+        try:
+            _SUBCLASS_CHECKS[module] = result
+        except TypeError:
+            pass
+    ok, message = result
+    if not ok:
+        raise TypeError(message)
+
+
+def _leaves(obj):
+    """(structure, tensors) of a forward's return value: nested tuples/lists of tensors/None."""
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), obj.dtype), [obj]
+    if obj is None:
+        return None, []
+    if isinstance(obj, (tuple, list)):
+        structs, tensors = [], []
+        for o in obj:
+            s, t = _leaves(o)
+            structs.append(s)
+            tensors.extend(t)
+        return (type(obj).__name__, tuple(structs)), tensors
+    return ("other", type(obj).__name__), []
+
+
+def _probe_inputs(module, parent):
+    p = next(module.parameters())
+    dtype, device = p.dtype, p.device
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    B, T = 2, 3
+    H = module.hidden_size
+    if parent in _CELLS:
+        x = rand(B, module.input_size)
+        h = rand(B, H)
+        hx = (h, rand(B, H)) if parent is nn.LSTMCell else h
+        return [(x,), (x, hx)]
+    D = 2 if module.bidirectional else 1
+    LD = module.num_layers * D
+    P = getattr(module, "proj_size", 0) or H
+    x = rand(B, T, module.input_size) if module.batch_first else rand(T, B, module.input_size)
+    h = rand(LD, B, P)
+    hx = (h, rand(LD, B, H)) if parent is nn.LSTM else h
+    return [(x,), (x, hx)]
+
+
+def _probe_subclass(module, parent) -> tuple[bool, str]:
+    name = type(module).__name__
+    advice = (f"; rnnscope replays PyTorch's equations only, so it cannot measure this module "
+              f"exactly; pass a module whose forward is nn.{parent.__name__}'s")
+    head = f"{name} subclasses nn.{parent.__name__} but its forward"
+    device = next(module.parameters()).device
+    # A non-CPU kernel (cuDNN) keeps a private dropout state that the global RNG does not
+    # reset: probe such a module in eval mode (restored exactly afterwards).
+    flags = None
+    if device.type != "cpu" and module.training and getattr(module, "dropout", 0) > 0:
+        flags = [(m, m.training) for m in module.modules()]
+        module.train(False)
+    cpu_state = torch.get_rng_state()
+    dev_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def reset_rng():
+        torch.set_rng_state(cpu_state)
+        if dev_state is not None:
+            torch.cuda.set_rng_state(dev_state, device)
+
+    worst = 0.0
+    try:
+        for args in _probe_inputs(module, parent):
+            with torch.no_grad():
+                try:
+                    reset_rng()
+                    own = type(module).forward(module, *args)
+                    reset_rng()
+                    ref = parent.forward(module, *args)
+                except Exception as e:  # noqa: BLE001 - any failure means "cannot replay"
+                    return False, f"{head} fails on a probe input ({type(e).__name__}: {e}){advice}"
+            s_own, t_own = _leaves(own)
+            s_ref, t_ref = _leaves(ref)
+            if s_own != s_ref:
+                return False, (f"{head} returns a different structure on a probe input "
+                               f"({_describe_structure(s_own)} instead of "
+                               f"{_describe_structure(s_ref)}){advice}")
+            for a, b in zip(t_own, t_ref):
+                if torch.equal(a, b):
+                    continue
+                diff = (a - b).abs().nan_to_num(nan=float("inf")).max().item()
+                tol = 64 * torch.finfo(b.dtype).eps * (1 + b.abs().max().item())
+                worst = max(worst, diff)
+                if not diff <= tol:
+                    return False, (f"{head} computes something else (max difference {diff:.3g} "
+                                   f"on a probe input){advice}")
+    finally:
+        reset_rng()
+        if flags is not None:
+            for m, training in flags:
+                m.training = training
+    return True, f"{name}'s forward matches nn.{parent.__name__}'s (max difference {worst:.3g})"
+
+
+def _describe_structure(s) -> str:
+    if s is None:
+        return "None"
+    if s[0] == "T":
+        return f"tensor{tuple(s[1])}"
+    if s[0] == "other":
+        return s[1]
+    inner = ", ".join(_describe_structure(x) for x in s[1])
+    return f"({inner})" if s[0] == "tuple" else f"[{inner}]"

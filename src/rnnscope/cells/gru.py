@@ -13,12 +13,16 @@ from __future__ import annotations
 import torch
 
 from ..recurrent import LayerParams
-from .layer_trace import LayerTrace, stack_steps
+from .layer_trace import LayerTrace, stack_steps, step_masks
 
 
 def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
-        nonlinearity: str = "tanh") -> LayerTrace:
-    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H)."""
+        nonlinearity: str = "tanh", lengths: torch.Tensor | None = None) -> LayerTrace:
+    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H).
+
+    lengths (B,): each sample's valid length; at positions t ≥ lengths[b] the state is carried
+    through unchanged (the gates there are computed but not valid).
+    """
     H = p.w_hh.shape[1]
     gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, 3H)
     gx_rz, gx_n = gx.split((2 * H, H), dim=-1)
@@ -29,14 +33,16 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
     if reverse:
         steps = steps[::-1]
     w_rz_t, w_n_t = p.w_hh[: 2 * H].t(), p.w_hh[2 * H:].t()
+    masks = step_masks(lengths, len(steps), x.device, reverse)
     h = h0
     hs, rzs, ns = [], [], []
-    for gx_rz_t, gx_n_t in steps:
+    for (gx_rz_t, gx_n_t), m in zip(steps, masks):
         rz = torch.sigmoid(torch.addmm(gx_rz_t, h, w_rz_t))
         r, z = rz.chunk(2, dim=1)
         gh_n = torch.addmm(b_hn, h, w_n_t) if p.b_hh is not None else h @ w_n_t
         n = torch.tanh(torch.addcmul(gx_n_t, r, gh_n))
-        h = torch.lerp(n, h, z)  # (1 − z)·n + z·h
+        h_new = torch.lerp(n, h, z)  # (1 − z)·n + z·h
+        h = h_new if m is None else torch.where(m, h_new, h)
         hs.append(h)
         rzs.append(rz)
         ns.append(n)
@@ -45,7 +51,7 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
         return {"r": rz_all[..., :H], "z": rz_all[..., H:], "n": stack_steps(ns, reverse)}
 
     return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=None, reverse=reverse,
-                      steps_h=tuple(hs), gate_builder=gates)
+                      steps_h=tuple(hs), gate_builder=gates, lengths=lengths)
 
 
 def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: str = "tanh"):

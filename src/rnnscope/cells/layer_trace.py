@@ -24,6 +24,15 @@ class LayerTrace:
 
     `c` and `gates` are stacked on first access (most measurements never need them, and a
     (B, T, 5H) copy per layer is not free); they join the autograd graph if grad mode is on then.
+
+    Packed (variable-length) inputs: `lengths` (B,) int64 (CPU) holds each sample's length, in
+    the batch's original order; it is None for an ordinary input. Position t of sample b is
+    valid when t < lengths[b] (`valid`). At an invalid position the recurrence did not run: the
+    state is carried through unchanged, so h/c there hold the carried state (direction 0: the
+    state at lengths[b] − 1; direction 1: its initial state h0/c0), `steps_h`/`steps_c` hold the
+    same carried values, and `prev_h`/`prev_c` stay the true states entering every step. The
+    gates at invalid positions were computed on padding and are not valid (keep them out of any
+    statistic with `valid`); `x` is zero there.
     """
 
     x: torch.Tensor
@@ -34,6 +43,15 @@ class LayerTrace:
     steps_h: tuple[torch.Tensor, ...] = field(repr=False)
     steps_c: tuple[torch.Tensor, ...] | None = field(repr=False, default=None)
     gate_builder: Callable[[], dict] | None = field(repr=False, default=None)
+    lengths: torch.Tensor | None = field(repr=False, default=None)
+
+    @cached_property
+    def valid(self) -> torch.Tensor | None:
+        """(B, T) bool, position order: True where t < lengths[b]; None for unpacked inputs."""
+        if self.lengths is None:
+            return None
+        T = self.h.shape[1]
+        return torch.arange(T, device=self.h.device) < self.lengths.to(self.h.device)[:, None]
 
     @cached_property
     def c(self) -> torch.Tensor | None:
@@ -66,3 +84,18 @@ class LayerTrace:
 def stack_steps(steps: list[torch.Tensor], reverse: bool) -> torch.Tensor:
     """Stack per-step (B, ...) tensors given in processing order into (B, T, ...) positions."""
     return torch.stack(steps[::-1] if reverse else steps, dim=1)
+
+
+def step_masks(lengths: torch.Tensor | None, T: int, device, reverse: bool) -> list:
+    """Per processing step, a (B, 1) bool mask of the samples whose position is valid, or None
+    where every sample is valid (no masking needed there). Built once and unbound once (see
+    DESIGN traps: no per-step indexing into a big tensor)."""
+    if lengths is None:
+        return [None] * T
+    min_len = int(lengths.min())
+    if min_len >= T:
+        return [None] * T
+    valid = torch.arange(T, device=device) < lengths.to(device)[:, None]  # (B, T)
+    cols = valid.unsqueeze(-1).unbind(1)
+    masks = [None if t < min_len else cols[t] for t in range(T)]
+    return masks[::-1] if reverse else masks

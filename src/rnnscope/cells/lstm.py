@@ -23,12 +23,16 @@ from __future__ import annotations
 import torch
 
 from ..recurrent import LayerParams
-from .layer_trace import LayerTrace, stack_steps
+from .layer_trace import LayerTrace, stack_steps, step_masks
 
 
 def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
-        reverse: bool) -> LayerTrace:
-    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H_out), c0 (B, H)."""
+        reverse: bool, lengths: torch.Tensor | None = None) -> LayerTrace:
+    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H_out), c0 (B, H).
+
+    lengths (B,): each sample's valid length; at positions t ≥ lengths[b] h and c are carried
+    through unchanged (the gates there are computed but not valid).
+    """
     H = p.w_hh.shape[0] // 4
     gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, 4H)
     if p.b_hh is not None:
@@ -38,17 +42,22 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
         steps = steps[::-1]
     w_hh_t = p.w_hh.t()
     w_hr_t = p.w_hr.t() if p.w_hr is not None else None
+    masks = step_masks(lengths, len(steps), x.device, reverse)
     h, c = h0, c0
     hs, cs, sigs, gs = [], [], [], []
-    for gx_t in steps:
+    for gx_t, m in zip(steps, masks):
         pre = torch.addmm(gx_t, h, w_hh_t)  # (B, 4H)
         sig = torch.sigmoid(pre)  # i, f, o blocks are used; the g block is discarded
         i, f, _, o = sig.chunk(4, dim=1)
         g = torch.tanh(pre[:, 2 * H: 3 * H])
-        c = torch.addcmul(f * c, i, g)
-        h = o * torch.tanh(c)
+        c_new = torch.addcmul(f * c, i, g)
+        h_new = o * torch.tanh(c_new)
         if w_hr_t is not None:
-            h = h @ w_hr_t
+            h_new = h_new @ w_hr_t
+        if m is None:
+            h, c = h_new, c_new
+        else:
+            h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
         hs.append(h)
         cs.append(c)
         sigs.append(sig)
@@ -59,7 +68,8 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
                 "o": sig_all[..., 3 * H:]}
 
     return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=c0, reverse=reverse,
-                      steps_h=tuple(hs), steps_c=tuple(cs), gate_builder=gates)
+                      steps_h=tuple(hs), steps_c=tuple(cs), gate_builder=gates,
+                      lengths=lengths)
 
 
 def _k_matrix(p: LayerParams, i, f, g, c_prev) -> torch.Tensor:

@@ -8,12 +8,16 @@ from __future__ import annotations
 import torch
 
 from ..recurrent import LayerParams
-from .layer_trace import LayerTrace, stack_steps
+from .layer_trace import LayerTrace, stack_steps, step_masks
 
 
 def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
-        nonlinearity: str = "tanh") -> LayerTrace:
-    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H)."""
+        nonlinearity: str = "tanh", lengths: torch.Tensor | None = None) -> LayerTrace:
+    """Unroll one layer/direction. x (B, T, I_l), h0 (B, H).
+
+    lengths (B,): each sample's valid length; at positions t ≥ lengths[b] the state is carried
+    through unchanged (new = where(valid, step, prev)), as PyTorch's packed-sequence kernel does.
+    """
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, H)
     if p.b_hh is not None:
@@ -22,13 +26,15 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
     if reverse:
         steps = steps[::-1]
     w_hh_t = p.w_hh.t()
+    masks = step_masks(lengths, len(steps), x.device, reverse)
     h = h0
     hs = []
-    for gx_t in steps:
-        h = act(torch.addmm(gx_t, h, w_hh_t))
+    for gx_t, m in zip(steps, masks):
+        h_new = act(torch.addmm(gx_t, h, w_hh_t))
+        h = h_new if m is None else torch.where(m, h_new, h)
         hs.append(h)
     return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=None, reverse=reverse,
-                      steps_h=tuple(hs))
+                      steps_h=tuple(hs), lengths=lengths)
 
 
 def act_derivative(h: torch.Tensor, nonlinearity: str) -> torch.Tensor:
