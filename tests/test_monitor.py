@@ -264,17 +264,195 @@ def test_saturation_alert_at_replay_steps():
     assert sat and "100% of units have a mean f gate > 0.99" in sat[0].message
 
 
-def test_training_dropout_skips_the_replay_with_one_warning():
-    model = Seq(nn.LSTM, layers=2)
+def _reference_state_grads(model, x, y, masks):
+    """Independent loop (per-gate reference steps, the kernel's own dropout masks): per layer,
+    (B, T) norms of the total ∂L/∂h_t of the training loss ((model(x) − y)²).mean()."""
+    from reference import layer_params, reference_step
+
+    lstm = model.rnn
+    B, T = x.shape[:2]
+    inp, hs = x, []
+    for layer in range(lstm.num_layers):
+        p = layer_params(lstm, layer, 0)
+        h = x.new_zeros(B, lstm.hidden_size)
+        c = x.new_zeros(B, lstm.hidden_size)
+        seq = []
+        for t in range(T):
+            h, c = reference_step("lstm", p, inp[:, t], h, c)
+            h.retain_grad()
+            seq.append(h)
+        hs.append(seq)
+        inp = torch.stack(seq, 1)
+        if layer < lstm.num_layers - 1:
+            inp = inp * masks[layer]
+    loss = ((model.head(inp) - y) ** 2).mean()
+    grads = torch.autograd.grad(loss, [h for seq in hs for h in seq])
+    return [torch.stack(grads[l * T:(l + 1) * T], 1).norm(dim=-1) for l in range(len(hs))]
+
+
+def test_training_dropout_keeps_the_exact_part():
+    torch.manual_seed(0)
+    model = Seq(nn.LSTM, layers=2).double()
     model.rnn.dropout = 0.3
-    with pytest.warns(GradientFlowWarning, match="dropout"):
-        with GradientMonitor(model, replay_every=1) as mon:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientFlowWarning)
+        with GradientMonitor(model, replay_every=1, max_batch=6) as mon:
             for s in range(2):
                 x, y = _data(s)
+                x, y = x.double(), y.double()
+                state = torch.get_rng_state()
                 ((model(x) - y) ** 2).mean().backward()
                 rec = mon.step()
-    assert "exact replay skipped" in rec["skipped"]["rnn"]
-    assert "input_grad" in rec["layers"]["rnn"]
+    assert "skipped" not in rec
+    # the masks the kernel drew in that last step, recovered from the RNG state before it
+    masks = rnnscope.replay(model.rnn, x, rng_state=state).dropout_masks
+    ref = _reference_state_grads(model, x, y, masks)
+    for layer in range(2):
+        got = torch.tensor(rec["layers"]["rnn"]["state_grad"][f"l{layer}d0"]["h"],
+                           dtype=torch.float64)
+        torch.testing.assert_close(got, ref[layer].mean(0), rtol=1e-9, atol=1e-14)
+    # and the training itself did not change: the monitor takes no random numbers
+    outs_with = _train_dropout(model, monitor=True)
+    outs_without = _train_dropout(model, monitor=False)
+    assert all(torch.equal(a, b) for a, b in zip(outs_with, outs_without))
+
+
+def _train_dropout(model, monitor):
+    import copy
+
+    m = copy.deepcopy(model)
+    torch.manual_seed(5)
+    mon = GradientMonitor(m, replay_every=1).attach() if monitor else None
+    outs = []
+    for s in range(3):
+        x, _ = _data(s)
+        out = m(x.double())
+        out.sum().backward()
+        if mon is not None:
+            mon.step()
+        outs.append(out.detach())
+    if mon is not None:
+        mon.close()
+    return outs
+
+
+def test_forward_without_backward_makes_no_record():
+    model = Seq(nn.GRU, layers=1)
+    with GradientMonitor(model, replay_every=1) as mon:
+        x, y = _data(0)
+        ((model(x) - y) ** 2).mean().backward()
+        assert mon.step() is not None
+        with pytest.warns(GradientFlowWarning, match="no backward"):
+            model(x)  # a validation pass with grad enabled, no backward
+            assert mon.step() is None
+    assert len(mon.history) == 1
+
+
+def test_checkpointed_training_is_unchanged_by_the_monitor():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(Seq):
+        def forward(self, x):
+            out = checkpoint(lambda z: self.rnn(z)[0], x, use_reentrant=False)
+            return self.head(out)
+
+    def run(monitor):
+        torch.manual_seed(0)
+        m = Ckpt(nn.LSTM, layers=2)
+        mon = GradientMonitor(m, replay_every=1).attach() if monitor else None
+        x, y = _data(0)
+        ((m(x) - y) ** 2).mean().backward()
+        rec = mon.step() if mon else None
+        if mon:
+            mon.close()
+        return [p.grad.clone() for p in m.parameters()], rec
+
+    g0, _ = run(False)
+    g1, rec = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert "state_grad" in rec["layers"]["rnn"] and "input_grad" in rec["layers"]["rnn"]
+
+
+def test_stepwise_decoder_is_one_time_axis():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(5, 7, batch_first=True)
+            self.head = nn.Linear(7, 1)
+
+        def forward(self, x):  # one call per step, state chained, as seq2seq decoders do
+            h, outs = None, []
+            for t in range(x.shape[1]):
+                o, h = self.gru(x[:, t:t + 1], h)
+                outs.append(self.head(o))
+            return torch.cat(outs, 1)
+
+    torch.manual_seed(0)
+    model = Decoder().double()
+    x, y = _data(0)
+    x, y = x.double(), y.double()
+    with GradientMonitor(model, replay_every=1, max_batch=6) as mon:
+        ((model(x) - y) ** 2).mean().backward()
+        rec = mon.step()
+    r = rec["layers"]["gru"]
+    assert len(r["input_grad"]) == 12 and len(r["state_grad"]["l0d0"]["h"]) == 12
+    # reference: the same GRU unrolled over the whole sequence in one call
+    xs = x.clone().requires_grad_(True)
+    out, _ = model.gru(xs)
+    states = []
+    ref_loss = ((model.head(out) - y) ** 2).mean()
+    (gx,) = torch.autograd.grad(ref_loss, xs)
+    torch.testing.assert_close(torch.tensor(r["input_grad"], dtype=torch.float64),
+                               gx.norm(dim=-1).mean(0), rtol=1e-9, atol=1e-14)
+    # ∂L/∂h_t: the gradient reaching each step's output, plus what flows back from later steps
+    from reference import reference_forward
+    _, _, _, st = reference_forward(model.gru, x)
+    hs = [h for h, _ in st[0][0]]
+    for h in hs:
+        h.retain_grad()
+    ref2 = ((model.head(torch.stack(hs, 1)) - y) ** 2).mean()
+    gh = torch.autograd.grad(ref2, hs)
+    torch.testing.assert_close(torch.tensor(r["state_grad"]["l0d0"]["h"], dtype=torch.float64),
+                               torch.stack(gh, 1).norm(dim=-1).mean(0), rtol=1e-9, atol=1e-14)
+    del states
+
+
+def test_packed_inputs_are_measured_per_length():
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(5, 7, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(14, 1)
+
+        def forward(self, x, lengths):
+            p = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.rnn(p)[0], batch_first=True, total_length=x.shape[1])
+            return self.head(out)
+
+    torch.manual_seed(0)
+    model = Tagger().double()
+    x, y = _data(0)
+    x, y = x.double(), y.double()
+    lengths = torch.tensor([12, 3, 7, 12, 1, 5])
+    with GradientMonitor(model, replay_every=1, max_batch=6) as mon:
+        mask = (torch.arange(12)[None, :] < lengths[:, None]).unsqueeze(-1)
+        (((model(x, lengths) - y) ** 2) * mask).sum().backward()
+        rec = mon.step()
+    r = rec["layers"]["rnn"]
+    # reference: each sample alone, unpacked, over its own length
+    sums, counts = torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
+    for b in range(6):
+        n = int(lengths[b])
+        xb = x[b:b + 1, :n].clone().requires_grad_(True)
+        out, _ = model.rnn(xb)
+        (g,) = torch.autograd.grad(((model.head(out) - y[b:b + 1, :n]) ** 2).sum(), xb)
+        sums[:n] += g[0].norm(dim=-1)
+        counts[:n] += 1
+    torch.testing.assert_close(torch.tensor(r["input_grad"], dtype=torch.float64),
+                               sums / counts, rtol=1e-9, atol=1e-14)
+    assert set(r["state_grad"]) == {"l0d0", "l0d1"}
 
 
 def test_plot_log_cli(tmp_path):

@@ -40,7 +40,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
 from ..checks import narrow_state
+from ..site import pad_packed
 from ..recurrent import GATES, RETAIN_GATE, describe, is_recurrent
 from ..jacobians import trace_state_gradients
 from ..replay import replay
@@ -53,20 +56,31 @@ GATE_BINS = 20
 
 
 @dataclass
+class _Call:
+    """One call of a fused recurrent submodule in the current step."""
+
+    # cheap path: per timestep t, sums over samples of ‖∂L/∂x_t‖ and how many samples have t
+    input_sum: torch.Tensor | None = None
+    input_count: torch.Tensor | None = None
+    # exact path: inputs (first max_batch samples), initial state, RNG state for dropout, and
+    # the gradients the real loss sent to the outputs
+    x: object = None
+    hx: object = None
+    rng_state: torch.Tensor | None = None
+    grad_out: dict = field(default_factory=dict)
+    state_in: tuple = ()    # ids of the hx tensors it was given (to see calls chain)
+    state_out: tuple = ()   # ids of the state tensors it returned
+    got_grad: bool = False
+
+
+@dataclass
 class _Capture:
     """What one recurrent submodule's hooks saw during the current step."""
 
-    seen: bool = False
     skipped: str | None = None
     tensor_handles: list = field(default_factory=list)
-    # cheap path: sums over samples of per-sample ‖∂L/∂x_t‖, per timestep t
-    input_sum: torch.Tensor | None = None
-    input_count: int = 0
+    calls: list = field(default_factory=list)  # fused modules: one _Call per call
     input_nonfinite: int = 0
-    # exact path (fused): inputs, initial state and output gradients of the first max_batch
-    x: torch.Tensor | None = None
-    hx: object = None
-    grad_out: dict = field(default_factory=dict)
     # cells: one entry per call (= per timestep)
     cell_input: list = field(default_factory=list)
     cell_state: dict = field(default_factory=dict)
@@ -186,52 +200,77 @@ class GradientMonitor:
                 return None
             cap = self._caps[name]
             x = args[0] if args else kwargs.get("input")
-            want_dim = 2 if spec.is_cell else 3
-            if not isinstance(x, torch.Tensor) or x.dim() != want_dim:
-                cap.skipped = ("inputs that are not a batched tensor (PackedSequence, "
-                               "unbatched) are not measured")
+            packed = isinstance(x, PackedSequence)
+            data = x.data if packed else x
+            want_dim = 2 if (spec.is_cell or packed) else 3
+            if not isinstance(data, torch.Tensor) or data.dim() != want_dim:
+                cap.skipped = "unbatched inputs are not measured"
                 return None
-            if not spec.is_cell:
-                if cap.seen:
-                    return None
-                cap.seen = True
-            changed = False
-            if cheap:
-                if not x.requires_grad:  # a data tensor: make a fresh leaf with equal values
-                    x = x.detach().requires_grad_(True)
-                    changed = True
-                t = len(cap.cell_input)  # cells: this call's timestep (backward runs reversed)
-                if spec.is_cell:
+            # A data tensor becomes a fresh leaf with equal values, at every call, also when
+            # activation checkpointing recomputes the forward: the recomputed graph must match.
+            changed = not data.requires_grad
+            if changed:
+                data = data.detach().requires_grad_(True)
+                x = (PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+                     if packed else data)
+            if _in_recomputation():
+                return _replace_first(args, kwargs, x) if changed else None
+            if spec.is_cell:
+                if cheap:
+                    t = len(cap.cell_input)  # this call's timestep (backward runs reversed)
                     cap.cell_input.append(None)
-                cap.tensor_handles.append(x.register_hook(
-                    self._input_grad_hook(name, batch_dim, t)))
-            if exact and not spec.is_cell:
-                n = min(self.max_batch, x.shape[batch_dim])
-                cap.x = x.detach().narrow(batch_dim, 0, n).clone()
-                hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                cap.hx = narrow_state(hx, n, clone=True)
-            if not changed:
-                return None
-            if args:
-                return (x,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "input": x}
+                    cap.tensor_handles.append(data.register_hook(self._cell_input_hook(name, t)))
+                return _replace_first(args, kwargs, x) if changed else None
+            call = _Call()
+            cap.calls.append(call)
+            hx = args[1] if len(args) > 1 else kwargs.get("hx")
+            call.state_in = tuple(id(t) for t in _state_tensors(hx))
+            if cheap:
+                cap.tensor_handles.append(data.register_hook(
+                    self._input_grad_hook(name, call, x if packed else None, batch_dim)))
+            if exact:
+                n = min(self.max_batch, _batch_size(x, batch_dim))
+                call.x = _first_samples(x, n, batch_dim)
+                call.hx = narrow_state(hx, n, clone=True)
+                if module.training and spec.dropout > 0 and spec.num_layers > 1:
+                    call.rng_state = torch.get_rng_state()
+            return _replace_first(args, kwargs, x) if changed else None
 
         return hook
 
-    def _input_grad_hook(self, name: str, batch_dim: int, t: int):
-        spec = self.specs[name]
-
+    def _input_grad_hook(self, name: str, call: _Call, packed_like, batch_dim: int):
         def on_grad(g):
             cap = self._caps[name]
-            n = g.detach().to(torch.float64).norm(dim=-1)  # (B, T) / (T, B); cells: (B,)
+            g = g.detach()
+            if packed_like is not None:  # (N, I) packed rows -> (B, T, I) padded, zeros past ends
+                g = pad_packed(g, packed_like)
+                lengths = _lengths(packed_like)
+                valid = torch.arange(g.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+            else:
+                g = g if batch_dim == 0 else g.transpose(0, 1)
+                valid = None
+            n = g.to(torch.float64).norm(dim=-1).cpu()  # (B, T)
             # a NaN/Inf value makes its norm non-finite: count values only then
             bad = 0 if torch.isfinite(n).all() else int((~torch.isfinite(g)).sum())
-            if spec.is_cell:
-                cap.cell_input[t] = (n.sum().cpu(), n.numel())
+            if valid is None:
+                call.input_sum = n.sum(0)
+                call.input_count = torch.full((n.shape[1],), float(n.shape[0]),
+                                              dtype=torch.float64)
             else:
-                n = n if batch_dim == 0 else n.t()
-                cap.input_sum = n.sum(0).cpu()
-                cap.input_count = n.shape[0]
+                call.input_sum = torch.where(valid, n, torch.zeros_like(n)).sum(0)
+                call.input_count = valid.sum(0).to(torch.float64)
+            call.got_grad = True
+            cap.input_nonfinite += bad
+            return None
+
+        return on_grad
+
+    def _cell_input_hook(self, name: str, t: int):
+        def on_grad(g):
+            cap = self._caps[name]
+            n = g.detach().to(torch.float64).norm(dim=-1)  # (B,)
+            bad = 0 if torch.isfinite(n).all() else int((~torch.isfinite(g)).sum())
+            cap.cell_input[t] = (n.sum().cpu(), n.numel())
             cap.input_nonfinite += bad
             return None
 
@@ -243,10 +282,12 @@ class GradientMonitor:
 
         def hook(module, args, kwargs, output):
             cheap, exact = self._active()
-            if not exact or not torch.is_grad_enabled():
+            if not (cheap or exact) or not torch.is_grad_enabled() or _in_recomputation():
                 return None
             cap = self._caps[name]
             if spec.is_cell:  # exact state gradients straight from the returned state
+                if not exact:
+                    return None
                 t = len(cap.cell_state.get("h", []))
                 states = output if isinstance(output, tuple) else (output,)
                 for key, s in zip(("h", "c"), states):
@@ -255,21 +296,30 @@ class GradientMonitor:
                         cap.tensor_handles.append(s.register_hook(
                             self._cell_state_hook(name, key, t)))
                 return None
-            if cap.x is None or "out" in cap.grad_out:
+            if not cap.calls:
                 return None
-            n = cap.x.shape[batch_dim]
+            call = cap.calls[-1]
             out, hn = output
+            call.state_out = tuple(id(t) for t in _state_tensors(hn))
+            if not exact or call.x is None:
+                return None
+            n = _batch_size(call.x, batch_dim)
             pieces = {"out": (out, batch_dim)}
             if isinstance(hn, tuple):
                 pieces["h_n"], pieces["c_n"] = (hn[0], 1), (hn[1], 1)
             else:
                 pieces["h_n"] = (hn, 1)
             for key, (t, dim) in pieces.items():
-                cap.grad_out[key] = None  # stays None if no gradient reaches it
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    def grab(g, key=key, dim=dim):
-                        self._caps[name].grad_out[key] = g.detach().narrow(dim, 0, n).clone()
-                    cap.tensor_handles.append(t.register_hook(grab))
+                call.grad_out[key] = None  # stays None if no gradient reaches it
+                data = t.data if isinstance(t, PackedSequence) else t
+                if isinstance(data, torch.Tensor) and data.requires_grad:
+                    def grab(g, key=key, dim=dim, t=t):
+                        call.got_grad = True
+                        if isinstance(t, PackedSequence):  # rows of the first n samples
+                            call.grad_out[key] = _packed_rows(g.detach(), t, n)
+                        else:
+                            call.grad_out[key] = g.detach().narrow(dim, 0, n).clone()
+                    cap.tensor_handles.append(data.register_hook(grab))
             return None
 
         return hook
@@ -287,6 +337,14 @@ class GradientMonitor:
         (None on steps the schedules skip). Call after backward, before optimizer.step()."""
         cheap, exact = self._active()
         record = None
+        if (cheap or exact) and self._forward_without_backward():
+            self._reset_captures()
+            if "no-backward" not in self._warned:
+                self._warned.add("no-backward")
+                warnings.warn("rnnscope monitor: step() was called after a forward with no "
+                              "backward (a validation pass?); no record was made for it",
+                              GradientFlowWarning, stacklevel=2)
+            return None
         try:
             if cheap or exact:
                 record = self._measure(cheap, exact)
@@ -294,6 +352,30 @@ class GradientMonitor:
             self._reset_captures()
             self.step_count += 1
         return record
+
+    def _forward_without_backward(self) -> bool:
+        """The monitored modules ran in this step but no gradient reached any of them."""
+        if _world()[1] > 1:  # every rank must take part in the reductions
+            return False
+        ran = got = False
+        for cap in self._caps.values():
+            ran |= bool(cap.calls) or bool(cap.cell_input) or bool(cap.cell_state)
+            got |= any(c.got_grad for c in cap.calls)
+            got |= any(v is not None for v in cap.cell_input)
+            got |= any(v is not None for vs in cap.cell_state.values() for v in vs)
+        return ran and not got
+
+    def _measured_calls(self, name: str, cap: _Capture) -> tuple[list, str | None]:
+        """The calls of a fused module measured this step: those the backward reached, joined
+        along time when each passes its state to the next (a decoder stepping one token at a
+        time); otherwise the first of them, with the reason."""
+        calls = [c for c in cap.calls if c.got_grad]
+        if len(calls) <= 1:
+            return calls, None
+        if all(c.state_in and c.state_in == p.state_out for p, c in zip(calls, calls[1:])):
+            return calls, None
+        return calls[:1], (f"called {len(calls)} times in one step without passing its state "
+                           "on; only the first call is measured")
 
     def _measure(self, cheap: bool, exact: bool) -> dict:
         rank, world = _world()
@@ -368,10 +450,15 @@ class GradientMonitor:
             sums = torch.tensor([0.0 if v is None else float(v[0]) for v in cap.cell_input],
                                 dtype=torch.float64)
             stats.add(f"input_sum/{name}", sums / world, "sum")
-            stats.add(f"input_count/{name}", float(done[0][1]), "sum")
-        elif cap.input_sum is not None:
-            stats.add(f"input_sum/{name}", cap.input_sum / world, "sum")
-            stats.add(f"input_count/{name}", float(cap.input_count), "sum")
+            stats.add(f"input_count/{name}", torch.full_like(sums, float(done[0][1])), "sum")
+        else:
+            calls, _ = self._measured_calls(name, cap)
+            calls = [c for c in calls if c.input_sum is not None]
+            if calls:
+                stats.add(f"input_sum/{name}", torch.cat([c.input_sum for c in calls]) / world,
+                          "sum")
+                stats.add(f"input_count/{name}", torch.cat([c.input_count for c in calls]),
+                          "sum")
         if cap.input_nonfinite:
             stats.add(f"input_nonfinite/{name}", float(cap.input_nonfinite), "sum")
 
@@ -390,38 +477,75 @@ class GradientMonitor:
             if count is not None:
                 stats.add(f"state_count/{name}/l0d0", float(count), "sum")
             return None
-        if cap.x is None:
-            return None
-        try:
-            with torch.enable_grad():
-                x = cap.x.detach().requires_grad_(True)
-                tr = replay(self.modules[name], x, cap.hx)
-        except ValueError as e:  # e.g. inter-layer dropout in training mode
-            return f"exact replay skipped: {e}"
+        calls, note = self._measured_calls(name, cap)
+        calls = [c for c in calls if c.x is not None]
+        if not calls:
+            return note
+        per_key = {}
+        for call in calls:
+            try:
+                part = self._replay_call(name, call)
+            except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
+                return f"exact replay skipped: {e}"
+            for key, vals in part.items():
+                per_key.setdefault(key, []).append(vals)
+        for key, parts in per_key.items():
+            h = torch.cat([p["h"] for p in parts], dim=1)       # (B, T) over all calls
+            valid = torch.cat([p["valid"] for p in parts], dim=1)
+            stats.add(f"state_sum/{name}/{key}/h", torch.where(valid, h, 0.0).sum(0) / world,
+                      "sum")
+            if parts[0]["c"] is not None:
+                c = torch.cat([p["c"] for p in parts], dim=1)
+                stats.add(f"state_sum/{name}/{key}/c",
+                          torch.where(valid, c, 0.0).sum(0) / world, "sum")
+            stats.add(f"state_count/{name}/{key}", valid.sum(0).to(torch.float64), "sum")
+            if parts[0]["gate"] is not None:
+                gate = torch.cat([p["gate"] for p in parts], dim=1)  # (B, T, H)
+                g = gate[valid]  # (N, H) valid steps only
+                stats.add(f"gate_sum/{name}/{key}", g.sum(0), "sum")
+                stats.add(f"gate_count/{name}/{key}", float(g.shape[0]), "sum")
+                stats.add(f"gate_hist/{name}/{key}",
+                          torch.histc(g.reshape(-1), GATE_BINS, 0.0, 1.0), "sum")
+        return note
+
+    def _replay_call(self, name: str, call: _Call) -> dict:
+        """Back-propagate one call's captured output gradients through its replay: per layer
+        and direction, (B, T) norms of ∂L/∂h_t, ∂L/∂c_t, the valid-step mask and the retain
+        gate (B, T, H), all on the CPU in float64."""
+        spec = self.specs[name]
+        with torch.enable_grad():
+            x = call.x
+            if isinstance(x, PackedSequence):
+                x = PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
+                                   x.sorted_indices, x.unsorted_indices)
+            else:
+                x = x.detach().requires_grad_(True)
+            tr = replay(self.modules[name], x, call.hx, rng_state=call.rng_state)
         outs, gouts = [], []
+        lengths = _lengths(call.x) if isinstance(call.x, PackedSequence) else None
         for key, t in (("out", tr.output), ("h_n", tr.h_n), ("c_n", tr.c_n)):
-            g = cap.grad_out.get(key)
-            if t is not None and g is not None:
-                outs.append(t)
-                gouts.append(g.to(t.dtype))
+            g = call.grad_out.get(key)
+            if t is None or g is None:
+                continue
+            if isinstance(t, PackedSequence):  # padded (n, T, ·) -> the replay's packed rows
+                g = pack_padded_sequence(g, lengths, batch_first=True,
+                                         enforce_sorted=False).data
+                t = t.data
+            outs.append(t)
+            gouts.append(g.to(t.dtype))
         sg = trace_state_gradients(tr, outs, gouts)  # (B, T) norms, input-position order
-        B = x.shape[0 if spec.batch_first else 1]
+        out = {}
         for layer, dirs in enumerate(tr.layers):
             for d, lt in enumerate(dirs):
-                key = f"l{layer}d{d}"
                 g = sg.layers[layer][d]
-                for which, norms in (("h", g.h), ("c", g.c)):
-                    if norms is not None:
-                        stats.add(f"state_sum/{name}/{key}/{which}", norms.sum(0) / world, "sum")
-                stats.add(f"state_count/{name}/{key}", float(B), "sum")
+                B, T = g.h.shape
+                valid = (torch.ones(B, T, dtype=torch.bool) if lengths is None else
+                         torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1))
+                gate = None
                 if spec.kind in RETAIN_GATE:
-                    gate = lt.gates[RETAIN_GATE[spec.kind]].detach().to(torch.float64)
-                    stats.add(f"gate_sum/{name}/{key}", gate.sum((0, 1)).cpu(), "sum")
-                    stats.add(f"gate_count/{name}/{key}", float(gate.shape[0] * gate.shape[1]),
-                              "sum")
-                    stats.add(f"gate_hist/{name}/{key}",
-                              torch.histc(gate.reshape(-1).cpu(), GATE_BINS, 0.0, 1.0), "sum")
-        return None
+                    gate = lt.gates[RETAIN_GATE[spec.kind]].detach().to("cpu", torch.float64)
+                out[f"l{layer}d{d}"] = {"h": g.h, "c": g.c, "valid": valid, "gate": gate}
+        return out
 
     def _record(self, stats: StatSet, exact: bool) -> dict:
         from ..results import json_number
@@ -436,7 +560,7 @@ class GradientMonitor:
         for name in self.modules:
             r = {}
             if f"input_sum/{name}" in v:
-                mean = v[f"input_sum/{name}"] / max(v[f"input_count/{name}"].item(), 1)
+                mean = v[f"input_sum/{name}"] / v[f"input_count/{name}"].clamp_min(1)
                 r["input_grad"] = [json_number(x) for x in mean.tolist()]
             if f"input_nonfinite/{name}" in v:
                 r["input_grad_nonfinite"] = int(v[f"input_nonfinite/{name}"].item())
@@ -448,7 +572,7 @@ class GradientMonitor:
             for k, t in v.items():
                 if k.startswith(f"state_sum/{name}/"):
                     key, which = k.split("/")[2:]
-                    cnt = max(v[f"state_count/{name}/{key}"].item(), 1)
+                    cnt = v[f"state_count/{name}/{key}"].clamp_min(1)
                     state.setdefault(key, {})[which] = [json_number(x) for x in
                                                         (t / cnt).tolist()]
                 if k.startswith(f"gate_sum/{name}/"):
@@ -471,6 +595,54 @@ class GradientMonitor:
             layers[name] = r
         rec["layers"] = layers
         return rec
+
+
+def _in_recomputation() -> bool:
+    """True inside a backward pass: where non-reentrant activation checkpointing reruns the
+    forward. The hooks then only repeat the leaf swap, so the recomputed graph matches."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def _replace_first(args, kwargs, x):
+    if args:
+        return (x,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "input": x}
+
+
+def _state_tensors(state) -> tuple:
+    if isinstance(state, torch.Tensor):
+        return (state,)
+    if isinstance(state, (tuple, list)):
+        return tuple(t for t in state if isinstance(t, torch.Tensor))
+    return ()
+
+
+def _batch_size(x, batch_dim: int) -> int:
+    if isinstance(x, PackedSequence):
+        return int(x.batch_sizes[0])
+    return x.shape[batch_dim]
+
+
+def _lengths(p: PackedSequence) -> torch.Tensor:
+    from ..site import _packed_lengths
+
+    return _packed_lengths(p)
+
+
+def _first_samples(x, n: int, batch_dim: int):
+    """The first n samples (original batch order), detached copies; a PackedSequence is
+    re-packed from them."""
+    if isinstance(x, PackedSequence):
+        padded = pad_packed(x.data.detach(), x)[:n].clone()
+        return pack_padded_sequence(padded, _lengths(x)[:n], batch_first=True,
+                                    enforce_sorted=False)
+    return x.detach().narrow(batch_dim, 0, n).clone()
+
+
+def _packed_rows(g: torch.Tensor, like: PackedSequence, n: int) -> torch.Tensor:
+    """Gradient rows (N, ·) of a packed output -> padded (n, T, ·) of its first n samples."""
+    return pad_packed(g, like)[:n].clone()
 
 
 __all__ = ["GradientMonitor"]
