@@ -583,13 +583,6 @@ def normed_cell_case():
     return prepared(NormedCellLoop()), (), lambda y: y[:, -1].sum(-1)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: measuring at='input' (or at=None with float inputs) fails whenever the first "
-    "recurrent submodule is called several times without chaining its state: "
-    "SiteForward.anchor() -> recurrent_axes() raises \"'gru' (GRU) was called 2 times in one "
-    "forward, and the calls do not pass their state on ... so they are not one time axis; "
-    "measure at another submodule with at=...\" although the site is the model input, whose "
-    "(B, T) is plain. The advice is useless: at='input' was given"))
 @pytest.mark.parametrize("case", [two_sequences_case, normed_cell_case],
                          ids=["gru-twice", "cell-loop-normed-h"])
 def test_unchained_multi_call_measured_at_input(untouched, case):
@@ -623,13 +616,6 @@ class PackedSeq2Seq(nn.Module):
         return self.decoder(tgt, h)                # (B, T_dec, V)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (silent, wrong numbers): with a packed encoder and a step-wise decoder measured at "
-    "'decoder.gru', losses._lengths_for() falls back to the anchor's (the encoder's) SOURCE "
-    "lengths whenever T_dec >= max(src_lengths), and applies them to the decoder's output: "
-    "loss='last' takes y[b, src_len_b - 1] instead of y[b, T_dec - 1], loss='all' and "
-    "lag_profile zero the decoder steps past each source length. Max abs error 0.2 (last), "
-    "0.3 (all) on norms of ~0.1"))
 @pytest.mark.parametrize("what", ["last", "all", "lag"])
 def test_packed_encoder_stepwise_decoder(untouched, what):
     snap, check = untouched
@@ -666,13 +652,6 @@ class ResidualLSTM(nn.Module):
         return self.lstm(h)[0] + h                 # residual around the recurrence
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (inconsistent site semantics): at a submodule, capturing._as_leaf() keeps the "
-    "submodule's input tensor when it already requires grad (then ∂L/∂x also counts every other "
-    "path from x, here the residual) but substitutes a fresh leaf when it does not (only the "
-    "path through the submodule). Freezing the Linear before the LSTM "
-    "(requires_grad_(False), e.g. a frozen pretrained embedding) changes the profile at "
-    "at='lstm': last step 2.15 trainable vs 0.17 frozen"))
 def test_site_semantics_do_not_depend_on_upstream_requires_grad():
     torch.manual_seed(0)
     model = ResidualLSTM().double()
@@ -684,11 +663,6 @@ def test_site_semantics_do_not_depend_on_upstream_requires_grad():
     close(trainable, frozen)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: an unbatched (T, I) input to a bare nn.LSTM is accepted by the input check "
-    "('or unbatched (T, I)') and the site handles it, but the default loss does not: "
-    "\"the model's output (6, 4) does not start with the batch (B=1); pass loss= a callable\" "
-    "(losses.output_sequence only recognises a recurrent module's own 3-D output)"))
 def test_unbatched_lstm_default_loss():
     torch.manual_seed(17)
     lstm = nn.LSTM(3, 4).double()
@@ -831,10 +805,6 @@ def test_lag_positions_drawn_and_validated():
         rnnscope.lag_profile(lstm, x, loss="last")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: lag_profile(positions=[2.7]) silently truncates the float to step 2 "
-    "(torch.as_tensor(..., dtype=int64) in lag._positions) instead of refusing non-integer "
-    "positions"))
 def test_lag_positions_refuse_non_integers():
     lstm = nn.LSTM(2, 3, batch_first=True).double()
     x = torch.randn(2, 10, 2, dtype=torch.float64)
@@ -914,12 +884,6 @@ def test_linear_before_lstm(untouched):
     check(model, before)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG (minor): compare() without inputs sizes the drawn batch from the first recurrent "
-    "submodule (16) and passes sized_by_model=False to profile_drawn, so a model with a "
-    "Linear(10→16) first fails with torch's raw RuntimeError 'mat1 and mat2 shapes cannot be "
-    "multiplied (15x16 and 10x16)' instead of gradient_profile's clear ValueError; compare "
-    "has no input_size= either"))
 def test_compare_without_inputs_feature_changing_model(untouched):
     snap, check = untouched
     model = prepared(LinLSTM())
