@@ -43,6 +43,8 @@ def gate_stats(module: nn.Module, inputs: torch.Tensor, hx=None, *, bins: int = 
     for layer, dirs in enumerate(trace.layers):
         for d, lt in enumerate(dirs):
             v = lt.gates[gate].detach().to("cpu", torch.float64)  # (B, T, H)
+            if lt.lengths is not None:  # steps past a sequence's end were never run
+                v = v[lt.valid.cpu()].unsqueeze(0)  # (1, N valid steps, H)
             bad = count_nonfinite(v)
             flat = v.reshape(-1)
             fin = flat[torch.isfinite(flat)]

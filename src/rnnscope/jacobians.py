@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from . import cells
 from .cells import custom
@@ -359,13 +360,27 @@ def state_gradients(module: nn.Module, inputs: torch.Tensor, hx=None, *, loss="l
     if _is_custom_cell(module):
         return _custom_state_gradients(module, inputs, hx, loss=loss, keep=keep)
     spec = describe(module)
-    check_inputs(spec, inputs)
+    packed = isinstance(inputs, PackedSequence)
+    if packed:
+        inputs = PackedSequence(inputs.data.detach().requires_grad_(True), inputs.batch_sizes,
+                                inputs.sorted_indices, inputs.unsorted_indices)
+    else:
+        check_inputs(spec, inputs)
+        inputs = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
         # Inputs that require grad guarantee a graph even if no parameter requires grad.
-        tr = replay(module, inputs.detach().requires_grad_(True), hx)
+        tr = replay(module, inputs, hx)
         top = tr.layers[-1]
         seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, F)
-        losses = per_sample_loss(seq, loss, seq.shape[0])
+        if packed and loss == "last":  # each sequence's own last valid step
+            valid = top[0].valid
+            seq = seq * valid.unsqueeze(-1).to(seq)  # the module's output is 0 past the end
+            idx = (valid.sum(1) - 1).clamp_min(0)
+            losses = seq[torch.arange(seq.shape[0]), idx].sum(-1)
+        else:
+            if packed:
+                seq = seq * top[0].valid.unsqueeze(-1).to(seq)
+            losses = per_sample_loss(seq, loss, seq.shape[0])
         return trace_state_gradients(tr, [losses.sum()], keep=keep, loss=_loss_name(loss))
 
 

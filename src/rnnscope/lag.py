@@ -40,9 +40,14 @@ def _positions(positions, T: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(T, generator=g)[:positions].sort().values
     try:
-        pos = torch.as_tensor(list(positions), dtype=torch.int64)
-    except (TypeError, ValueError):
+        items = list(positions)
+    except TypeError:
         raise TypeError(f"positions must be an int or a list of ints; got {positions!r}") from None
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in
+               (int(p) if isinstance(p, torch.Tensor) and not p.is_floating_point()
+                and p.dim() == 0 else p for p in items)):
+        raise TypeError(f"positions must be an int or a list of ints; got {positions!r}")
+    pos = torch.as_tensor([int(p) for p in items], dtype=torch.int64)
     if pos.numel() == 0 or pos.dim() != 1:
         raise ValueError("positions must name at least one step")
     bad = pos[(pos < 0) | (pos >= T)]

@@ -71,8 +71,9 @@ def output_sequence(fwd: SiteForward) -> tuple[torch.Tensor, torch.Tensor | None
         mod = fwd.capture.modules[name]
         for c in calls:
             o = c.out[0] if isinstance(c.out, tuple) else c.out
-            if o is y and y.dim() == 3 and len(calls) == 1 and not isinstance(
-                    mod, torch.nn.RNNCellBase):
+            if o is y and len(calls) == 1 and not isinstance(mod, torch.nn.RNNCellBase):
+                if y.dim() == 2:  # unbatched (T, F)
+                    return y.unsqueeze(0), None
                 bt = y if getattr(mod, "batch_first", False) else y.transpose(0, 1)
                 return bt, _lengths_for(fwd, bt.shape[1])
     if y.dim() < 2:
@@ -103,12 +104,10 @@ def _anchor_name(fwd: SiteForward) -> str:
 
 
 def _lengths_for(fwd: SiteForward, T_out: int):
-    """The site's sequence lengths, when the output's time axis can hold them."""
+    """The site's sequence lengths, when the output runs on the site's own time axis (a
+    decoder's output is not measured with its encoder's source lengths)."""
     lengths = fwd.axes.lengths
-    if lengths is None:
-        anchor = fwd.anchor()
-        lengths = anchor[1].lengths if anchor is not None else None
-    if lengths is not None and T_out >= int(lengths.max()):
+    if lengths is not None and T_out == fwd.axes.T and T_out >= int(lengths.max()):
         return lengths
     return None
 

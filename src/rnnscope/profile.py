@@ -315,7 +315,7 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
         if floating:
             profiles[name] = profile_drawn(call, at=at, time_dim=time_dim, loss=loss,
                                            seed=seed if inputs is None else None,
-                                           sized_by_model=False)[0]
+                                           sized_by_model=inputs is None)[0]
         else:
             profiles[name] = _profile(call, at=at, time_dim=time_dim, loss=loss,
                                       loss_name=loss_name, seed=None)

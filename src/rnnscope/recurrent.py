@@ -145,8 +145,9 @@ def describe(module: nn.Module) -> RecurrentSpec:
     supported = "nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell (or a subclass)"
     hint = ""
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        hint = (f" ({t.__name__} subclasses {t.__mro__[1].__name__} directly, whose forward "
-                "is not one of PyTorch's recurrences; subclass nn.RNN, nn.LSTM or nn.GRU)")
+        base = "RNNBase" if isinstance(module, nn.RNNBase) else "RNNCellBase"
+        hint = (f" ({t.__name__} subclasses nn.{base} but none of nn.RNN/LSTM/GRU or their "
+                "cells, so its forward is not one of PyTorch's recurrences)")
     raise TypeError(f"cannot replay a {t.__name__}: expected one of {supported}{hint}")
 
 

@@ -268,14 +268,13 @@ class Capture:
 
 
 def _as_leaf(x):
-    """x itself if it is part of a graph; otherwise a fresh leaf with equal values."""
+    """A fresh leaf with x's values. Always a fresh one, so that the gradient measured at a
+    submodule's input means the same whether the layers before it are trainable or frozen:
+    the gradient reaching that input through the submodule (a residual path around it is
+    not counted)."""
     if isinstance(x, PackedSequence):
-        if x.data.requires_grad:
-            return x
         return PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
                               x.sorted_indices, x.unsorted_indices)
-    if x.requires_grad:
-        return x
     return x.detach().requires_grad_(True)
 
 
@@ -430,7 +429,19 @@ class SiteForward:
         name = self.capture.first_recurrent()
         if name is None:
             return None
-        return name, recurrent_axes(name, self.capture.modules[name], self.capture.recurrent[name])
+        module, calls = self.capture.modules[name], self.capture.recurrent[name]
+        try:
+            return name, recurrent_axes(name, module, calls)
+        except (ValueError, TypeError):
+            # calls that do not chain (e.g. a cell whose state is normalised in between) still
+            # tell the batch size; the time axis is then read from the batch alone
+            x = calls[0].x
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                batch_first = isinstance(module, nn.RNNCellBase) or getattr(
+                    module, "batch_first", False)
+                B = x.shape[0] if (batch_first or x.dim() == 2) else x.shape[1]
+                return name, Axes(int(B), None, "unknown")
+            return None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
