@@ -157,7 +157,8 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
     loss is per step) and, for every recurrent submodule, per layer and direction, Jacobians,
     gates and state gradients on the inputs that submodule actually receives inside the model.
 
-    `inputs` is a `loader.ForwardInputs` (the model's forward arguments) or None, which draws
+    `inputs` is a `loader.ForwardInputs` (the model's forward arguments), the model's first
+    argument alone, or None, which draws
     seeded standard normal features of `input_size` (default: the model's own input size).
     """
     t0 = time.perf_counter()
@@ -169,6 +170,9 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
                                    seed=seed, sized_by_model=input_size is None)
         given = False
     else:
+        if not hasattr(inputs, "inputs"):  # a bare first argument (tensor, PackedSequence)
+            from .loader import ForwardInputs
+            inputs = ForwardInputs(inputs)
         call = model_call(model, inputs.inputs, inputs.args, inputs.kwargs)
         prof = gradient_profile(model, inputs.inputs, forward_args=inputs.args,
                                 forward_kwargs=inputs.kwargs, at=at, time_dim=time_dim, loss=loss)
