@@ -164,7 +164,15 @@ def render_report(results: dict, *, source: str | None = None) -> dict[str, byte
     makers = figure_makers.EXPERIMENT if command == "experiment" else figure_makers.ALL
     allowed = set(figure_makers.EXPERIMENT_NAMES if command == "experiment"
                   else figure_makers.NAMES)
-    files = {"results.json": json.dumps(results, indent=1, allow_nan=False).encode("utf-8")}
+    render = render_experiment_html if command == "experiment" else render_html
+    try:
+        files = {"results.json": json.dumps(results, indent=1, allow_nan=False).encode("utf-8")}
+        # the page's readings use most of the numbers and take milliseconds: a dry run with
+        # every figure present finds a broken file before seconds of drawing
+        render(results, dict.fromkeys(allowed, ""))
+    except Exception as e:  # noqa: BLE001
+        _results_error(e, source, "reading the numbers")
+        raise
     embedded = {}
     for make in makers:
         try:
@@ -186,7 +194,6 @@ def render_report(results: dict, *, source: str | None = None) -> dict[str, byte
             finally:
                 plt.close(fig)
             embedded[name] = base64.b64encode(png).decode("ascii")
-    render = render_experiment_html if command == "experiment" else render_html
     try:
         files["report.html"] = render(results, embedded).encode("utf-8")
     except Exception as e:  # noqa: BLE001
