@@ -271,7 +271,7 @@ def read_jsonl(path) -> tuple[list[dict], list[dict]]:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                if _RECORD_START.startswith(text) or text.startswith(_RECORD_START):
+                if _cut_short(text, e):
                     cut.append(n)
                     continue
                 raise ValueError(f"{path}:{n} is not a monitor log record (invalid JSON: "
@@ -286,6 +286,19 @@ def read_jsonl(path) -> tuple[list[dict], list[dict]]:
         warnings.warn(f"{path}: skipped {len(cut)} record(s) cut short (a run stopped "
                       f"mid-write) at line(s) {shown}", RuntimeWarning, stacklevel=2)
     return steps, alerts
+
+
+def _cut_short(text: str, e: json.JSONDecodeError) -> bool:
+    """Whether an unparsable line is the beginning of a record whose end was never written.
+
+    Such a line begins like every record and fails only where its text runs out: inside a
+    string that never closes, or within the last few characters (a cut number or literal).
+    Extra or damaged text in the middle of a line is not a cut record.
+    """
+    if not (_RECORD_START.startswith(text) or text.startswith(_RECORD_START)):
+        return False
+    return e.msg.startswith("Unterminated string") or (e.msg != "Extra data"
+                                                        and e.pos >= len(text) - 5)
 
 
 def _is_int(v) -> bool:
