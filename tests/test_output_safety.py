@@ -442,3 +442,16 @@ def test_plot_log_draws_a_log_cut_short_and_resumed(tmp_path, capsys):
     assert "skipped 1 record(s) cut short" in text and "line(s) 4" in text
     assert "1 step record(s) were logged again" in text
     assert json.loads(capsys.readouterr().out)["steps"] == 6
+
+
+def test_out_given_as_a_symlink_to_a_folder_is_where_files_go(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link")
+    OutputFolder(tmp_path / "link", overwrite=False).write_text("results.json", "{}")
+    assert (real / "results.json").read_text() == "{}"
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(OutputFolderError, match="dangling is a symlink to .*nowhere, which does "
+                                                "not exist"):
+        OutputFolder(tmp_path / "dangling", overwrite=True).write_text("a.json", "{}")
+    assert not (tmp_path / "nowhere").exists()

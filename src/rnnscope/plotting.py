@@ -90,7 +90,8 @@ def plot_lag_profile(profiles: dict, ax=None, log: bool = True):
 
 
 def plot_comparison(profiles: dict, log: bool | None = None, axes=None):
-    """The seed's comparison figure: linear and log panels side by side (log=None)."""
+    """The classic LSTM gradient-flow analysis's comparison figure: linear and log panels side
+    by side (log=None)."""
     modes = [False, True] if log is None else [bool(log)]
     if axes is None:
         fig, axes = _new_axes(len(modes))
@@ -227,7 +228,8 @@ def plot_step_paths(direct_mean, indirect_norm, ax=None, label: str = ""):
 
 
 def plot_decay_curves(forget_values, max_length: int, ax=None):
-    """f^k vs k for constant forget gates (log scale): the seed's decay table as curves."""
+    """f^k vs k for constant forget gates (log scale): the classic LSTM gradient-flow analysis's
+    decay table as curves."""
     if ax is None:
         fig, (ax,) = _new_axes()
     k = np.arange(max_length + 1)

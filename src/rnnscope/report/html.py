@@ -149,7 +149,8 @@ def reading_step_paths(results: dict) -> str:
                    "averages "
                    f"{_num(md)} and the indirect term ‖∂c<sub>t</sub>/∂c<sub>t−1</sub> − "
                    f"diag(f<sub>t</sub>)‖₂ averages "
-                   f"{_num(mi)}: the seed's “f_t is the dominant term” holds "
+                   f"{_num(mi)}: the classic LSTM gradient-flow analysis's “f_t is the dominant "
+                   f"term” holds "
                    f"{'here' if md > mi else 'not here — the indirect paths are larger'}.")
     return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
 
@@ -236,7 +237,8 @@ TITLES = {
         "right: per-unit memory time 1/(1 − mean gate), cumulative.", reading_gates),
     "decay": (
         "Why long sequences remain hard",
-        "f<sup>L</sup> for constant forget gates: the seed's decay table as curves.",
+        "f<sup>L</sup> for constant forget gates: the classic LSTM gradient-flow analysis's "
+        "decay table as curves.",
         reading_decay),
 }
 

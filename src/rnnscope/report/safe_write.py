@@ -79,6 +79,10 @@ class OutputFolder:
         """
         if self.root.exists() and not self.root.is_dir():
             raise OutputFolderError(f"{self.option} {self.root} exists and is not a folder")
+        if self.root.is_symlink() and not self.root.exists():
+            raise OutputFolderError(f"{self.option} {self.root} is a symlink to "
+                                    f"{os.readlink(self.root)}, which does not exist; create "
+                                    f"that folder or choose another {self.option}")
         existing = []
         for rel in dict.fromkeys(targets):
             target = self.path(rel)
