@@ -455,3 +455,35 @@ def test_out_given_as_a_symlink_to_a_folder_is_where_files_go(tmp_path):
                                                 "not exist"):
         OutputFolder(tmp_path / "dangling", overwrite=True).write_text("a.json", "{}")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_drawing_failure_keeps_the_numbers_and_says_how_to_redraw(tmp_path, monkeypatch,
+                                                                    compare_results):
+    from rnnscope.report import figures
+
+    def broken(results):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(figures, "ALL", (figures.decay, broken))
+    out = tmp_path / "rep"
+    with pytest.raises(RuntimeError, match=r"drawing the report failed \(ZeroDivisionError: "
+                                           r"planted\); the numbers are saved in .*results.json: "
+                                           r"'rnnscope replot .* --overwrite' redraws them"):
+        write_report(copy.deepcopy(compare_results), out)
+    assert sorted(listing(out)) == ["results.json"]  # nothing half-drawn
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["comparison"] == json.loads(json.dumps(compare_results["comparison"]))
+
+
+def test_overwrite_removes_figures_this_report_does_not_draw(tmp_path, monkeypatch,
+                                                             compare_results):
+    from rnnscope.report import figures
+
+    monkeypatch.setattr(figures, "ALL", (figures.decay,))
+    out = tmp_path / "rep"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "lag.png").write_bytes(b"an earlier run's")
+    (out / "notes.txt").write_text("mine")
+    write_report(copy.deepcopy(compare_results), out, overwrite=True)
+    assert sorted(listing(out)) == ["figures", "figures/decay.png", "figures/decay.svg",
+                                    "notes.txt", "report.html", "results.json"]
