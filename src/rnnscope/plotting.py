@@ -15,11 +15,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 
 def plain(text) -> str:
-    """A name from outside rnnscope (a model's module names, a results file, a log) as text
+    r"""A name from outside rnnscope (a model's module names, a results file, a log) as text
     matplotlib draws literally.
 
     Matplotlib parses a label holding two unescaped `$` as mathtext: a module named "a$b$"
-    would be drawn in italics and one named "$\\frac$" would raise while the figure is saved.
+    would be drawn in italics and one named "$\frac$" would raise while the figure is saved.
     Every `$` is escaped (mathtext's only special outside math mode), which matplotlib draws
     as a plain `$` both in plain labels and next to rnnscope's own math. Every user-supplied
     string that reaches a figure goes through here.
