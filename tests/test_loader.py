@@ -523,3 +523,131 @@ def test_load_model_keeps_working(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "plain.pt")
     assert "not a TorchScript archive" in str(pytest.raises(
         LoadError, load_model, str(tmp_path / "plain.pt")).value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Size budget: checked before anything is inflated
+
+
+def _deflated_copy(src, dst, level=1):
+    """The same torch.save archive with every member deflated (torch.load reads it)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED,
+                                                      compresslevel=level) as zout:
+        for info in zin.infolist():
+            with zin.open(info) as fin, zout.open(info.filename, "w") as fout:
+                while chunk := fin.read(1 << 20):
+                    fout.write(chunk)
+
+
+def _zip_bomb(path, inflated_mib: int):
+    """A zip of about inflated_mib KiB whose member inflates to inflated_mib MiB of zeros.
+
+    Written by hand from one deflate block (1 MiB of zeros, ~1 KiB compressed) repeated: a
+    full flush makes each block independent, so the stream is valid and costs nothing to build.
+    The CRC is not computed (it would mean hashing gigabytes): it is checked only after
+    inflating, which the budget must prevent.
+    """
+    import struct
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    end = zlib.compressobj(9, zlib.DEFLATED, -15).flush()  # an empty final block
+    size, csize = inflated_mib << 20, len(block) * inflated_mib + len(end)
+    name = b"archive/data/0"
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, 0, csize, size, len(name), 0)
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, 0, csize, size,
+                          len(name), 0, 0, 0, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(local + name)
+        for _ in range(inflated_mib):
+            fh.write(block)
+        fh.write(end)
+        offset = fh.tell()
+        fh.write(central + name)
+        fh.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central) + len(name),
+                             offset, 0))
+
+
+def _no_torch_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called: the file was inflated")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_a_zip_bomb_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv("RNNSCOPE_MAX_LOAD_BYTES", raising=False)
+    bomb = tmp_path / "bomb.pt"
+    _zip_bomb(bomb, 2900)  # ~2.9 MiB on disk, 2900 MiB inflated: over the 2 GiB default
+    assert bomb.stat().st_size < 3.2e6
+    _no_torch_load(monkeypatch)
+    t0 = time.perf_counter()
+    message = error(load_weights, make_tagger(0), str(bomb))
+    assert time.perf_counter() - t0 < 2
+    assert message.startswith(f"weights file {bomb} would inflate to 2.83 GiB (3040870400 bytes)")
+    assert "1 zip member(s)" in message and "more than the load budget of 2.00 GiB" in message
+    assert "refused before inflating anything" in message
+    assert "RNNSCOPE_MAX_LOAD_BYTES=8G" in message
+    assert "would inflate" in error(load_inputs, str(bomb))
+
+
+def test_a_real_deflated_archive_over_the_budget_is_refused_and_loads_under_it(tmp_path,
+                                                                              monkeypatch):
+    x = torch.zeros(1 << 22)  # 16 MiB of float32 zeros
+    torch.save(x, tmp_path / "plain.pt")
+    _deflated_copy(tmp_path / "plain.pt", tmp_path / "small.pt")
+    assert (tmp_path / "small.pt").stat().st_size < (1 << 20)  # < 1 MiB on disk
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", "4M")
+    message = error(load_inputs, str(tmp_path / "small.pt"))
+    assert "would inflate to 16.00 MiB" in message and "budget of 4.00 MiB" in message
+    # the plain archive is refused on its size on disk already
+    message = error(load_inputs, str(tmp_path / "plain.pt"))
+    assert "is 16.00 MiB (16778" in message and "on disk, more than the load budget" in message
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", "32M")
+    assert torch.equal(load_inputs(str(tmp_path / "small.pt")).inputs, x)
+
+
+def test_weights_over_the_budget_are_refused_with_the_numbers(tmp_path, monkeypatch):
+    model = make_tagger(0)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    size = (tmp_path / "w.pt").stat().st_size
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", str(size - 1))
+    message = error(load_weights, make_tagger(1), str(tmp_path / "w.pt"))
+    assert f"({size} bytes) on disk, more than the load budget of" in message
+    assert f"({size - 1} bytes)" in message
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", str(size))
+    fresh = make_tagger(1)
+    load_weights(fresh, str(tmp_path / "w.pt"))
+    assert_same_parameters(fresh, model)
+
+
+def test_a_torchscript_model_file_is_held_to_the_budget(tmp_path, monkeypatch):
+    torch.jit.save(torch.jit.script(nn.GRU(2, 3)), str(tmp_path / "m.pt"))
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", "1K")
+    assert "model file" in error(load_model, str(tmp_path / "m.pt"))
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots", "1e9", "12X"])
+def test_a_bad_budget_setting_is_named(tmp_path, monkeypatch, value):
+    torch.save(torch.zeros(2), tmp_path / "x.pt")
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", value)
+    message = error(load_inputs, str(tmp_path / "x.pt"))
+    assert message.startswith("RNNSCOPE_MAX_LOAD_BYTES must be a positive size such as 8G")
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize("value, expected", [("8G", 8 << 30), ("500M", 500 << 20),
+                                             ("1.5g", 3 << 29), ("8GiB", 8 << 30),
+                                             ("123", 123), ("2K", 2048)])
+def test_budget_settings(monkeypatch, value, expected):
+    from rnnscope.loader import max_load_bytes
+
+    monkeypatch.setenv("RNNSCOPE_MAX_LOAD_BYTES", value)
+    assert max_load_bytes() == expected
+    monkeypatch.delenv("RNNSCOPE_MAX_LOAD_BYTES")
+    assert max_load_bytes() == 2 << 30

@@ -107,7 +107,9 @@ def _check_out(args) -> None:
     from .report.write import check_writable
 
     if not getattr(args, "no_report", False):
-        check_writable(args.out, overwrite=args.overwrite)
+        # every file the report may write (results.json, report.html, figures/*), not only
+        # the page: see report.write.report_targets
+        check_writable(args.out, overwrite=args.overwrite, command=args.command)
 
 
 def _write(args, results: dict) -> dict:
@@ -234,10 +236,12 @@ def _cmd_decay(args) -> int:
 
 def _cmd_replot(args) -> int:
     from .report import load_results, write_report
+    from .report.write import check_writable
 
     results = load_results(args.results)
-    _check_out(args)
-    paths = write_report(results, args.out, overwrite=args.overwrite)
+    check_writable(args.out, overwrite=args.overwrite, command=results["command"])
+    # drawn in memory first: a file that cannot be drawn writes nothing and names itself
+    paths = write_report(results, args.out, overwrite=args.overwrite, source=args.results)
     if args.json:
         print(json.dumps({"files": paths}, indent=1))
     else:
@@ -249,37 +253,55 @@ def _cmd_plot_log(args) -> int:
     import matplotlib.pyplot as plt
 
     from . import plotting
-    from .monitor.loggers import read_jsonl
+    from .monitor.loggers import check_plot_records, read_jsonl
+    from .report.safe_write import OutputFolder
 
-    steps, alerts = read_jsonl(args.log)
-    if not steps:
-        raise ValueError(f"{args.log} holds no step records")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    steps, alerts = check_plot_records(*read_jsonl(args.log), args.log)
     layers = list(dict.fromkeys(k for r in steps for k in r.get("layers", {})))
-    written = []
+    names = _heatmap_file_names(layers)
+    # every target is checked before anything is drawn or written
+    folder = OutputFolder(args.out, overwrite=args.overwrite)
+    folder.check([*names.values(), "alerts.png"])
+    files = {}  # drawn in memory first, written when all succeeded
     for layer in layers:
         fig = plotting.plot_lag_heatmap(steps, layer)
         if fig is None:
             continue
-        path = out / f"heatmap_{layer.replace('/', '_').replace('.', '_')}.png"
-        if path.exists() and not args.overwrite:
-            raise FileExistsError(f"{path} already exists; pass --overwrite")
-        fig.savefig(path, dpi=110)
+        files[names[layer]] = _png(fig)
         plt.close(fig)
-        written.append(str(path))
     fig = plotting.plot_alert_timeline(alerts, [r["step"] for r in steps])
-    path = out / "alerts.png"
-    if path.exists() and not args.overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite")
-    fig.savefig(path, dpi=110)
+    files["alerts.png"] = _png(fig)
     plt.close(fig)
-    written.append(str(path))
+    written = [str(folder.write_bytes(rel, data)) for rel, data in files.items()]
     if args.json:
         print(json.dumps({"files": written, "steps": len(steps), "alerts": len(alerts)}))
     else:
         _say(args, f"{len(steps)} steps, {len(alerts)} alerts\n" + "\n".join(written))
     return 0
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _heatmap_file_names(layers: list[str]) -> dict[str, str]:
+    """{layer: "heatmap_<name>.png"}: letters, digits, '-' and '_' only, at most 100 of them,
+    distinct (a layer name from a log is data, never a path)."""
+    import re
+
+    out, used = {}, set()
+    for layer in layers:
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", layer)[:100] or "_"
+        name, n = f"heatmap_{stem}.png", 2
+        while name in used:
+            name, n = f"heatmap_{stem}_{n}.png", n + 1
+        used.add(name)
+        out[layer] = name
+    return out
 
 
 def _cmd_experiment(args) -> int:

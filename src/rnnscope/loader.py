@@ -9,6 +9,12 @@ Weights and input tensors are data: they are read with
 torch.load(path, map_location="cpu", weights_only=True), which refuses pickled objects that would
 need arbitrary code to rebuild — such a file is rejected with a clear message, never executed.
 Nothing in this module calls pickle.load or torch.load(weights_only=False).
+
+Every file read as data (and a TorchScript archive) is first held against a size budget,
+RNNSCOPE_MAX_LOAD_BYTES (default 2 GiB; a number of bytes or e.g. "500M", "8G"): its size on
+disk, and, for the zip archives torch.save writes, the size its members inflate to, read from
+the zip directory before anything is inflated. A small file that would expand to gigabytes (a
+zip bomb) is refused at once with the numbers.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import importlib.util
 import inspect
 import pickle
 import re
+import os
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +50,78 @@ _INPUT_FORMS = ("a tensor (the model's first argument), a tuple/list of forward 
 
 class LoadError(ValueError):
     """A model, weights, inputs, batch or loss that cannot be used, with the reason."""
+
+
+MAX_LOAD_ENV = "RNNSCOPE_MAX_LOAD_BYTES"
+DEFAULT_MAX_LOAD_BYTES = 2 * 1024 ** 3  # 2 GiB: far above an RNN's weights or a batch
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def max_load_bytes() -> int:
+    """The load budget in bytes: RNNSCOPE_MAX_LOAD_BYTES if set, else 2 GiB.
+
+    The variable holds bytes ("3000000000") or a number with a binary unit ("500M", "1.5G",
+    "8GiB"; K, M, G, T are powers of 1024).
+
+    Raises:
+        LoadError: the variable is set to something else than a positive size.
+    """
+    text = os.environ.get(MAX_LOAD_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_LOAD_BYTES
+    found = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:i?B)?", text, flags=re.IGNORECASE)
+    value = float(found.group(1)) * _UNITS[found.group(2).upper()] if found else 0
+    if not found or not 1 <= value < 2 ** 63:
+        raise LoadError(f"{MAX_LOAD_ENV} must be a positive size such as 8G, 500M or "
+                        f"3000000000 (bytes); got {text[:40]!r}")
+    return int(value)
+
+
+def _size(n: int) -> str:
+    """A byte count for messages, e.g. "2.90 MiB (3040870 bytes)"."""
+    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def check_load_budget(path, what: str) -> None:
+    """Refuse a file whose size on disk, or whose zip members once inflated, exceed the budget.
+
+    The zip directory (what torch.save writes) lists each member's uncompressed size; it is
+    read with zipfile, which inflates nothing, so a zip bomb is refused before torch.load
+    would expand it in memory.
+
+    Args:
+        path: the file.
+        what: "weights", "inputs" or "model", for the messages.
+
+    Raises:
+        LoadError: over the budget (the sizes and the budget are given, and how to raise it),
+            or a zip archive whose directory cannot be read.
+    """
+    budget = max_load_bytes()
+    raise_it = (f"if the file is trusted and the memory is there, raise the budget, e.g. "
+                f"{MAX_LOAD_ENV}=8G")
+    on_disk = os.path.getsize(path)
+    if on_disk > budget:
+        raise LoadError(f"{what} file {path} is {_size(on_disk)} on disk, more than the load "
+                        f"budget of {_size(budget)}; {raise_it}")
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: what is loaded is about what is on disk
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        raise LoadError(f"{what} file {path} is not a readable torch.save file (its zip "
+                        f"directory is damaged)") from None
+    inflated = sum(m.file_size for m in members)
+    if inflated > budget:
+        ratio = inflated / max(on_disk, 1)
+        raise LoadError(f"{what} file {path} would inflate to {_size(inflated)} once loaded "
+                        f"({len(members)} zip member(s), {_size(on_disk)} on disk: {ratio:.0f}x "
+                        f"larger), more than the load budget of {_size(budget)}; refused "
+                        f"before inflating anything. {raise_it[0].upper()}{raise_it[1:]}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +197,7 @@ def load_model(spec: str, *, device: str = "cpu") -> nn.Module:
     """Build the user's model from `module:factory`, `file.py:factory` or a TorchScript file."""
     path = Path(spec)
     if path.is_file() and path.suffix != ".py":
+        check_load_budget(path, "model")
         try:
             return torch.jit.load(str(path), map_location=device)
         except Exception as e:  # noqa: BLE001 - any failure means "not TorchScript"
@@ -531,6 +612,7 @@ def _safe_load(path: str, what: str, fix: str, allow: Iterable[type] = ()):
     if p.stat().st_size == 0:
         raise LoadError(f"{what} file {path} is empty (0 bytes); expected a file written by "
                         f"torch.save")
+    check_load_budget(p, what)
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
             # torch warns about pickle protocols it was not written with; the result (a load,

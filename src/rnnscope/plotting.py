@@ -14,6 +14,23 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("plotting needs matplotlib: pip install 'rnnscope[plot]'") from e
 
 
+def plain(text) -> str:
+    r"""A name from outside rnnscope (a model's module names, a results file, a log) as text
+    matplotlib draws literally.
+
+    Matplotlib parses a label holding two unescaped `$` as mathtext: a module named "a$b$"
+    would be drawn in italics and one named "$\frac$" would raise while the figure is saved.
+    Every `$` is escaped (mathtext's only special outside math mode), which matplotlib draws
+    as a plain `$` both in plain labels and next to rnnscope's own math. Every user-supplied
+    string that reaches a figure goes through here.
+
+    Example:
+        >>> plain("cost$ $x")
+        'cost\\$ \\$x'
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _plot_cdf(ax, values, **kwargs) -> None:
     """Empirical cumulative distribution of the finite values (nothing drawn if none)."""
     v = np.sort(np.asarray(values, dtype=float))
@@ -31,7 +48,7 @@ def _draw_profiles(ax, profiles: dict, log: bool) -> None:
     for name, p in profiles.items():
         y = p.by_distance().numpy()
         k = np.arange(len(y))
-        (line,) = ax.plot(k, y, label=name, lw=1.6)
+        (line,) = ax.plot(k, y, label=plain(name), lw=1.6)
         if p.per_sample.shape[0] > 1 and not log:
             sd = p.std_by_distance().numpy()
             ax.fill_between(k, np.maximum(y - sd, 0), y + sd, color=line.get_color(), alpha=0.15,
@@ -61,7 +78,7 @@ def plot_lag_profile(profiles: dict, ax=None, log: bool = True):
     fig = ax.figure
     for name, lp in profiles.items():
         y = lp.by_lag().numpy()
-        ax.plot(np.arange(len(y)), y, label=name, lw=1.6)
+        ax.plot(np.arange(len(y)), y, label=plain(name), lw=1.6)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("lag k = t − s (steps between input and loss step)")
@@ -73,7 +90,8 @@ def plot_lag_profile(profiles: dict, ax=None, log: bool = True):
 
 
 def plot_comparison(profiles: dict, log: bool | None = None, axes=None):
-    """The seed's comparison figure: linear and log panels side by side (log=None)."""
+    """The classic LSTM gradient-flow analysis's comparison figure: linear and log panels side
+    by side (log=None)."""
     modes = [False, True] if log is None else [bool(log)]
     if axes is None:
         fig, axes = _new_axes(len(modes))
@@ -98,7 +116,7 @@ def plot_gate_stats(stats, axes=None, label: str = ""):
     if label:
         gname = "retain gate (LSTM f, GRU z)"
     for s in stats.layers:
-        label_s = (f"{label} " if label else "") + f"layer {s.layer}" + (
+        label_s = (f"{plain(label)} " if label else "") + f"layer {s.layer}" + (
             f" dir {s.direction}" if s.direction else "")
         centers = 0.5 * (s.edges[1:] + s.edges[:-1]).numpy()
         ax_h.step(centers, s.hist.numpy(), where="mid", label=label_s)
@@ -140,7 +158,7 @@ def plot_state_gradients(sg, ax=None, log: bool = True):
         ax.set_yscale("log")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("mean total state-gradient norm" + (" (log scale)" if log else ""))
-    ax.set_title(f"State gradients (loss = {sg.loss})")
+    ax.set_title(f"State gradients (loss = {plain(sg.loss)})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return ax.figure
@@ -164,7 +182,7 @@ def plot_jacobian_curves(by: dict, state: str, ax, share_ax=None, label: str = "
     k = np.arange(len(by["spectral"]))
     sym = {"c": "c", "h": "h"}.get(state, "s")
     name = rf"$\partial {sym}_{{T-1}}/\partial {sym}_t$"
-    pre = f"{label} " if label else ""
+    pre = f"{plain(label)} " if label else ""
     (line,) = ax.semilogy(k, by["spectral"].numpy(), label=f"{pre}total ‖{name}‖₂", lw=1.8,
                           color=color)
     color = line.get_color()
@@ -197,7 +215,7 @@ def plot_step_paths(direct_mean, indirect_norm, ax=None, label: str = ""):
     if ax is None:
         fig, (ax,) = _new_axes()
     t = np.arange(len(direct_mean))
-    pre = f"{label} " if label else ""
+    pre = f"{plain(label)} " if label else ""
     ax.plot(t, np.asarray(direct_mean), label=pre + r"direct: mean $f_t$ (the diagonal)")
     ax.plot(t, np.asarray(indirect_norm),
             label=pre + r"indirect: $\|\partial c_t/\partial c_{t-1} - \mathrm{diag}(f_t)\|_2$")
@@ -210,7 +228,8 @@ def plot_step_paths(direct_mean, indirect_norm, ax=None, label: str = ""):
 
 
 def plot_decay_curves(forget_values, max_length: int, ax=None):
-    """f^k vs k for constant forget gates (log scale): the seed's decay table as curves."""
+    """f^k vs k for constant forget gates (log scale): the classic LSTM gradient-flow analysis's
+    decay table as curves."""
     if ax is None:
         fig, (ax,) = _new_axes()
     k = np.arange(max_length + 1)
@@ -246,13 +265,20 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
     steps = [s for s, _ in rows]
     norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None
     masked = np.ma.masked_where(~(np.isfinite(grid) & (grid > 0)), grid)
-    im = ax.imshow(masked, aspect="auto", origin="lower", norm=norm, cmap="viridis",
-                   extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, T - 0.5),
-                   interpolation="nearest")
+    if all(b - a == 1 for a, b in zip(steps, steps[1:])):  # one column per step
+        im = ax.imshow(masked, aspect="auto", origin="lower", norm=norm, cmap="viridis",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, T - 0.5),
+                       interpolation="nearest")
+    else:  # steps logged at uneven intervals: each column spans halfway to its neighbours
+        x = np.asarray(steps, dtype=float)
+        mid = (x[1:] + x[:-1]) / 2
+        edges = np.concatenate([[x[0] - (mid[0] - x[0] if len(x) > 1 else 0.5)], mid,
+                                [x[-1] + (x[-1] - mid[-1] if len(x) > 1 else 0.5)]])
+        im = ax.pcolormesh(edges, np.arange(T + 1) - 0.5, masked, norm=norm, cmap="viridis")
     ax.figure.colorbar(im, ax=ax, label=r"mean $\|\partial L/\partial x_t\|$ (log scale)")
     ax.set_xlabel("training step")
     ax.set_ylabel("lag k = T−1−t (steps before the last timestep)")
-    ax.set_title(f"{layer}: gradient reaching each lag over training")
+    ax.set_title(f"{plain(layer)}: gradient reaching each lag over training")
     return ax.figure
 
 
@@ -263,9 +289,9 @@ def plot_alert_timeline(alerts: list, steps: list, ax=None):
     kinds = sorted({a["kind"] for a in alerts})
     for i, kind in enumerate(kinds):
         xs = [a["step"] for a in alerts if a["kind"] == kind]
-        ax.scatter(xs, [i] * len(xs), marker="|", s=200, label=kind)
+        ax.scatter(xs, [i] * len(xs), marker="|", s=200, label=plain(kind))
     ax.set_yticks(range(len(kinds)))
-    ax.set_yticklabels(kinds)
+    ax.set_yticklabels([plain(k) for k in kinds])
     if steps:
         ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
     ax.set_xlabel("training step")
@@ -282,7 +308,7 @@ def plot_learning_curves(curves: dict, baseline: float, ax=None, train: dict | N
     for name, pts in curves.items():
         steps = [p[0] for p in pts]
         vals = [float(p[1]) / baseline for p in pts]
-        (line,) = ax.plot(steps, vals, marker="o", ms=3, label=name)
+        (line,) = ax.plot(steps, vals, marker="o", ms=3, label=plain(name))
         if train and name in train:
             tr = np.array([float(v) for v in train[name]]) / baseline
             w = max(len(tr) // 100, 1)
@@ -325,7 +351,7 @@ def plot_heatmap_grid(heatmaps: dict, steps: dict):
         im = ax.imshow(np.ma.masked_where(~(np.isfinite(g) & (g > 0)), g), aspect="auto",
                        origin="lower", norm=norm, cmap="viridis", interpolation="nearest",
                        extent=(s[0] - 0.5, s[-1] + 0.5, -0.5, g.shape[0] - 0.5))
-        ax.set_title(n)
+        ax.set_title(plain(n))
         ax.set_xlabel("training step")
     axes[0][0].set_ylabel("lag k (steps before the last input)")
     fig.colorbar(im, ax=list(axes[0]), label=r"mean $\|\partial L/\partial x_t\|$ (log)")
@@ -341,7 +367,7 @@ def plot_memory_time_shift(before: dict, after: dict, colors: dict | None = None
         color = (colors or {}).get(name, f"C{i}")
         for stats, ls, when in ((before[name], "--", "init"), (after[name], "-", "end")):
             _plot_cdf(ax, np.concatenate([s.memory_time.numpy() for s in stats.layers]), ls=ls,
-                      color=color, label=f"{name} ({when})")
+                      color=color, label=f"{plain(name)} ({when})")
     ax.set_xscale("log")
     ax.set_xlabel("memory time 1/(1 − mean gate) (steps, log scale)")
     ax.set_ylabel("fraction of units ≤ x")

@@ -87,6 +87,8 @@ def decay(results: dict) -> dict:
 
 
 ALL = (gradient_flow, lag, highway, step_paths, gates, decay)
+# every figure name ALL may return: the report's targets, checked before any work
+NAMES = ("gradient_flow", "lag", "highway", "step_paths", "gates", "decay")
 
 
 # ---- experiment ------------------------------------------------------------------------------
@@ -134,3 +136,4 @@ def memory_times(results: dict) -> dict:
 
 
 EXPERIMENT = (learning_curves, profiles_before_after, heatmaps, memory_times)
+EXPERIMENT_NAMES = ("learning_curves", "profiles", "heatmaps", "memory_times")

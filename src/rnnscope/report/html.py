@@ -1,5 +1,9 @@
 """report.html: one self-contained page (figures embedded as PNG data URIs, no network), with
-plain-language readings generated from the numbers in the results dict."""
+plain-language readings generated from the numbers in the results dict.
+
+Every value taken from the results dict reaches the page through `_e` or `_num`, which escape
+it: a results.json holding markup (a module named "<script>") is shown as text, never run.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,37 @@ import math
 from ..results import format_number
 
 
+def _e(v) -> str:
+    """Any value as escaped HTML text."""
+    return html.escape(str(v))
+
+
 def _f(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
+        raise TypeError(f"expected a number, got {type(v).__name__}")
     return float(v) if v is not None else math.nan
 
 
 def _num(v) -> str:
+    """A number (or a word such as "never") as escaped HTML text."""
     if isinstance(v, str) and v not in ("nan", "inf", "-inf"):
-        return v  # a word such as "never"
-    return format_number(_f(v) if isinstance(v, (str, float)) else v)
+        return _e(v)  # a word such as "never"
+    if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
+        raise TypeError(f"expected a number, got {type(v).__name__}")
+    return _e(format_number(_f(v) if isinstance(v, (str, float)) else v))
+
+
+def _seq_len(results: dict) -> int:
+    T = results["config"]["seq_len"]
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise TypeError(f"config seq_len must be a positive integer, got {T!r:.40}")
+    return T
 
 
 def _table(rows: list[dict], headers: dict) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers.values())
     body = "".join("<tr>" + "".join(
-        f"<td>{html.escape(_num(r.get(k)) if k != 'model' else str(r.get(k)))}</td>"
+        f"<td>{_num(r.get(k)) if k != 'model' else _e(r.get(k))}</td>"
         for k in headers) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -40,27 +61,27 @@ def reading_gradient_flow(results: dict) -> str:
     out = []
     profiles = results["comparison"]["profiles"]
     rows = {r["model"]: r for r in results["comparison"]["table"]}
-    T = results["config"]["seq_len"]
+    T = _seq_len(results)
     k = min(10, T - 1)
     for name, p in profiles.items():
         r = rows[name]
         nd = _norms_by_distance(p)
         frac = nd[k] / nd[0] if nd[0] > 0 else math.nan
         em = r["effective_memory"]
-        s = (f"<b>{html.escape(name)}</b>: the gradient reaching {k} steps before the output is "
+        s = (f"<b>{_e(name)}</b>: the gradient reaching {k} steps before the output is "
              f"{_num(frac)} of the gradient at the output step; fitted over all {T} steps it "
              f"halves every {_num(r['half_life'])} steps (decay rate {_num(r['decay_rate'])} "
-             f"per step), and {em if em is not None else 'n/a'} of {T} timesteps receive more "
+             f"per step), and {_num(em)} of {T} timesteps receive more "
              f"than 1% of the largest gradient.")
         rate = _f(r["decay_rate"])
-        if em is not None and em <= 2 and rate < 0.01:
+        if em is not None and _f(em) <= 2 and rate < 0.01:
             s += (" Its profile is nearly flat beyond the output step: one very large gradient "
                   "at the output step itself (a residual path) sets the 1% bar, so the "
                   "effective memory looks short although distant steps keep a steady share.")
         out.append(s)
     if results["command"] == "compare" and len(rows) > 1:
         fastest = max(rows.values(), key=lambda r: _f(r["decay_rate"]))
-        out.append(f"Steepest decay: <b>{html.escape(fastest['model'])}</b>. The additive "
+        out.append(f"Steepest decay: <b>{_e(fastest['model'])}</b>. The additive "
                    "cell-state update gives LSTM and GRU a path whose decay is set by the "
                    "gates; a vanilla RNN multiplies by diag(tanh′)·W_hh at every step; "
                    "attention connects every step to the output directly.")
@@ -76,11 +97,11 @@ def reading_lag(results: dict) -> str:
         k = min(10, len(bl) - 1)
         frac = bl[k] / bl[0] if bl and bl[0] > 0 else math.nan
         em = d["effective_memory"]
-        out.append(f"<b>{html.escape(name)}</b>, measured at <code>{html.escape(d['site'])}"
+        out.append(f"<b>{_e(name)}</b>, measured at <code>{_e(d['site'])}"
                    f"</code> over {len(d['positions'])} loss steps: the loss at step t reaches the "
                    f"input {k} steps earlier with {_num(frac)} of the gradient it sends to its "
                    f"own step; it halves every {_num(d['half_life'])} steps, and "
-                   f"{em if em is not None else 'n/a'} lags carry more than 1% of the largest. "
+                   f"{_num(em)} lags carry more than 1% of the largest. "
                    "This is the memory a per-step loss actually uses; the profile above sums all "
                    "steps' losses and hides it.")
     return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
@@ -88,19 +109,22 @@ def reading_lag(results: dict) -> str:
 
 def reading_highway(results: dict) -> str:
     out = []
-    T = results["config"]["seq_len"]
+    T = _seq_len(results)
     for name, rec in results["recurrent"].items():
         if "layers" not in rec:
             continue
         cj = rec["layers"][0]["cell_jacobians"]
-        k = min(10, T - 1)
-        spec = [sum(_f(row[T - 1 - k]) for row in cj["spectral"]) / len(cj["spectral"])]
-        s = (f"<b>{html.escape(name)}</b> (layer 0): ‖∂s<sub>T−1</sub>/∂s<sub>t</sub>‖₂ at "
+        # distances count back from each row's own last step (its length is the module's T)
+        steps = min(len(row) for row in cj["spectral"])
+        k = min(10, steps - 1)
+        spec = [sum(_f(row[-1 - k]) for row in cj["spectral"]) / len(cj["spectral"])]
+        s = (f"<b>{_e(name)}</b> (layer 0): ‖∂s<sub>T−1</sub>/∂s<sub>t</sub>‖₂ at "
              f"distance {k} is {_num(spec[0])}")
         if cj.get("direct_max") is not None:
-            dmax = sum(_f(row[T - 1 - k]) for row in cj["direct_max"]) / len(cj["direct_max"])
-            share1 = sum(_f(row[T - 2]) for row in cj["share"]) / len(cj["share"]) if T > 1 else 1
-            sharek = sum(_f(row[T - 1 - k]) for row in cj["share"]) / len(cj["share"])
+            dmax = sum(_f(row[-1 - k]) for row in cj["direct_max"]) / len(cj["direct_max"])
+            share1 = (sum(_f(row[-2]) for row in cj["share"]) / len(cj["share"])
+                      if steps > 1 else 1)
+            sharek = sum(_f(row[-1 - k]) for row in cj["share"]) / len(cj["share"])
             gate = "forget gates f" if rec["kind"] == "lstm" else "retain gates z"
             s += (f"; the highway alone (the product of the {gate}, largest unit) is "
                   f"{_num(dmax)}. The direct path carries {_num(100 * share1)}% of the "
@@ -121,18 +145,19 @@ def reading_step_paths(results: dict) -> str:
         d = [_f(v) for v in sp["direct_mean"]]
         ind = [_f(v) for v in sp["indirect_spectral"]]
         md, mi = sum(d) / len(d), sum(ind) / len(ind)
-        out.append(f"<b>{html.escape(name)}</b>: per step the direct term diag(f<sub>t</sub>) "
+        out.append(f"<b>{_e(name)}</b>: per step the direct term diag(f<sub>t</sub>) "
                    "averages "
                    f"{_num(md)} and the indirect term ‖∂c<sub>t</sub>/∂c<sub>t−1</sub> − "
                    f"diag(f<sub>t</sub>)‖₂ averages "
-                   f"{_num(mi)}: the seed's “f_t is the dominant term” holds "
+                   f"{_num(mi)}: the classic LSTM gradient-flow analysis's “f_t is the dominant "
+                   f"term” holds "
                    f"{'here' if md > mi else 'not here — the indirect paths are larger'}.")
     return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
 
 
 def reading_gates(results: dict) -> str:
     out = []
-    T = results["config"]["seq_len"]
+    T = _seq_len(results)
     for name, rec in results["recurrent"].items():
         if "gates" not in rec:
             continue
@@ -140,7 +165,7 @@ def reading_gates(results: dict) -> str:
             mt = sorted(_f(v) for v in s["memory_time"])
             med = mt[len(mt) // 2]
             gate = "forget gate f" if s["gate"] == "f" else "retain gate z"
-            txt = (f"<b>{html.escape(name)}</b> layer {s['layer']}"
+            txt = (f"<b>{_e(name)}</b> layer {_num(s['layer'])}"
                    f"{' dir 1' if s['direction'] else ''}: mean {gate} {_num(s['mean'])}, median "
                    f"memory time 1/(1−f̄) {_num(med)} steps for a sequence of {T}; "
                    f"{_num(100 * _f(s['saturation']['>0.99']))}% of gate values exceed 0.99 "
@@ -163,10 +188,10 @@ def reading_decay(results: dict) -> str:
     rows = results["decay_table"]["rows"]
     longest = max(r["length"] for r in rows)
     at = {r["forget"]: _f(r["factor"]) for r in rows if r["length"] == longest}
-    parts = ", ".join(f"f = {f}: {_num(v)}" for f, v in sorted(at.items()))
+    parts = ", ".join(f"f = {_num(f)}: {_num(v)}" for f, v in sorted(at.items()))
     return (f"<p>With a constant forget gate the direct path scales the gradient by "
             f"f<sup>L</sup>. Over "
-            f"{longest} steps: {parts}. Even f = 0.99 (memory time 100 steps) passes almost "
+            f"{_num(longest)} steps: {parts}. Even f = 0.99 (memory time 100 steps) passes almost "
             "nothing over 1000 steps — why LSTMs still struggle past ~1000 steps.</p>")
 
 
@@ -212,7 +237,8 @@ TITLES = {
         "right: per-unit memory time 1/(1 − mean gate), cumulative.", reading_gates),
     "decay": (
         "Why long sequences remain hard",
-        "f<sup>L</sup> for constant forget gates: the seed's decay table as curves.",
+        "f<sup>L</sup> for constant forget gates: the classic LSTM gradient-flow analysis's "
+        "decay table as curves.",
         reading_decay),
 }
 
@@ -253,7 +279,7 @@ def render_html(results: dict, figures_b64: dict) -> str:
     cfg = results["config"]
     title = ("rnnscope: RNN vs LSTM vs GRU vs Transformer gradient flow"
              if results["command"] == "compare"
-             else f"rnnscope: gradient flow in {html.escape(str(cfg.get('model', 'model')))}")
+             else f"rnnscope: gradient flow in {_e(cfg.get('model', 'model'))}")
     parts = [_head(title),
              "<p class='muted'>How much gradient reaches each earlier timestep, how fast it "
              "decays, and whether the gates keep the cell-state highway open. All numbers are "
@@ -272,7 +298,7 @@ def render_html(results: dict, figures_b64: dict) -> str:
     if lyap:
         parts.append("<p class='muted'>Largest Lyapunov exponent of each recurrence (layer 0, "
                      "natural log per step; &lt; 0 contracts): " + ", ".join(
-                         f"{html.escape(n)} {_num(v)}" for n, v in lyap.items()) + ".</p>")
+                         f"{_e(n)} {_num(v)}" for n, v in lyap.items()) + ".</p>")
     decay_rows = lambda r: _table(r["decay_table"]["rows"], {  # noqa: E731
         "forget": "forget f", "length": "length L", "factor": "f^L",
         "memory_time": "memory time 1/(1−f)"})
@@ -280,7 +306,7 @@ def render_html(results: dict, figures_b64: dict) -> str:
     skipped = {n: r["skipped"] for n, r in results["recurrent"].items() if "skipped" in r}
     if skipped:
         parts.append("<h2>Not analysed</h2><ul>" + "".join(
-            f"<li><code>{html.escape(n)}</code>: {html.escape(why)}</li>"
+            f"<li><code>{_e(n)}</code>: {_e(why)}</li>"
             for n, why in skipped.items()) + "</ul>")
     parts.append(_config_table(results))
     parts.append("</body></html>")
@@ -294,9 +320,9 @@ def reading_learning(results: dict) -> str:
     out = []
     for row in results["table"]:
         at = row["beats_half_baseline_at"]
-        out.append(f"<b>{html.escape(row['model'])}</b>: final held-out loss "
+        out.append(f"<b>{_e(row['model'])}</b>: final held-out loss "
                    f"{_num(row['final_over_baseline'])}× the memoryless baseline; "
-                   + (f"first below 50% of the baseline at step {at}." if at != "never"
+                   + (f"first below 50% of the baseline at step {_num(at)}." if at != "never"
                       else "never below 50% of the baseline in this run."))
     return "<p>" + "</p><p>".join(out) + "</p>"
 
@@ -304,9 +330,9 @@ def reading_learning(results: dict) -> str:
 def reading_profiles(results: dict) -> str:
     out = []
     for row in results["table"]:
-        out.append(f"<b>{html.escape(row['model'])}</b>: effective memory "
-                   f"{row['effective_memory_init']} → {row['effective_memory_end']} steps "
-                   f"(of {results['config']['sequence_length']}).")
+        out.append(f"<b>{_e(row['model'])}</b>: effective memory "
+                   f"{_num(row['effective_memory_init'])} → {_num(row['effective_memory_end'])} "
+                   f"steps (of {_num(results['config']['sequence_length'])}).")
     return ("<p>Effective memory: timesteps whose gradient of the task loss exceeds 1% of the "
             "largest. " + " ".join(out) + "</p>")
 
@@ -331,11 +357,12 @@ EXPERIMENT_TITLES = {
 
 def render_experiment_html(results: dict, figures_b64: dict) -> str:
     cfg = results["config"]
-    title = f"rnnscope experiment: {html.escape(cfg['task'])} task, T = {cfg['T']}"
+    title = f"rnnscope experiment: {_e(cfg['task'])} task, T = {_num(cfg['T'])}"
     parts = [_head(title),
              f"<p class='muted'>{len(results['variants'])} variants trained with Adam "
-             f"(lr {cfg['lr']}, gradient-norm clipping at {cfg['clip']}, batch "
-             f"{cfg['batch_size']}, {cfg['steps']} steps, same seed and batches for all); the "
+             f"(lr {_num(cfg['lr'])}, gradient-norm clipping at {_num(cfg['clip'])}, batch "
+             f"{_num(cfg['batch_size'])}, {_num(cfg['steps'])} steps, same seed and batches for "
+             f"all); the "
              "GradientMonitor recorded gradient flow at every step.</p>",
              "<h2>Summary</h2>",
              _table(results["table"], {"model": "variant",

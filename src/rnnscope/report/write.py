@@ -1,4 +1,9 @@
-"""Write a report folder: report.html, figures/*.png and *.svg, results.json."""
+"""Write a report folder: report.html, figures/*.png and *.svg, results.json.
+
+Everything is drawn in memory first and written only when all of it succeeded, each file
+atomically and inside the folder (see safe_write). The files a report may hold are known before
+any work (`report_targets`), so the overwrite check covers all of them up front.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,21 @@ import json
 from pathlib import Path
 
 from . import figures as figure_makers
+from .safe_write import OutputFolder
+
+COMMANDS = ("compare", "inspect", "experiment")
+
+
+class ResultsError(ValueError):
+    """A results.json (or results dict read from a file) that rnnscope cannot draw."""
+
+
+def report_targets(command: str) -> list[str]:
+    """Every file a report for `command` may write, relative to the folder."""
+    names = (figure_makers.EXPERIMENT_NAMES if command == "experiment"
+             else figure_makers.NAMES)
+    return (["results.json", "report.html"]
+            + [f"figures/{n}.{ext}" for n in names for ext in ("png", "svg")])
 
 
 def figures_from_results(results: dict) -> dict:
@@ -20,13 +40,91 @@ def figures_from_results(results: dict) -> dict:
     return out
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"it holds the bare literal {name}; rnnscope writes non-finite numbers "
+                     f"as the strings \"nan\", \"inf\", \"-inf\"")
+
+
 def load_results(path) -> dict:
-    """Read a results.json written by `write_report` (plain JSON, nothing executed)."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    """Read a results.json written by `write_report` (plain JSON, nothing executed).
+
+    Raises:
+        ResultsError: the file is not JSON, or not laid out as rnnscope writes results (the
+            first wrong part is named: its key path, what was expected and what was found).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a results.json: it is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path} is not a results.json: invalid JSON at line {e.lineno} "
+                           f"column {e.colno} ({e.msg})") from None
+    except ValueError as e:  # from _reject_constant
+        raise ResultsError(f"{path} is not a results.json rnnscope wrote: {e}") from None
     if not isinstance(data, dict) or not ("comparison" in data or "variants" in data):
-        raise ValueError(f"{path} is not an rnnscope results.json")
+        raise ResultsError(f"{path} is not an rnnscope results.json (expected a JSON object "
+                           f"with 'comparison' or 'variants')")
+    check_results_layout(data, str(path))
     return data
+
+
+def _type_name(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def check_results_layout(results: dict, source: str) -> None:
+    """The sections the report reads must be there with the right JSON types.
+
+    Deeper entries are checked where they are read: an error while drawing a results dict read
+    from a file becomes a ResultsError naming the file and the figure (see write_report).
+    """
+    def need(path: tuple, kind: type, what: str):
+        node = results
+        for i, key in enumerate(path):
+            if isinstance(node, list) and isinstance(key, int) and key < len(node):
+                node = node[key]
+                continue
+            if not isinstance(node, dict) or key not in node:
+                where = "".join(f"[{k!r}]" for k in path[:i + 1])
+                raise ResultsError(f"{source}: results{where} is missing; expected {what}")
+            node = node[key]
+        if not isinstance(node, kind) or isinstance(node, bool) and kind is not bool:
+            where = "".join(f"[{k!r}]" for k in path)
+            raise ResultsError(f"{source}: results{where} must be {what}; got "
+                               f"{_type_name(node)}")
+        return node
+
+    command = need(("command",), str, "one of " + ", ".join(COMMANDS))
+    if command not in COMMANDS:
+        raise ResultsError(f"{source}: results['command'] must be one of {', '.join(COMMANDS)};"
+                           f" got {command[:40]!r}")
+    need(("config",), dict, "an object")
+    need(("versions",), dict, "an object")
+    if command == "experiment":
+        for name, v in need(("variants",), dict, "an object of variants").items():
+            need(("variants", name), dict, "an object")
+        rows = need(("table",), list, "a list of rows")
+        need(("baseline",), (int, float), "a number")
+    else:
+        for name in need(("comparison", "profiles"), dict, "an object of profiles"):
+            need(("comparison", "profiles", name), dict, "an object")
+        rows = need(("comparison", "table"), list, "a list of rows")
+        for name in need(("recurrent",), dict, "an object of modules"):
+            need(("recurrent", name), dict, "an object")
+        for i, _ in enumerate(need(("decay_table", "rows"), list, "a list of rows")):
+            need(("decay_table", "rows", i), dict, "an object")
+        if "lag" in results:
+            for name in need(("lag",), dict, "an object"):
+                need(("lag", name), dict, "an object")
+        seq_len = need(("config", "seq_len"), int, "a positive integer")
+        if seq_len < 1:
+            raise ResultsError(f"{source}: results['config']['seq_len'] must be a positive "
+                               f"integer; got {seq_len}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ResultsError(f"{source}: row {i} of the summary table must be an object; got "
+                               f"{_type_name(row)}")
 
 
 def _png_bytes(fig) -> bytes:
@@ -35,45 +133,134 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def check_writable(out_dir, *, overwrite: bool) -> None:
-    """Raise FileExistsError if out_dir already holds a report and overwrite is False."""
-    out = Path(out_dir)
-    existing = [str(p) for p in (out / "report.html", out / "results.json") if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{' and '.join(existing)} already exist; pass --overwrite (or "
-                              "choose another --out) to replace them")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
+def _svg_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue()
 
 
-def write_report(results: dict, out_dir, *, overwrite: bool = False) -> dict:
-    """Write results.json, figures and report.html into out_dir; return {kind: path}.
+def check_writable(out_dir, *, overwrite: bool, command: str = "compare") -> None:
+    """Refuse, before any work, if a file the report may write exists and not `overwrite`.
 
-    Refuses to overwrite an existing report.html or results.json unless `overwrite`.
+    Covers results.json, report.html and every figure the command can draw, also when
+    report.html is absent; refuses symlinked subfolders always (see safe_write).
+    """
+    OutputFolder(out_dir, overwrite=overwrite).check(report_targets(command))
+
+
+def render_report(results: dict, *, source: str | None = None) -> dict[str, bytes]:
+    """Every file of the report as bytes, by relative path, drawn in memory (nothing written).
+
+    Args:
+        results: the results dict.
+        source: where the dict was read from (a results.json); errors while drawing it become
+            ResultsError naming it, since a wrong file, not rnnscope, is then the likely cause.
     """
     import matplotlib.pyplot as plt
 
     from .html import render_experiment_html, render_html
 
-    out = Path(out_dir)
-    check_writable(out, overwrite=overwrite)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=1, allow_nan=False)
-    (out / "results.json").write_text(text, encoding="utf-8")
-    figs = figures_from_results(results)
+    command = results.get("command")
+    makers = figure_makers.EXPERIMENT if command == "experiment" else figure_makers.ALL
+    allowed = set(figure_makers.EXPERIMENT_NAMES if command == "experiment"
+                  else figure_makers.NAMES)
+    render = render_experiment_html if command == "experiment" else render_html
+    try:
+        files = {"results.json": json.dumps(results, indent=1, allow_nan=False).encode("utf-8")}
+        # the page's readings use most of the numbers and take milliseconds: a dry run with
+        # every figure present finds a broken file before seconds of drawing
+        render(results, dict.fromkeys(allowed, ""))
+    except Exception as e:  # noqa: BLE001
+        _results_error(e, source, "reading the numbers")
+        raise
     embedded = {}
-    paths = {"results": str(out / "results.json")}
-    for name, fig in figs.items():
-        png = _png_bytes(fig)
-        (out / "figures" / f"{name}.png").write_bytes(png)
-        fig.savefig(out / "figures" / f"{name}.svg", format="svg", metadata={"Date": None})
-        embedded[name] = base64.b64encode(png).decode("ascii")
-        paths[name] = str(out / "figures" / f"{name}.png")
-        plt.close(fig)
-    render = render_experiment_html if results.get("command") == "experiment" else render_html
-    (out / "report.html").write_text(render(results, embedded), encoding="utf-8")
-    paths["html"] = str(out / "report.html")
-    return paths
+    for make in makers:
+        try:
+            figs = make(results)
+        except Exception as e:  # noqa: BLE001 - see below
+            _results_error(e, source, f"drawing the {make.__name__!r} figure")
+            raise
+        for name, fig in figs.items():
+            if name not in allowed:  # the overwrite check must have covered every target
+                raise RuntimeError(f"figure {name!r} is not in report_targets: add it to "
+                                   f"figures.NAMES")
+            try:
+                png = _png_bytes(fig)
+                files[f"figures/{name}.png"] = png
+                files[f"figures/{name}.svg"] = _svg_bytes(fig)
+            except Exception as e:  # noqa: BLE001
+                _results_error(e, source, f"drawing the {name!r} figure")
+                raise
+            finally:
+                plt.close(fig)
+            embedded[name] = base64.b64encode(png).decode("ascii")
+    try:
+        files["report.html"] = render(results, embedded).encode("utf-8")
+    except Exception as e:  # noqa: BLE001
+        _results_error(e, source, "writing report.html")
+        raise
+    return files
+
+
+def _results_error(e: Exception, source: str | None, doing: str) -> None:
+    """Raise a one-line ResultsError for a results dict read from a file; else return."""
+    if source is None or isinstance(e, ResultsError):
+        return
+    if isinstance(e, KeyError):
+        what = f"missing key {e.args[0]!r}" if e.args else "a missing key"
+    elif isinstance(e, IndexError):
+        what = "a list shorter than the others it goes with"
+    else:
+        text = " ".join(str(e).split())[:160]
+        what = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    raise ResultsError(f"{source} is not a results.json rnnscope can draw ({doing}: {what})") \
+        from e
+
+
+def write_report(results: dict, out_dir, *, overwrite: bool = False,
+                 source: str | None = None) -> dict:
+    """Write results.json, figures and report.html into out_dir; return {kind: path}.
+
+    Refuses to replace any file the report may write (results.json, report.html, figures/*)
+    unless `overwrite`. Everything is drawn in memory first; files are then written atomically
+    (figures, results.json, report.html last). With `overwrite`, figures of an earlier report
+    that this one does not draw are removed, so the folder holds one run.
+
+    If drawing fails for freshly computed results (`source` None), results.json alone is
+    written so the numbers are kept, and the error says how to redraw them; for results read
+    from `source`, nothing is written and a ResultsError names the file.
+    """
+    folder = OutputFolder(out_dir, overwrite=overwrite)
+    command = results.get("command")
+    targets = report_targets(command)
+    folder.check(targets)
+    try:
+        files = render_report(results, source=source)
+    except ResultsError:
+        raise
+    except Exception as e:
+        if source is not None:
+            raise
+        try:
+            text = json.dumps(results, indent=1, allow_nan=False)
+        except ValueError:
+            raise e from None
+        saved = folder.write_text("results.json", text)
+        raise RuntimeError(f"drawing the report failed ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:160]}); the numbers are saved in "
+                           f"{saved}: 'rnnscope replot {saved} --out {folder.root} --overwrite' "
+                           f"redraws them") from e
+    paths = {}
+    order = sorted(files, key=lambda rel: (rel == "report.html", rel == "results.json", rel))
+    for rel in order:
+        paths[rel] = str(folder.write_bytes(rel, files[rel]))
+    if overwrite:
+        for rel in targets:
+            if rel not in files and rel.startswith("figures/"):
+                folder.remove(rel)
+    out = {"results": paths["results.json"], "html": paths["report.html"]}
+    out.update({Path(rel).stem: p for rel, p in paths.items() if rel.endswith(".png")})
+    return out
 
 
 def png_of(fig) -> bytes:
