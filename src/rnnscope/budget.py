@@ -13,7 +13,8 @@ the 2-core CPU machine (float32, S=50, J=4 Jacobian samples, H=128 unless said):
     LSTM         600   1.86 GB          2.6 GB
     LSTM (L=3)   300   3.57 GB (S=400)  5.0 GB
     RNN (H=256)  600   5.45 GB (S=10)   6.9 GB
-    Transformer  1200  0.76 GB          1.8 GB
+    Transformer  1200  0.76 GB          0.94 GB
+    Transformer  2400  0.93 GB          1.9 GB
 
 Available memory is MemAvailable from /proc/meminfo (else os.sysconf's available physical
 pages). The environment variable RNNSCOPE_MEMORY_LIMIT (bytes, or with a K/M/G/T suffix)
@@ -85,8 +86,9 @@ def check_memory(fn: str, estimate: float, what: str, fix: str) -> None:
 
 def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers: int = 1,
                     directions: int = 1, proj_size: int = 0, samples: int, seq_len: int,
-                    jac_samples: int = 0, elem: int = 4) -> float:
-    """Peak bytes of the analyses of one nn.RNN/LSTM/GRU on S sequences of T steps.
+                    jac_samples: int = 0, elem: int = 4, split: bool = False):
+    """Peak bytes of the analyses of one nn.RNN/LSTM/GRU on S sequences of T steps
+    (with `split`, (parameter bytes, analysis bytes)).
 
     - parameters, twice (the module and the replay's views/casts):
       2·e·D·Σ_l G·H·(I_l + H_out + 2) (+ P·H per LSTM projection);
@@ -109,24 +111,25 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
     seq = S * T * L * D * H * 16 * (G + 1) * elem / 4 + S * T * input_size * (8 + 3 * elem)
     M = H_out + H if kind == "lstm" else H
     jac = jac_samples * T * (elem * M * M + 10 * elem * H * H)
-    return 2 * elem * params + seq + jac
+    return (2 * elem * params, seq + jac) if split else 2 * elem * params + seq + jac
 
 
 def transformer_bytes(*, input_size: int, d_model: int, nhead: int, num_layers: int,
-                      samples: int, seq_len: int, elem: int = 4) -> float:
+                      samples: int, seq_len: int, elem: int = 4, split: bool = False):
     """Peak bytes of the gradient profile of the causal Transformer `compare` builds.
 
     Parameters (≈ 6·d² + d·I per layer with a 2·d feed-forward, twice); activations saved for
-    the backward, ≈ 20·d values per sample, step and layer (q, k, v, attention output, two
-    norms, the feed-forward's 2·d hidden and their gradients); the attention scores, taken as
-    materialised (S·heads·T² per layer, the non-fused kernel) although PyTorch's fused CPU
-    kernel may not; and the drawn inputs S·T·I·(8 + 3e).
+    the backward, budgeted at 28·d values per sample, step and layer (q, k, v, attention
+    output, two norms, the feed-forward's 2·d hidden and their gradients); and the drawn inputs
+    S·T·I·(8 + 3e). No S·heads·T² term: the encoder calls attention with need_weights=False,
+    so PyTorch's fused CPU kernel runs it in blocks (measured: 0.76 GB at T=1200 and 0.93 GB at
+    T=2400, S=50, d=128, linear in T; the formula gives 0.94 and 1.87 GB).
     """
     S, T, d = samples, seq_len, d_model
     params = num_layers * (6 * d * d + 10 * d) + d * (input_size + 1)
-    acts = S * T * d * 20 * num_layers * elem
-    scores = S * nhead * T * T * num_layers * elem
-    return 2 * elem * params + acts + scores + S * T * input_size * (8 + 3 * elem)
+    acts = S * T * d * 28 * num_layers * elem
+    work = acts + S * T * input_size * (8 + 3 * elem)
+    return (2 * elem * params, work) if split else 2 * elem * params + work
 
 
 def compare_bytes(models, *, seq_len: int, hidden_size: int, input_size: int, samples: int,
@@ -139,13 +142,15 @@ def compare_bytes(models, *, seq_len: int, hidden_size: int, input_size: int, sa
             nhead = 4 if hidden_size % 4 == 0 else 1
             per_model.append(transformer_bytes(input_size=input_size, d_model=hidden_size,
                                                nhead=nhead, num_layers=num_layers,
-                                               samples=samples, seq_len=seq_len))
+                                               samples=samples, seq_len=seq_len, split=True))
         else:
             per_model.append(recurrent_bytes(kind, input_size=input_size,
                                              hidden_size=hidden_size, num_layers=num_layers,
                                              samples=samples, seq_len=seq_len,
-                                             jac_samples=jac_samples))
-    return sum(per_model) if per_model else 0.0
+                                             jac_samples=jac_samples, split=True))
+    if not per_model:
+        return 0.0
+    return sum(p for p, _ in per_model) + max(w for _, w in per_model)
 
 
 def model_bytes(model, *, samples: int, seq_len: int, input_size: int,

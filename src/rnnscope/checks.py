@@ -456,8 +456,8 @@ def check_module_call(fn: str, module, inputs, hx=None, *, grad: bool = False) -
 
 def _check_int_options(fn: str, bound, ints: dict) -> None:
     for opt, low in ints.items():
-        if opt in bound:
-            check_number(fn, opt, bound[opt], low=low, integer=True, allow_none=True)
+        if bound.get(opt) is not None:  # None keeps its documented default meaning
+            check_number(fn, opt, bound[opt], low=low, integer=True)
 
 
 def _model_failed(e: BaseException) -> bool:
