@@ -245,6 +245,8 @@ def check_number(fn: str, name: str, value, *, low=None, high=None, low_open: bo
         return None
     kind = "an int" if integer else "a finite number"
     rng = _range_text(low, high, low_open, high_open)
+    if integer and high is None and not low_open and low in (0, 1):
+        kind, rng = ("a positive int" if low == 1 else "a non-negative int"), ""
     want = f"{kind} {rng}".strip() + (" or None" if allow_none else "")
     tail = f"; {hint}" if hint else ""
     wanted_type = numbers.Integral if integer else numbers.Real
@@ -451,7 +453,7 @@ def check_module_call(fn: str, module, inputs, hx=None, *, grad: bool = False) -
         raise TypeError(f"{fn}: inputs must be floating-point features; got {x.dtype} (token "
                         "ids: measure the model around the recurrent module with "
                         "gradient_profile, or pass the embedded features)")
-    _check_empty(fn, inputs)
+    # sizes (B=0, T=0, wrong I) are checked with the module's layout by check_inputs
 
 
 def _check_int_options(fn: str, bound, ints: dict) -> None:
