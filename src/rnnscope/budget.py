@@ -5,16 +5,18 @@ OOM killer) minutes later.
 The estimates are deliberately conservative upper bounds of the peak memory rnnscope itself
 allocates (not counting the Python process, ~0.3 GB). Each formula below is stated next to
 the analysis it covers and was checked against the peak RSS measured with `compare_study` on
-the 2-core CPU machine (float32, S=50, J=4 Jacobian samples, H=128 unless said):
+the 2-core CPU machine (float32, I=64, J=4 Jacobian samples, H=128 unless said; Δ is
+ru_maxrss after minus before, one model per process):
 
-    kind         T     measured Δpeak   estimate
-    RNN          600   1.46 GB          1.9 GB
-    GRU          600   1.53 GB          2.0 GB
-    LSTM         600   1.86 GB          2.6 GB
-    LSTM (L=3)   300   3.57 GB (S=400)  5.0 GB
-    RNN (H=256)  600   5.45 GB (S=10)   6.9 GB
-    Transformer  1200  0.76 GB          0.94 GB
-    Transformer  2400  0.93 GB          1.9 GB
+    kind         T     S    measured Δ peak RSS   estimate
+    RNN          600   50   1.53 GB               1.89 GB
+    GRU          600   50   1.60 GB               2.01 GB
+    LSTM         600   50   1.95 GB               2.55 GB
+    LSTM (L=3)   300   400  3.75 GB               4.94 GB
+    RNN (H=256)  600   10   5.71 GB               6.98 GB
+    Transformer  200   50   0.15 GB               0.16 GB
+    Transformer  1200  50   0.80 GB               0.94 GB
+    Transformer  2400  50   0.97 GB               1.87 GB
 
 Available memory is MemAvailable from /proc/meminfo (else os.sysconf's available physical
 pages). The environment variable RNNSCOPE_MEMORY_LIMIT (bytes, or with a K/M/G/T suffix)
@@ -122,7 +124,7 @@ def transformer_bytes(*, input_size: int, d_model: int, nhead: int, num_layers: 
     the backward, budgeted at 28·d values per sample, step and layer (q, k, v, attention
     output, two norms, the feed-forward's 2·d hidden and their gradients); and the drawn inputs
     S·T·I·(8 + 3e). No S·heads·T² term: the encoder calls attention with need_weights=False,
-    so PyTorch's fused CPU kernel runs it in blocks (measured: 0.76 GB at T=1200 and 0.93 GB at
+    so PyTorch's fused CPU kernel runs it in blocks (measured: 0.80 GB at T=1200 and 0.97 GB at
     T=2400, S=50, d=128, linear in T; the formula gives 0.94 and 1.87 GB).
     """
     S, T, d = samples, seq_len, d_model
