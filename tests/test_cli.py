@@ -350,3 +350,23 @@ def _load_file_model(path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["experiment", "adding", "--lr", "inf"], 2, "argument --lr: expected a finite number > 0"),
+    (["experiment", "adding", "--clip", "nan"], 2, "argument --clip: expected a finite number"),
+    (["compare", "--seed", "-1"], 2, "argument --seed: expected a seed in [0, 2**63)"),
+    (["decay", "--forget", "nan"], 2, "expected finite numbers"),
+    (["compare", "--layers", "1000000"], 1, "needs an estimated"),
+    (["compare", "--seq-len", str(10 ** 9)], 1, "needs an estimated"),
+    (["inspect", "builtins:exit"], 1, "raised SystemExit (exit code None) instead of returning"),
+])
+def test_user_errors_are_one_line_without_traceback(args, code, needle, tmp_path):
+    """Through the real entry point: option ranges and memory estimates refuse before any
+    work, code the user points at cannot choose rnnscope's exit code, never a traceback."""
+    out = tmp_path / "rep"
+    p = run(*args, "--out", str(out), check_code=code) if args[0] != "decay" else \
+        run(*args, check_code=code)
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0
+    assert not out.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +41,28 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    """A finite number > 0 (inf and nan are refused: they would train to NaN or fail later,
+    writing JSON)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
 def _csv(kind, allowed=None):
     def parse(text: str):
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -50,6 +73,8 @@ def _csv(kind, allowed=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
                                              f"got {text!r}") from None
+        if kind is float and not all(math.isfinite(v) for v in vals):
+            raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
         if allowed is not None:
             bad = [v for v in vals if v not in allowed]
             if bad:
@@ -180,14 +205,14 @@ def _cmd_inspect(args) -> int:
         raise UsageError("rnnscope inspect: error: give --inputs FILE.pt or --batch FILE.py:FN, "
                          "not both")
     torch.manual_seed(args.seed)
-    model = load_model(args.model, device=device)
+    model = _user_code(f"the model factory {args.model}", load_model, args.model, device=device)
     weights = load_weights(model, args.weights) if args.weights else None
     model.eval()  # dropout off: measurements are deterministic and replayable
     inputs = None
     if args.inputs:
         inputs = load_inputs(args.inputs, model)
     elif args.batch:
-        inputs = load_batch(args.batch, model)
+        inputs = _user_code(f"the batch function {args.batch}", load_batch, args.batch, model)
     if inputs is not None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         inputs = inputs.to(device, dtype=dtype)
@@ -219,6 +244,30 @@ def _cmd_inspect(args) -> int:
     paths = None if args.no_report else _write(args, results)
     _emit(args, results, paths)
     return 0
+
+
+class UserCodeError(RuntimeError):
+    """The user's own code (a model factory, a batch or loss function, a model's forward)
+    raised something that is not an ordinary error, e.g. SystemExit: exit 1 with one line."""
+
+
+def _describe_base_exception(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"SystemExit (exit code {e.code!r})"
+    return f"{type(e).__name__}({str(e)!r})" if str(e) else type(e).__name__
+
+
+def _user_code(what: str, f, *args, **kwargs):
+    """Run a loader that calls the user's code; a SystemExit or another BaseException from it
+    becomes one clear line (rnnscope's exit code, not the one the code asked for)."""
+    try:
+        return f(*args, **kwargs)
+    except (KeyboardInterrupt, Exception):
+        raise
+    except BaseException as e:  # noqa: BLE001 - SystemExit, GeneratorExit, custom subclasses
+        raise UserCodeError(f"{what} raised {_describe_base_exception(e)} instead of returning; "
+                            "it must return a torch.nn.Module (or, for --batch, the forward "
+                            "arguments)") from None
 
 
 def _cmd_decay(args) -> int:
@@ -343,7 +392,7 @@ def _cmd_experiment(args) -> int:
 
 def _common(p: argparse.ArgumentParser, *, jacobians: bool = True) -> None:
     """Options of the commands that analyse and write a report."""
-    p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs "
+    p.add_argument("--seed", type=_seed, default=0, help="random seed for weights and inputs "
                    "(default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute (default auto: cuda if available)")
@@ -446,8 +495,9 @@ def build_parser() -> StrictParser:
                    help="training steps per variant (default 3000)")
     e.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
     e.add_argument("--hidden-size", type=_positive_int, default=64, help="(default 64)")
-    e.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    e.add_argument("--clip", type=float, default=1.0,
+    e.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="Adam learning rate (default 3e-3)")
+    e.add_argument("--clip", type=_positive_float, default=1.0,
                    help="gradient-norm clipping bound (default 1.0)")
     e.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=list(VARIANTS),
                    help=f"comma-separated from {','.join(VARIANTS)} (default all)")
@@ -487,20 +537,37 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
+    except UsageError as e:  # a usage mistake found after parsing (e.g. exclusive options)
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("rnnscope: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError, MemoryError) as e:
         if os.environ.get("RNNSCOPE_DEBUG"):
             raise
-        print(f"rnnscope {args.command}: error: {e}", file=sys.stderr)
+        print(f"rnnscope {args.command}: error: {_one_line(e, args.command)}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - a user's model can raise anything
         if os.environ.get("RNNSCOPE_DEBUG"):
             raise
-        print(f"rnnscope {args.command}: error: {type(e).__name__}: {e} (set RNNSCOPE_DEBUG=1 "
-              "for the traceback)", file=sys.stderr)
+        print(f"rnnscope {args.command}: error: {type(e).__name__}: {_one_line(e)} (set "
+              "RNNSCOPE_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
+    except BaseException as e:  # noqa: BLE001 - SystemExit etc. from the user's code
+        if os.environ.get("RNNSCOPE_DEBUG"):
+            raise
+        print(f"rnnscope {args.command}: error: the user's code (the model's forward or a "
+              f"--batch/--loss function) raised {_describe_base_exception(e)} during the "
+              "analysis; rnnscope stopped without results", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _one_line(e: BaseException, command: str = "") -> str:
+    """An error message on one line (a model's own multi-line message is joined), without
+    repeating the command's name that the prefix already gives."""
+    text = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    return text.removeprefix(f"{command}: ") if command else text
 
 
 if __name__ == "__main__":

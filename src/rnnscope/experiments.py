@@ -80,20 +80,37 @@ class ExperimentConfig:
     profile_samples: int = 32
 
     def check(self) -> None:
+        """Every option in range, and the memory estimate within what the machine has,
+        before any work."""
+        from .budget import check_memory, experiment_bytes
+        from .checks import check_number
+
+        fn = "experiment"
         for name in ("T", "steps", "batch_size", "hidden_size", "eval_every", "eval_batches",
                      "profile_samples"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
-        if not self.clip > 0:
-            raise ValueError(f"clip must be > 0; got {self.clip}")
+            check_number(fn, name, getattr(self, name), low=1, integer=True)
+        check_number(fn, "seed", self.seed, low=0, integer=True)
+        check_number(fn, "lr", self.lr, low=0, low_open=True, hint="e.g. 3e-3")
+        check_number(fn, "clip", self.clip, low=0, low_open=True,
+                     hint="the gradient-norm clipping bound, e.g. 1.0")
+        if isinstance(self.variants, str) or not isinstance(self.variants, (tuple, list)):
+            raise TypeError(f"{fn}: variants must be a tuple of names from "
+                            f"{', '.join(VARIANTS)}; got {self.variants!r}")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}; "
-                             f"got {', '.join(self.variants) or 'none'}")
-        make_task(self.task, self.T)  # validates task name and T
+                             f"got {', '.join(map(str, self.variants)) or 'none'}")
+        task = make_task(self.task, self.T)  # validates task name and T
+        check_memory(fn, experiment_bytes(T=self.T, steps=self.steps,
+                                          batch_size=self.batch_size,
+                                          hidden_size=self.hidden_size,
+                                          variants=len(self.variants),
+                                          profile_samples=self.profile_samples,
+                                          seq_len=task.length),
+                     f"training {len(self.variants)} variant(s) for {self.steps} steps on "
+                     f"batches of {self.batch_size} × {task.length} steps with "
+                     f"{self.hidden_size} hidden units",
+                     "use a smaller T, batch size, hidden size or fewer steps")
 
 
 def _evaluate(model, task_cls, batches) -> float:

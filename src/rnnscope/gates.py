@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .checks import count_nonfinite
+from .checks import check_model, check_number, count_nonfinite, public
 from .recurrent import GATES, RETAIN_GATE, describe
 from .replay import replay
 from .results import GateLayerStats, GateStats
@@ -20,6 +20,7 @@ from .results import GateLayerStats, GateStats
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
+@public("gate_stats", module=True, ints={"bins": 1})
 def gate_stats(module: nn.Module, inputs: torch.Tensor, hx=None, *, bins: int = 50) -> GateStats:
     """Forget (LSTM) or retain (GRU) gate statistics for every layer and direction.
 
@@ -96,8 +97,9 @@ def init_forget_bias(module: nn.Module, value: float = 1.0) -> nn.Module:
         >>> bool(((lstm.bias_ih_l0 + lstm.bias_hh_l0)[4:8] == 1.0).all())
         True
     """
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"value must be a finite number; got {value!r}")
+    check_model("init_forget_bias", module, grad=False, what="module")
+    check_number("init_forget_bias", "value", value,
+                  hint="an effective forget bias, e.g. 1.0")
     spec, pairs = _bias_pairs(module)
     sl = _gate_slice(spec.kind, RETAIN_GATE[spec.kind], spec.hidden_size)
     with torch.no_grad():
@@ -116,9 +118,12 @@ def chrono_init(module: nn.Module, t_max: float, *, generator: torch.Generator |
     forget gate (its complement 1 − z is the input gate, tied to it), so only z's bias is set to
     log(u). The hidden-side bias blocks are zeroed so that the effective biases are exact.
     """
-    if not isinstance(t_max, (int, float)) or not t_max > 2:
-        raise ValueError(f"t_max must be a number > 2 (the longest memory time in steps); "
-                         f"got {t_max!r}")
+    check_model("chrono_init", module, grad=False, what="module")
+    check_number("chrono_init", "t_max", t_max, low=2, low_open=True,
+                 hint="the longest memory time in steps, usually the sequence length")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"chrono_init: generator must be a torch.Generator or None; got "
+                        f"{type(generator).__name__}")
     spec, pairs = _bias_pairs(module)
     H = spec.hidden_size
     f_sl = _gate_slice(spec.kind, RETAIN_GATE[spec.kind], H)

@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import cells
 from .cells import custom
-from .checks import check_initial_state, check_inputs, count_nonfinite
+from .checks import check_initial_state, check_inputs, count_nonfinite, public
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import replay
@@ -188,6 +188,7 @@ def _autograd_recurrence(module, inputs, hx, *, layer, direction, state):
 # Public functions
 
 
+@public("step_jacobians", module=True, ints={"layer": 0, "direction": 0})
 def step_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: int = 0,
                    direction: int = 0, state: str | None = None,
                    method: str = "auto") -> StepJacobians:
@@ -246,6 +247,7 @@ def _sweep(rec: _Recurrence):
             R = R @ a_chunk[:, j]  # now ∂s_{T−1}/∂(running state)_{n−1}
 
 
+@public("cell_jacobians", module=True, ints={"layer": 0, "direction": 0})
 def cell_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: int = 0,
                    direction: int = 0, state: str | None = None, keep: str = "full",
                    method: str = "auto") -> CellJacobians:
@@ -301,6 +303,8 @@ def cell_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: i
                          direction=direction, positions=rec.positions, nonfinite=bad)
 
 
+@public("lyapunov_spectrum", module=True,
+        ints={"layer": 0, "direction": 0, "k": 1, "warmup": 0})
 def lyapunov_spectrum(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: int = 0,
                       direction: int = 0, k: int | None = None, warmup: int = 0,
                       method: str = "auto") -> torch.Tensor:
@@ -341,6 +345,7 @@ def lyapunov_spectrum(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer
     return exps[0] if rec.unbatched else exps
 
 
+@public("state_gradients", grad=True, module=True)
 def state_gradients(module: nn.Module, inputs: torch.Tensor, hx=None, *, loss="last",
                     keep: str = "norms") -> StateGradients:
     """Exact total gradients ∂L/∂h_t and (LSTM) ∂L/∂c_t for every layer, direction and step.

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from .checks import count_nonfinite
+from .checks import count_nonfinite, public
 from .losses import check_loss_option, sample_losses
 from .profile import _refuse_sample_mixing, cudnn_guard
 from .results import LagProfile
@@ -58,6 +58,7 @@ def _positions(positions, T: int, seed: int) -> torch.Tensor:
     return pos.sort().values
 
 
+@public("lag_profile", grad=True, call=True)
 def lag_profile(model: nn.Module, inputs, *, positions=16, at=None, loss=None,
                 forward_args=(), forward_kwargs=None, time_dim: int | None = None,
                 seed: int = 0) -> LagProfile:

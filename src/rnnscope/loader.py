@@ -213,6 +213,9 @@ def load_model(spec: str, *, device: str = "cpu") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise LoadError(f"{spec} must be (or return) a torch.nn.Module; got "
                         f"{type(model).__name__}")
+    from .checks import check_model
+
+    check_model(f"the model from {spec}", model, grad=False)  # meta: refused before .to()
     return model.to(device)
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .checks import check_number
 from .gates import chrono_init, init_forget_bias
 
 MODEL_KINDS = ("rnn", "lstm", "gru", "transformer")
@@ -25,6 +26,9 @@ class CausalTransformer(nn.Module):
     def __init__(self, input_size: int, d_model: int = 128, nhead: int = 4, num_layers: int = 1,
                  dim_feedforward: int | None = None):
         super().__init__()
+        for name, v in (("input_size", input_size), ("d_model", d_model), ("nhead", nhead),
+                        ("num_layers", num_layers)):
+            check_number("CausalTransformer", name, v, low=1, integer=True)
         if d_model % nhead:
             raise ValueError(f"d_model must be divisible by nhead; got d_model={d_model}, "
                              f"nhead={nhead}")
@@ -63,8 +67,8 @@ def build_model(kind: str, input_size: int, hidden_size: int, *, num_layers: int
                          f"{forget_init!r}")
     for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                     ("num_layers", num_layers)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive int; got {v!r}")
+        check_number("build_model", name, v, low=1, integer=True)
+    check_number("build_model", "t_max", t_max, low=0, integer=True, allow_none=True)
     if kind == "transformer":
         nhead = 4 if hidden_size % 4 == 0 else 1
         return CausalTransformer(input_size, hidden_size, nhead, num_layers)

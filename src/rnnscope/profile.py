@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .checks import count_nonfinite
+from .budget import check_memory, model_bytes
+from .checks import check_model_call, check_number, count_nonfinite, current_entry, public
 from .losses import LOSS_CHOICES, check_loss_option, sample_losses
 from .results import Comparison, GradientProfile
 from .site import ModelCall, SiteForward, forward_at_site, model_call, unwrap_model
@@ -60,16 +61,19 @@ def random_inputs(model: nn.Module, *, seq_len: int, samples: int, seed: int,
     """Standard normal (samples, seq_len, I) batch-major inputs from a generator seeded with
     `seed`, drawn on the CPU (so the numbers do not depend on the device) and moved to the
     model's device and dtype."""
+    fn = current_entry("random_inputs")
     for name, v in (("seq_len", seq_len), ("samples", samples)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive int; got {v!r}")
+        check_number(fn, name, v, low=1, integer=True)
+    check_number(fn, "seed", seed, integer=True)
     size = model_input_size(model) if input_size is None else input_size
     if size is None:
         raise ValueError(f"cannot tell the input size of a {type(model).__name__}: it has no "
                          "`input_size` attribute and no recurrent submodule; pass inputs (or "
                          "input_size=)")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"input_size must be a positive int; got {size!r}")
+    check_number(fn, "input_size", size, low=1, integer=True)
+    check_memory(fn, model_bytes(model, samples=samples, seq_len=seq_len, input_size=size),
+                 f"{samples} drawn sequences of {seq_len} steps × {size} features for the "
+                 f"{type(model).__name__}", "use fewer samples or a shorter seq_len")
     dtype, device = model_dtype_device(model)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(samples, seq_len, size, generator=g, dtype=torch.float64).to(
@@ -116,7 +120,8 @@ def site_gradients(call: ModelCall, *, at, time_dim, loss, drawn: bool = False):
     """One forward at the site and one backward of Σ_s L_s: (SiteForward, (B, T, F) gradient
     batch-major). Leaves the model untouched (only the site's gradient is taken)."""
     _refuse_sample_mixing(call.model)
-    with cudnn_guard(call.model, call.inputs):
+    # grad on even under torch.no_grad(): the loss is computed from the output here
+    with cudnn_guard(call.model, call.inputs), torch.enable_grad():
         fwd = forward_at_site(call, at=at, time_dim=time_dim, drawn_batch_major=drawn)
         losses, _ = sample_losses(fwd, loss)
         grads = torch.autograd.grad(losses.sum(), fwd.tensors, allow_unused=True)
@@ -124,6 +129,7 @@ def site_gradients(call: ModelCall, *, at, time_dim, loss, drawn: bool = False):
     return fwd, fwd.batch_major(grads)
 
 
+@public("gradient_profile", grad=True, call=True)
 def gradient_profile(model: nn.Module, inputs=None, *, at=None, forward_args=(),
                      forward_kwargs=None, time_dim: int | None = None, loss="last",
                      seq_len: int = 100, samples: int = 50, seed: int = 0,
@@ -172,28 +178,7 @@ def gradient_profile(model: nn.Module, inputs=None, *, at=None, forward_args=(),
         return profile_drawn(call, at=at, time_dim=time_dim, loss=loss, seed=seed,
                              sized_by_model=input_size is None)[0]
     call = model_call(model, inputs, forward_args, forward_kwargs)
-    _check_recurrent_inputs(call.model, inputs)
     return _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name, seed=None)
-
-
-def _check_recurrent_inputs(model: nn.Module, inputs) -> None:
-    """A recurrent module measured directly gets its inputs checked up front, with a message
-    that names its layout (torch's own error does not say which layout it expects)."""
-    if not isinstance(model, (nn.RNNBase, nn.RNNCellBase)) or not isinstance(inputs, torch.Tensor):
-        return
-    cell = isinstance(model, nn.RNNCellBase)
-    layout = "(B, T, I)" if cell or model.batch_first else "(T, B, I)"
-    if inputs.dim() not in (2, 3) or inputs.shape[-1] != model.input_size:
-        bf = "" if cell else f", batch_first={model.batch_first}"
-        raise ValueError(f"inputs must be {layout} with I={model.input_size} (or unbatched "
-                         f"(T, I)) for this {type(model).__name__}{bf}; got "
-                         f"{tuple(inputs.shape)}")
-    if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be floating point for a {type(model).__name__}; got "
-                        f"{inputs.dtype}")
-    if 0 in inputs.shape:
-        raise ValueError(f"inputs must have at least one sample and one timestep; got "
-                         f"{tuple(inputs.shape)} {layout}")
 
 
 def profile_drawn(call: ModelCall, *, at, time_dim, loss, seed,
@@ -260,6 +245,7 @@ def _as_profile(fwd: SiteForward, grad: torch.Tensor, loss_name: str, seed) -> G
                            site=fwd.site)
 
 
+@public("compare", grad=True)
 def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None, *,
             seq_len: int = 100, samples: int = 50, loss="last", seed: int = 0,
             at=None, forward_args=(), forward_kwargs=None,
@@ -288,6 +274,17 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
     for name, m in models.items():
         if not isinstance(m, nn.Module):
             raise TypeError(f"models[{name!r}] must be an nn.Module; got {type(m).__name__}")
+    for name, m in models.items():  # every model checked before any work, as gradient_profile
+        x = inputs
+        dtype, device = model_dtype_device(m)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_meta \
+                and device.type != "meta":
+            x = x.to(device=device, dtype=dtype)  # shared inputs are cast per model, as below
+        try:
+            check_model_call("compare", m, x, forward_args, forward_kwargs, at)
+        except (TypeError, ValueError, RuntimeError) as e:
+            e.args = (str(e).replace("compare: ", f"compare: models[{name!r}]: ", 1),)
+            raise
     if inputs is None:
         sizes = {name: model_input_size(m) for name, m in models.items()}
         known = {v for v in sizes.values() if v is not None}

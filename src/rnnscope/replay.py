@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import cells
 from .cells.layer_trace import LayerTrace
-from .checks import check_initial_state, check_inputs, check_packed
+from .checks import check_initial_state, check_inputs, check_packed, public
 from .recurrent import RecurrentSpec, check_subclass, describe
 
 
@@ -154,6 +154,7 @@ def _dropout_mask(spec: RecurrentSpec, gen: torch.Generator, like: torch.Tensor,
     return like.new_zeros(B * T, F).index_copy_(0, packed_rows.to(like.device), noise).view(B, T, F)
 
 
+@public("replay", module=True)
 def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace:
     """Re-run a recurrent module step by step and expose every state and gate.
 

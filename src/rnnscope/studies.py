@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checks import narrow_state
+from .budget import check_memory, compare_bytes, model_bytes
+from .checks import check_model_call, check_number, narrow_state
 from .gates import gate_stats
 from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
 from .models import DISPLAY, build_model
@@ -82,6 +83,37 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
     return out
 
 
+def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, num_layers,
+                          forget_init, seed, jac_samples) -> None:
+    """Every option of `compare_study` in range and its memory estimate within what the
+    machine has: checked before a model is built."""
+    from .models import FORGET_INITS, MODEL_KINDS
+
+    fn = "compare"
+    if isinstance(models, str) or not models:
+        raise ValueError(f"{fn}: models must be a non-empty tuple of kinds from "
+                         f"{', '.join(MODEL_KINDS)}; got {models!r}")
+    bad = [m for m in models if m not in MODEL_KINDS]
+    if bad:
+        raise ValueError(f"{fn}: unknown model kind(s) {bad}; choose from "
+                         f"{', '.join(MODEL_KINDS)}")
+    if forget_init not in FORGET_INITS:
+        raise ValueError(f"{fn}: forget_init must be one of {', '.join(FORGET_INITS)}; got "
+                         f"{forget_init!r}")
+    for name, v in (("seq_len", seq_len), ("hidden_size", hidden_size),
+                    ("input_size", input_size), ("samples", samples),
+                    ("num_layers", num_layers), ("jac_samples", jac_samples)):
+        check_number(fn, name, v, low=1, integer=True)
+    check_number(fn, "seed", seed, low=0, integer=True)
+    estimate = compare_bytes(models, seq_len=seq_len, hidden_size=hidden_size,
+                             input_size=input_size, samples=samples, num_layers=num_layers,
+                             jac_samples=min(jac_samples, samples))
+    check_memory(fn, estimate, f"{', '.join(models)} with T={seq_len}, H={hidden_size}, "
+                 f"I={input_size}, {samples} samples, {num_layers} layer(s)",
+                 "lower --seq-len, --samples, --hidden-size, --layers or --jacobian-samples, "
+                 "or drop models (--models)")
+
+
 def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int = 100,
                   hidden_size: int = 128, input_size: int = 64, samples: int = 50,
                   num_layers: int = 1, forget_init: str = "default", seed: int = 0,
@@ -93,8 +125,9 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
               "input_size": input_size, "samples": samples, "num_layers": num_layers,
               "forget_init": forget_init, "seed": seed, "device": str(device),
               "jacobian_samples": jac_samples, "loss": "last"}
-    if not models:
-        raise ValueError("at least one model kind is needed")
+    check_compare_options(models=models, seq_len=seq_len, hidden_size=hidden_size,
+                          input_size=input_size, samples=samples, num_layers=num_layers,
+                          forget_init=forget_init, seed=seed, jac_samples=jac_samples)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     built = {}
@@ -148,6 +181,35 @@ def recurrent_sequence(name: str, module: nn.Module, calls: list):
     return torch.cat([c.x for c in calls], dim=dim), _detached(first.hx)
 
 
+def _check_inspect(model, *, inputs, at, seq_len, samples, seed, jac_samples, input_size,
+                   lag_positions) -> None:
+    """`inspect_study`'s options, the model and its forward arguments, and (for drawn inputs)
+    the memory estimate: all before any work."""
+    fn = "inspect"
+    for name, v in (("seq_len", seq_len), ("samples", samples), ("jac_samples", jac_samples)):
+        check_number(fn, name, v, low=1, integer=True)
+    check_number(fn, "seed", seed, low=0, integer=True)
+    check_number(fn, "input_size", input_size, low=1, integer=True, allow_none=True)
+    if not isinstance(lag_positions, (list, tuple)):
+        check_number(fn, "lag_positions", lag_positions, low=1, integer=True)
+    if inputs is None:
+        check_model_call(fn, model, None, (), None, at)
+        from .profile import model_input_size
+
+        size = input_size if input_size is not None else model_input_size(model)
+        if size is not None:
+            check_memory(fn, model_bytes(model, samples=samples, seq_len=seq_len,
+                                         input_size=size,
+                                         jac_samples=min(jac_samples, samples)),
+                         f"{samples} drawn sequences of {seq_len} steps × {size} features "
+                         f"for the {type(model).__name__}",
+                         "lower --samples, --seq-len or --jacobian-samples")
+        return
+    fi = inputs if hasattr(inputs, "inputs") else None
+    check_model_call(fn, model, fi.inputs if fi else inputs, fi.args if fi else (),
+                     fi.kwargs if fi else None, at)
+
+
 def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
                   time_dim: int | None = None, seq_len: int = 100, samples: int = 16,
                   seed: int = 0, jac_samples: int = 4, label: str = "model", source: str = "",
@@ -162,6 +224,8 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
     seeded standard normal features of `input_size` (default: the model's own input size).
     """
     t0 = time.perf_counter()
+    _check_inspect(model, inputs=inputs, at=at, seq_len=seq_len, samples=samples, seed=seed,
+                   jac_samples=jac_samples, input_size=input_size, lag_positions=lag_positions)
     progress("gradient profile")
     if inputs is None:
         x = random_inputs(model, seq_len=seq_len, samples=samples, seed=seed,

@@ -72,14 +72,35 @@ class AlertPolicy:
     callback: object = None
 
     def __post_init__(self):
-        if self.vanish_lag < 1:
-            raise ValueError(f"vanish_lag must be ≥ 1; got {self.vanish_lag}")
-        if not 0 < self.vanish_eps < 1:
-            raise ValueError(f"vanish_eps must be in (0, 1); got {self.vanish_eps}")
-        if not 0 <= self.saturation_frac <= 1:
-            raise ValueError(f"saturation_frac must be in [0, 1]; got {self.saturation_frac}")
-        if not 0 < self.clip_quantile <= 1:
-            raise ValueError(f"clip_quantile must be in (0, 1]; got {self.clip_quantile}")
+        from ..checks import check_number
+
+        fn = "AlertPolicy"
+        check_number(fn, "vanish_lag", self.vanish_lag, low=1, integer=True)
+        check_number(fn, "vanish_eps", self.vanish_eps, low=0, high=1, low_open=True,
+                     high_open=True)
+        check_number(fn, "explode_norm", self.explode_norm, low=0, low_open=True,
+                     allow_none=True, hint="None turns the fixed bound off")
+        check_number(fn, "explode_factor", self.explode_factor, low=0, low_open=True,
+                     hint="a jump above factor × the running median alerts")
+        check_number(fn, "median_window", self.median_window, low=1, integer=True)
+        check_number(fn, "min_history", self.min_history, low=1, integer=True)
+        check_number(fn, "saturation_frac", self.saturation_frac, low=0, high=1)
+        check_number(fn, "saturation_hi", self.saturation_hi, low=0, high=1, low_open=True,
+                     high_open=True)
+        check_number(fn, "saturation_lo", self.saturation_lo, low=0, high=1, low_open=True,
+                     high_open=True)
+        if not self.saturation_lo < self.saturation_hi:
+            raise ValueError(f"{fn}: saturation_lo must be below saturation_hi; got "
+                             f"{self.saturation_lo} and {self.saturation_hi}")
+        check_number(fn, "clip_after", self.clip_after, low=0, integer=True,
+                     hint="0 turns the suggestion off")
+        check_number(fn, "clip_quantile", self.clip_quantile, low=0, high=1, low_open=True)
+        check_number(fn, "cooldown", self.cooldown, low=0, integer=True)
+        if not isinstance(self.warn, bool):
+            raise TypeError(f"{fn}: warn must be True or False; got {self.warn!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(f"{fn}: callback must be callable or None; got "
+                            f"{type(self.callback).__name__}")
 
 
 @dataclass
