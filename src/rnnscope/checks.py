@@ -316,6 +316,7 @@ def _check_tensor_args(fn: str, model: nn.Module, named: list, *, grad: bool) ->
     checked (lengths for pack_padded_sequence live on the CPU by contract)."""
     name = type(model).__name__
     dtype, device = _model_dtype_device(model)
+    bare = isinstance(model, (nn.RNNBase, nn.RNNCellBase))
     for top, obj in named:
         for what, t in _tensors(obj, top):
             if t.is_meta:
@@ -333,7 +334,9 @@ def _check_tensor_args(fn: str, model: nn.Module, named: list, *, grad: bool) ->
             if device is not None and t.device != device and (floating or top == "inputs"):
                 raise ValueError(f"{fn}: {what} is on {t.device} but the {name}'s parameters "
                                  f"are on {device}; move one of them to the other's device")
-            if floating and dtype is not None and t.dtype != dtype:
+            # A wrapper may cast its inputs itself (x.float(), autocast); only a bare
+            # recurrent module or cell is known to need its parameters' dtype.
+            if floating and dtype is not None and t.dtype != dtype and bare:
                 it = top if top == "inputs" else "that tensor"
                 raise TypeError(f"{fn}: {what} has dtype {t.dtype} but the {name}'s parameters "
                                 f"are {dtype}; convert one of them ({it}.to({dtype}) or "
