@@ -165,28 +165,38 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
     """
     spec = describe(site.module)
     grads, head_method = head_vjps(losses, site.outputs, onehot)
-    g_out, g_state = grads[0], grads[1:]  # (P, *output.shape), (P, L, B, ·) each
+    g_out, g_state = grads[0], list(grads[1:])  # (P, *output.shape), (P, L, B, ·) each
     x = site.x
     P = onehot.shape[0]
     B, T = (x.shape[0], x.shape[1]) if spec.batch_first else (x.shape[1], x.shape[0])
+    R = P * B
     with torch.no_grad():
         g_out = g_out if spec.batch_first else g_out.transpose(1, 2)  # (P, B, T, Ho)
-        starts = _starts(g_out, g_state)  # (P,) last step each position's adjoint starts at
-        order = torch.argsort(starts, descending=True, stable=True)
-        starts_sorted = starts[order].tolist()
+        starts = _starts(g_out, g_state)  # each position's last step with a cotangent
+        order = sorted(range(P), key=lambda p: -starts[p])  # sweep order: latest start first
+        row_start = [starts[p] for p in order]
         # rows active at step s: the positions whose start is ≥ s, a prefix in sweep order
-        active = [B * sum(1 for st in starts_sorted if st >= s) for s in range(T)]
+        active = [B * sum(1 for st in row_start if st >= s) for s in range(T)]
         trace = replay(site.module, x.detach(), _detached(site.hx))
-        idx = order.to(g_out.device)
-        # top layer's output cotangent, time-major rows in sweep order: (T, R, Ho)
-        cot = g_out.index_select(0, idx).permute(2, 0, 1, 3).reshape(T, P * B, -1)
-        state_cots = [g.index_select(0, idx) for g in g_state]  # (P, L, B, ·) each
+        # dh[s + 1] = ∂ℓ/∂h_s of the top layer, rows in sweep order; each position's rows are
+        # written up to its start (all the sweep reads of them)
+        dh = g_out.new_empty(T + 1, R, g_out.shape[-1])
+        for j, p in enumerate(order):
+            if row_start[j] >= 0:
+                dh[1:row_start[j] + 2, j * B:(j + 1) * B] = \
+                    g_out[p, :, :row_start[j] + 1].transpose(0, 1)
+        perm = torch.tensor(order, device=g_out.device)
+        state_cots = [g.index_select(0, perm) for g in g_state]  # (P, L, B, ·), sweep order
+        # ‖∂ℓ/∂x_s‖ per row, written by the bottom layer's sweep; rows not active at a step
+        # have a zero gradient there
+        norms = dh.new_zeros(T, R)
         for layer in reversed(range(spec.num_layers)):
-            h_cot, c_cot = [_layer_rows(g, layer) for g in (state_cots + [None, None])[:2]]
-            cot = _sweep_layer(spec, layer, trace.layers[layer][0], cot, h_cot, c_cot, active)
-        # cot is now ∂ℓ/∂x in rows: (T, R, I) -> per-sample norms (B, P, T), positions unsorted
-        norms = cot.to(torch.float64).norm(dim=-1).view(T, P, B)
-        norms = norms.index_select(1, torch.argsort(idx)).permute(2, 1, 0)
+            h_cot, c_cot = [None if g is None else g[:, layer].reshape(R, -1)
+                            for g in (state_cots + [None, None])[:2]]
+            dh = _sweep_layer(spec, layer, trace.layers[layer][0], dh, h_cot, c_cot, active,
+                              norms if layer == 0 else None)
+        norms = norms.to(torch.float64).view(T, P, B)
+        norms = norms.index_select(1, torch.argsort(perm)).permute(2, 1, 0)  # (B, P, T)
     return norms.cpu(), f"{METHOD} ({spec.kind}, head: {head_method})"
 
 
@@ -198,49 +208,74 @@ def _detached(hx):
     return hx
 
 
-def _starts(g_out: torch.Tensor, g_state: list) -> torch.Tensor:
-    """(P,) for each position the last step with a nonzero cotangent (T − 1 when the final
-    state is used; −1 when nothing is). NaN counts as nonzero, so it propagates as autograd's."""
+def _starts(g_out: torch.Tensor, g_state: list) -> list:
+    """For each position the last step with a nonzero cotangent (T − 1 when the final state is
+    used; −1 when nothing is). NaN counts as nonzero, so it propagates as in autograd."""
     P, B, T = g_out.shape[:3]
-    nonzero = (g_out != 0).reshape(P, B, T, -1).any(-1).any(1)  # (P, T)
+    nonzero = (_squeeze_broadcast(g_out) != 0).flatten(3).any(3).any(1)  # (P, T)
     steps = torch.arange(T, device=g_out.device)
     starts = torch.where(nonzero, steps, -1).amax(1)
     for g in g_state:
-        if g is not None:
-            used = (g != 0).reshape(P, -1).any(1)
-            starts = torch.where(used, T - 1, starts)
-    return starts.cpu()
+        used = (g != 0).reshape(P, -1).any(1)
+        starts = torch.where(used, T - 1, starts)
+    return starts.tolist()
 
 
-def _layer_rows(g, layer: int):
-    """Rows (R, ·) of a final-state cotangent (P, L, B, ·) for one layer, or None."""
-    if g is None:
-        return None
-    return g[:, layer].reshape(-1, g.shape[-1])
+def _squeeze_broadcast(g: torch.Tensor) -> torch.Tensor:
+    """g without the repeats of its broadcast (stride-0) feature dimensions: a head like
+    out.sum(-1) returns its cotangent expanded over the features, and reading every repeat
+    would cost a full pass over (P, B, T, Ho). Batch, position and time dimensions are kept."""
+    for d in range(3, g.dim()):
+        if g.stride(d) == 0 and g.shape[d] > 1:
+            g = g.narrow(d, 0, 1)
+    return g
 
 
-def _sweep_layer(spec, layer: int, lt, cot: torch.Tensor, h_cot, c_cot,
-                 active: list) -> torch.Tensor:
-    """One layer's backward sweep: output cotangents (T, R, Ho) -> input gradients (T, R, I_l).
+def _sweep_layer(spec, layer: int, lt, dh: torch.Tensor, h_cot, c_cot, active: list,
+                 norms: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One layer's backward sweep over time, in place on the rows that matter.
 
-    Z[s] holds (∂ℓ/∂h_{s−1} | ∂ℓ/∂x_s) for every row: the step-s GEMM dgates_s [W_hh | W_ih]
-    writes both at once, adding the recurrent part to the output cotangent already there.
+    dh (T + 1, R, Ho): dh[s + 1] holds the output cotangent at step s of the active rows; the
+    sweep adds the recurrent part as it goes (dh[s] += dgates_s W_hh). Returns the input
+    gradients dx (T + 1, R, I_l), dx[s + 1] = dgates_s W_ih, laid out as the next layer down
+    takes its dh. Rows not active at a step are not written. Given `norms` (T, R) (the bottom
+    layer), only the norms ‖dx_s‖ of the active rows are written there, and dx is not kept.
     """
     p = spec.params(layer, 0)
-    T, R, Ho = cot.shape
-    I = p.w_ih.shape[1]
-    Z = cot.new_zeros(T + 1, R, Ho + I)
-    Z[1:, :, :Ho] = cot
-    if h_cot is not None:
-        Z[T, :, :Ho] += h_cot
+    T = dh.shape[0] - 1
+    if h_cot is not None and active[T - 1]:
+        k = active[T - 1]
+        dh[T, :k] += h_cot[:k]  # rows with a final-state cotangent all start at T − 1
+    R, I = dh.shape[1], p.w_ih.shape[1]
+    if norms is None:
+        dx = dh.new_empty(T + 1, R, I)
+        dxs = dx.unbind(0)
+    else:  # one scratch row block, reused every step
+        dx = None
+        dxs = [dh.new_empty(R, I)] * (T + 1)
+    sink = Sink(dxs, norms)
     kind = spec.kind
     if kind == "lstm":
-        _lstm_sweep(p, lt, Z, c_cot, active)
+        _lstm_sweep(p, lt, dh, sink, c_cot, active)
     elif kind == "gru":
-        _gru_sweep(p, lt, Z, active)
+        _gru_sweep(p, lt, dh, sink, active)
     else:
-        _rnn_sweep(p, lt, Z, active, spec.nonlinearity)
-    return Z[:T, :, Ho:]
+        _rnn_sweep(p, lt, dh, sink, active, spec.nonlinearity)
+    return dx
+
+
+class Sink:
+    """Where a sweep puts dx_s = dgates_s W_ih: into the next layer's dh, or into its norms."""
+
+    def __init__(self, dxs, norms):
+        self.dxs = dxs
+        self.norms = None if norms is None else norms.unbind(0)
+
+    def put(self, s: int, k: int, dgates: torch.Tensor, w_ih: torch.Tensor) -> None:
+        out = self.dxs[s + 1][:k]
+        torch.mm(dgates, w_ih, out=out)
+        if self.norms is not None:
+            torch.linalg.vector_norm(out, dim=-1, out=self.norms[s][:k])
 
 
 def _time_major(t: torch.Tensor) -> torch.Tensor:
@@ -248,14 +283,13 @@ def _time_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).contiguous()
 
 
-def _lstm_sweep(p, lt, Z, c_cot, active):
+def _lstm_sweep(p, lt, dh, sink, c_cot, active):
     """LSTM adjoint, per step s (dm = dh, or dh W_hr with a projection):
         dc_s = dc_{s+1} f_{s+1} + dm o_s (1 − tanh² c_s)
         d(i, f, g) = dc_s (g i(1−i), c_{s−1} f(1−f), i(1−g²)),   do = dm tanh(c_s) o(1−o)
-        (dh_{s−1} | dx_s) += d(i, f, g, o) [W_hh | W_ih]
+        dh_{s−1} += d(i, f, g, o) W_hh,   dx_s = d(i, f, g, o) W_ih
     """
-    T, R = Z.shape[0] - 1, Z.shape[1]
-    Ho = p.w_hh.shape[1]
+    T, R = dh.shape[0] - 1, dh.shape[1]
     H = p.w_hh.shape[0] // 4
     B = lt.h.shape[0]
     gates = lt.gates
@@ -266,40 +300,42 @@ def _lstm_sweep(p, lt, Z, c_cot, active):
                                   dim=2)).unbind(0)  # (B, 3, H) per step
     k_o = _time_major(tanh_c * o * (1 - o)).unbind(0)
     f_t = _time_major(f).unbind(0)
-    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (4H, Ho + I)
-    w_hr = p.w_hr.detach() if p.w_hr is not None else None
-    dc = Z.new_zeros(R, H)
+    w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()  # (4H, Ho), (4H, I)
+    w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (Ho, H)
+    dc = dh.new_zeros(R, H)
     if c_cot is not None:
         dc += c_cot
-    dgates = Z.new_empty(R, 4 * H)
-    zs = Z.unbind(0)
+    dgates = dh.new_empty(R, 4 * H)
+    dhs = dh.unbind(0)
     for s in range(T - 1, -1, -1):
         k = active[s]
         if k == 0:
             continue
         q = k // B
-        dh = zs[s + 1][:k, :Ho]
-        dm = (dh if w_hr is None else torch.mm(dh, w_hr)).view(q, B, H)
+        dh_s = dhs[s + 1][:k]
+        dm = (dh_s if w_hr is None else torch.mm(dh_s, w_hr)).view(q, B, H)
         dc_s = dc[:k].view(q, B, H)
         dc_s.addcmul_(dm, e_o[s])
-        dg = dgates[:k].view(q, B, 4, H)
-        torch.mul(dc_s.unsqueeze(2), k_c[s], out=dg[:, :, :3])
-        torch.mul(dm, k_o[s], out=dg[:, :, 3])
+        dg = dgates[:k]
+        dg4 = dg.view(q, B, 4, H)
+        torch.mul(dc_s.unsqueeze(2), k_c[s], out=dg4[:, :, :3])
+        torch.mul(dm, k_o[s], out=dg4[:, :, 3])
         dc_s.mul_(f_t[s])  # carried to step s − 1
-        zs[s][:k].addmm_(dgates[:k], w)
+        sink.put(s, k, dg, w_ih)
+        if s > 0:  # ∂ℓ/∂h_{−1} (the initial state) is not needed
+            dhs[s][:k].addmm_(dg, w_hh)
 
 
-def _gru_sweep(p, lt, Z, active):
+def _gru_sweep(p, lt, dh, sink, active):
     """GRU adjoint, per step s, with a = (1 − z)(1 − n²) and ghn = W_hn h_{s−1} + b_hn:
         d pre_n = dh a,   d pre_r = dh a ghn r(1−r),   d pre_z = dh (h_{s−1} − n) z(1−z)
         dx_s = (d pre_r, d pre_z, d pre_n) W_ih
-        dh_{s−1} = dh z + (d pre_r, d pre_z, d pre_n r) W_hh
-    both from one GEMM of u = (d pre_r, d pre_z, d pre_n, d pre_n r) with a (4H, H + I) block
-    matrix.
+        dh_{s−1} += dh z + (d pre_r, d pre_z, d pre_n r) W_hh
+    from u = (d pre_n, d pre_r, d pre_z, d pre_n r): u[:, :3H] with W_ih's rows reordered
+    (n, r, z), u[:, H:] with W_hh as it is.
     """
-    T, R = Z.shape[0] - 1, Z.shape[1]
+    T, R = dh.shape[0] - 1, dh.shape[1]
     H = p.w_hh.shape[1]
-    I = p.w_ih.shape[1]
     B = lt.h.shape[0]
     r, z, n = lt.gates["r"], lt.gates["z"], lt.gates["n"]
     h_prev = lt.prev_h
@@ -308,45 +344,46 @@ def _gru_sweep(p, lt, Z, active):
     if p.b_hh is not None:
         ghn = ghn + p.b_hh[2 * H:].detach()
     a = (1 - z) * (1 - n * n)
-    coef = _time_major(torch.stack([a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a, a * r],
+    coef = _time_major(torch.stack([a, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a * r],
                                    dim=2)).unbind(0)  # (B, 4, H) per step
     z_t = _time_major(z).unbind(0)
-    m = w_hh.new_zeros(4 * H, H + I)
-    m[: 2 * H, :H] = w_hh[: 2 * H]
-    m[: 2 * H, H:] = w_ih[: 2 * H]
-    m[2 * H: 3 * H, H:] = w_ih[2 * H:]
-    m[3 * H:, :H] = w_hh[2 * H:]
-    u = Z.new_empty(R, 4 * H)
-    zs = Z.unbind(0)
+    w_ih_nrz = torch.cat([w_ih[2 * H:], w_ih[: 2 * H]])  # (3H, I), rows n, r, z
+    u = dh.new_empty(R, 4 * H)
+    dhs = dh.unbind(0)
     for s in range(T - 1, -1, -1):
         k = active[s]
         if k == 0:
             continue
         q = k // B
-        dh = zs[s + 1][:k, :H].view(q, B, H)
-        torch.mul(dh.unsqueeze(2), coef[s], out=u[:k].view(q, B, 4, H))
-        out = zs[s][:k]
-        out.addmm_(u[:k], m)
-        out[:, :H].view(q, B, H).addcmul_(dh, z_t[s])
+        dh_s = dhs[s + 1][:k]
+        uk = u[:k]
+        torch.mul(dh_s.view(q, B, 1, H), coef[s], out=uk.view(q, B, 4, H))
+        sink.put(s, k, uk[:, : 3 * H], w_ih_nrz)
+        if s > 0:
+            prev = dhs[s][:k]
+            prev.addmm_(uk[:, H:], w_hh)
+            prev.view(q, B, H).addcmul_(dh_s.view(q, B, H), z_t[s])
 
 
-def _rnn_sweep(p, lt, Z, active, nonlinearity: str):
-    """Vanilla RNN adjoint: d pre_s = dh act'(pre_s); (dh_{s−1} | dx_s) += d pre_s [W_hh | W_ih].
+def _rnn_sweep(p, lt, dh, sink, active, nonlinearity: str):
+    """Vanilla RNN adjoint: d pre_s = dh act'(pre_s); dh_{s−1} += d pre_s W_hh, dx_s = d pre_s W_ih.
     act' is read from the output: 1 − h² for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
-    T, R = Z.shape[0] - 1, Z.shape[1]
+    T, R = dh.shape[0] - 1, dh.shape[1]
     H = p.w_hh.shape[1]
     B = lt.h.shape[0]
     h = lt.h
     d = (1 - h * h) if nonlinearity == "tanh" else (h > 0).to(h.dtype)
     d_t = _time_major(d).unbind(0)
-    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (H, H + I)
-    dpre = Z.new_empty(R, H)
-    zs = Z.unbind(0)
+    w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
+    dpre = dh.new_empty(R, H)
+    dhs = dh.unbind(0)
     for s in range(T - 1, -1, -1):
         k = active[s]
         if k == 0:
             continue
         q = k // B
-        dh = zs[s + 1][:k, :H].view(q, B, H)
-        torch.mul(dh, d_t[s], out=dpre[:k].view(q, B, H))
-        zs[s][:k].addmm_(dpre[:k], w)
+        dp = dpre[:k]
+        torch.mul(dhs[s + 1][:k].view(q, B, H), d_t[s], out=dp.view(q, B, H))
+        sink.put(s, k, dp, w_ih)
+        if s > 0:
+            dhs[s][:k].addmm_(dp, w_hh)
