@@ -7,8 +7,10 @@ When the gradient is measured at the input of a fused, unidirectional nn.LSTM / 
    positions at once with one batched vector-Jacobian product through whatever the model does
    after the recurrence (`torch.autograd.grad(..., is_grads_batched=True)`) — exact for any head;
 2. the recurrence: one backward sweep over time with the closed-form one-step adjoint of the
-   cell (PyTorch's equations, on the states and gates of `replay`), no autograd graph, with all
-   positions' adjoints stacked as R = P·B rows.
+   cell (PyTorch's equations), no autograd graph, with all positions' adjoints stacked as
+   R = P·B rows. The gates it needs are recomputed for all steps at once from each layer's
+   input and output sequence: for a one-layer module the fused kernel's own input and output,
+   for deeper ones `replay`'s per-layer states.
 
 The adjoint is linear, so a position whose cotangents are zero after step t_p has a zero adjoint
 there: the sweep starts each position at its own last nonzero step (read from the cotangents, so
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .recurrent import describe
+from .recurrent import check_subclass, describe
 from .replay import replay
 
 METHOD = "adjoint sweep"  # how lag_profile's config names this path
@@ -93,6 +95,8 @@ def plan(fwd, losses: torch.Tensor, raw: dict) -> tuple[SweepSite | None, str]:
     """The sweep site for this forward, or None and the reason the general path is taken."""
     if len(fwd.tensors) != 1:
         return None, "the site is called several times"
+    if fwd.axes.layout == "packed":
+        return None, "packed sequences"
     site = fwd.tensors[0]
     found = [(name, calls[0]) for name, calls in fwd.capture.recurrent.items()
              if len(calls) == 1 and calls[0].x is site]
@@ -104,6 +108,7 @@ def plan(fwd, losses: torch.Tensor, raw: dict) -> tuple[SweepSite | None, str]:
         return None, "the site's recurrent module is a cell"
     try:
         spec = describe(module)
+        check_subclass(module)  # a subclass must compute its parent's equations
     except (TypeError, ValueError):
         return None, "the recurrent module is not one rnnscope can replay"
     if spec.num_directions != 1:
@@ -177,7 +182,7 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
         row_start = [starts[p] for p in order]
         # rows active at step s: the positions whose start is ≥ s, a prefix in sweep order
         active = [B * sum(1 for st in row_start if st >= s) for s in range(T)]
-        trace = replay(site.module, x.detach(), _detached(site.hx))
+        layers = _layer_sequences(site, spec)
         # dh[s + 1] = ∂ℓ/∂h_s of the top layer, rows in sweep order; each position's rows are
         # written up to its start (all the sweep reads of them)
         dh = g_out.new_empty(T + 1, R, g_out.shape[-1])
@@ -193,11 +198,49 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
         for layer in reversed(range(spec.num_layers)):
             h_cot, c_cot = [None if g is None else g[:, layer].reshape(R, -1)
                             for g in (state_cots + [None, None])[:2]]
-            dh = _sweep_layer(spec, layer, trace.layers[layer][0], dh, h_cot, c_cot, active,
+            dh = _sweep_layer(spec, layer, layers[layer], dh, h_cot, c_cot, active,
                               norms if layer == 0 else None)
         norms = norms.to(torch.float64).view(T, P, B)
         norms = norms.index_select(1, torch.argsort(perm)).permute(2, 1, 0)  # (B, P, T)
     return norms.cpu(), f"{METHOD} ({spec.kind}, head: {head_method})"
+
+
+@dataclass
+class LayerSequences:
+    """One layer's forward, time-major: x (T, B, I_l) its input, h (T, B, Ho) its output
+    states, h0 (B, Ho) and c0 (B, H; LSTM) its initial state. Views are fine."""
+
+    x: torch.Tensor
+    h: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor | None
+
+
+def _layer_sequences(site: SweepSite, spec) -> list:
+    """Every layer's input and output sequence. A one-layer module's are what it received and
+    returned (the fused kernel's own values, nothing recomputed); a deeper module's inner
+    layers are not exposed by the kernel, so they come from `replay`."""
+    x = site.x.detach()
+    if spec.num_layers == 1:
+        out = site.outputs[0].detach()
+        tm = (lambda t: t.transpose(0, 1)) if spec.batch_first else (lambda t: t)
+        B = out.shape[0] if spec.batch_first else out.shape[1]
+        h0, c0 = _initial_state(site.hx, spec, B, out)
+        return [LayerSequences(tm(x), tm(out), h0, c0)]
+    trace = replay(site.module, x, _detached(site.hx))
+    return [LayerSequences(lt.x.transpose(0, 1), lt.h.transpose(0, 1), lt.h0, lt.c0)
+            for (lt,) in trace.layers]
+
+
+def _initial_state(hx, spec, B: int, like: torch.Tensor):
+    """(h0, c0) of layer 0 of a one-layer module: (B, Ho), (B, H) or None."""
+    if hx is None:
+        h0 = like.new_zeros(B, spec.hidden_out)
+        c0 = like.new_zeros(B, spec.hidden_size) if spec.has_cell_state else None
+        return h0, c0
+    if spec.has_cell_state:
+        return hx[0].detach()[0], hx[1].detach()[0]
+    return hx.detach()[0], None
 
 
 def _detached(hx):
@@ -278,9 +321,34 @@ class Sink:
             torch.linalg.vector_norm(out, dim=-1, out=self.norms[s][:k])
 
 
-def _time_major(t: torch.Tensor) -> torch.Tensor:
-    """(B, T, ...) -> contiguous (T, B, ...), so that each step is one contiguous slice."""
-    return t.transpose(0, 1).contiguous()
+def _detach(t):
+    return None if t is None else t.detach()
+
+
+def _previous(lt: LayerSequences) -> torch.Tensor:
+    """(T, B, Ho) the state entering each step: h0, h_0, …, h_{T−2}."""
+    return torch.cat([lt.h0.unsqueeze(0), lt.h[:-1]])
+
+
+def _preactivations(p, lt: LayerSequences) -> torch.Tensor:
+    """(T·B, G·H) W_ih x_s + b_ih + W_hh h_{s−1} + b_hh for every step at once: the states are
+    known, so the gates need no loop over time."""
+    T, B = lt.h.shape[:2]
+    pre = torch.nn.functional.linear(lt.x.reshape(T * B, -1), p.w_ih.detach(), _detach(p.b_ih))
+    if p.b_hh is not None:
+        pre += p.b_hh.detach()
+    return pre.addmm_(_previous(lt).reshape(T * B, -1), p.w_hh.detach().t())
+
+
+def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """(T + 1, B, H) LSTM cell states c_s = f_s c_{s−1} + i_s g_s from c_{−1} = c0: the one
+    recurrence the gates leave, elementwise."""
+    c = ig.new_empty((ig.shape[0] + 1,) + tuple(ig.shape[1:]))
+    c[0] = c0
+    cs = c.unbind(0)
+    for s, (ig_s, f_s) in enumerate(zip(ig.unbind(0), f.unbind(0))):
+        torch.addcmul(ig_s, f_s, cs[s], out=cs[s + 1])
+    return c
 
 
 def _lstm_sweep(p, lt, dh, sink, c_cot, active):
@@ -291,15 +359,18 @@ def _lstm_sweep(p, lt, dh, sink, c_cot, active):
     """
     T, R = dh.shape[0] - 1, dh.shape[1]
     H = p.w_hh.shape[0] // 4
-    B = lt.h.shape[0]
-    gates = lt.gates
-    i, f, g, o = gates["i"], gates["f"], gates["g"], gates["o"]
-    tanh_c = torch.tanh(lt.c)
-    e_o = _time_major(o * (1 - tanh_c * tanh_c)).unbind(0)  # (B, H) per step
-    k_c = _time_major(torch.stack([g * i * (1 - i), lt.prev_c * f * (1 - f), i * (1 - g * g)],
-                                  dim=2)).unbind(0)  # (B, 3, H) per step
-    k_o = _time_major(tanh_c * o * (1 - o)).unbind(0)
-    f_t = _time_major(f).unbind(0)
+    B = lt.h.shape[1]
+    pre = _preactivations(p, lt).view(T, B, 4 * H)  # (T, B, 4H)
+    sig = torch.sigmoid(pre)
+    i, f, o = sig[..., :H], sig[..., H:2 * H], sig[..., 3 * H:]
+    g = torch.tanh(pre[..., 2 * H:3 * H])
+    c = _cell_states(i * g, f, lt.c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
+    tanh_c = torch.tanh(c[1:])
+    e_o = (o * (1 - tanh_c * tanh_c)).unbind(0)  # (B, H) per step
+    k_c = torch.stack([g * i * (1 - i), c[:-1] * f * (1 - f), i * (1 - g * g)],
+                      dim=2).unbind(0)  # (B, 3, H) per step
+    k_o = (tanh_c * o * (1 - o)).unbind(0)
+    f_t = f.unbind(0)
     w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()  # (4H, Ho), (4H, I)
     w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (Ho, H)
     dc = dh.new_zeros(R, H)
@@ -336,17 +407,19 @@ def _gru_sweep(p, lt, dh, sink, active):
     """
     T, R = dh.shape[0] - 1, dh.shape[1]
     H = p.w_hh.shape[1]
-    B = lt.h.shape[0]
-    r, z, n = lt.gates["r"], lt.gates["z"], lt.gates["n"]
-    h_prev = lt.prev_h
+    B = lt.h.shape[1]
     w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
-    ghn = h_prev @ w_hh[2 * H:].t()
-    if p.b_hh is not None:
-        ghn = ghn + p.b_hh[2 * H:].detach()
+    h_prev = _previous(lt).reshape(T * B, H)
+    gx = torch.nn.functional.linear(lt.x.reshape(T * B, -1), w_ih, _detach(p.b_ih))
+    gh = torch.nn.functional.linear(h_prev, w_hh, _detach(p.b_hh))  # (T·B, 3H) each
+    rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    ghn = gh[:, 2 * H:]
+    n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, ghn))
     a = (1 - z) * (1 - n * n)
-    coef = _time_major(torch.stack([a, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a * r],
-                                   dim=2)).unbind(0)  # (B, 4, H) per step
-    z_t = _time_major(z).unbind(0)
+    coef = torch.stack([a, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a * r],
+                       dim=1).view(T, B, 4, H).unbind(0)  # (B, 4, H) per step
+    z_t = z.view(T, B, H).unbind(0)
     w_ih_nrz = torch.cat([w_ih[2 * H:], w_ih[: 2 * H]])  # (3H, I), rows n, r, z
     u = dh.new_empty(R, 4 * H)
     dhs = dh.unbind(0)
@@ -370,10 +443,10 @@ def _rnn_sweep(p, lt, dh, sink, active, nonlinearity: str):
     act' is read from the output: 1 − h² for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
     T, R = dh.shape[0] - 1, dh.shape[1]
     H = p.w_hh.shape[1]
-    B = lt.h.shape[0]
-    h = lt.h
+    B = lt.h.shape[1]
+    h = lt.h  # (T, B, H)
     d = (1 - h * h) if nonlinearity == "tanh" else (h > 0).to(h.dtype)
-    d_t = _time_major(d).unbind(0)
+    d_t = d.unbind(0)
     w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
     dpre = dh.new_empty(R, H)
     dhs = dh.unbind(0)
