@@ -179,30 +179,61 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
         g_out = g_out if spec.batch_first else g_out.transpose(1, 2)  # (P, B, T, Ho)
         starts = _starts(g_out, g_state)  # each position's last step with a cotangent
         order = sorted(range(P), key=lambda p: -starts[p])  # sweep order: latest start first
-        row_start = [starts[p] for p in order]
-        # rows active at step s: the positions whose start is ≥ s, a prefix in sweep order
-        active = [B * sum(1 for st in row_start if st >= s) for s in range(T)]
+        rows = Rows.build([starts[p] for p in order], B, T, g_out.device)
         layers = _layer_sequences(site, spec)
-        # dh[s + 1] = ∂ℓ/∂h_s of the top layer, rows in sweep order; each position's rows are
-        # written up to its start (all the sweep reads of them)
-        dh = g_out.new_empty(T + 1, R, g_out.shape[-1])
-        for j, p in enumerate(order):
-            if row_start[j] >= 0:
-                dh[1:row_start[j] + 2, j * B:(j + 1) * B] = \
-                    g_out[p, :, :row_start[j] + 1].transpose(0, 1)
+        # the top layer's output cotangents in the row layout: step s's rows are positions
+        # order[0 .. q_s) (q_s = active_s / B), each with its B samples
+        pidx = [order[j] for s in range(T - 1, -1, -1) for j in range(rows.active[s] // B)]
+        sidx = [s for s in range(T - 1, -1, -1) for _ in range(rows.active[s] // B)]
+        as_index = lambda v: torch.tensor(v, dtype=torch.long, device=g_out.device)  # noqa: E731
+        dh = g_out.permute(0, 2, 1, 3)[as_index(pidx), as_index(sidx)]  # (pairs, B, Ho)
+        dh = dh.reshape(-1, g_out.shape[-1])  # (rows.n_steps, Ho)
         perm = torch.tensor(order, device=g_out.device)
         state_cots = [g.index_select(0, perm) for g in g_state]  # (P, L, B, ·), sweep order
-        # ‖∂ℓ/∂x_s‖ per row, written by the bottom layer's sweep; rows not active at a step
-        # have a zero gradient there
-        norms = dh.new_zeros(T, R)
         for layer in reversed(range(spec.num_layers)):
             h_cot, c_cot = [None if g is None else g[:, layer].reshape(R, -1)
                             for g in (state_cots + [None, None])[:2]]
-            dh = _sweep_layer(spec, layer, layers[layer], dh, h_cot, c_cot, active,
-                              norms if layer == 0 else None)
-        norms = norms.to(torch.float64).view(T, P, B)
+            dh = _sweep_layer(spec, layer, layers[layer], rows, dh, h_cot, c_cot)
+        # dh now holds ∂ℓ/∂x_s in the row layout: scatter the norms into (T, R), zero elsewhere
+        flat = torch.linalg.vector_norm(dh, dim=-1).to(torch.float64)
+        norms = flat.new_zeros(T * R).index_copy_(0, rows.dense_index, flat).view(T, P, B)
         norms = norms.index_select(1, torch.argsort(perm)).permute(2, 1, 0)  # (B, P, T)
     return norms.cpu(), f"{METHOD} ({spec.kind}, head: {head_method})"
+
+
+@dataclass
+class Rows:
+    """The sweep's row layout: only the rows that carry a value, step after step.
+
+    Rows are (position in sweep order j, sample b) pairs, r = j·B + b; at step s the active
+    rows are the prefix r < active[s] (positions whose start is ≥ s). The sweep's buffers hold,
+    for s = T − 1 down to 0, the active rows of step s one after the other (`seg[s + 1]` is
+    where step s begins), then one more segment of active[0] rows for step −1. A step's GEMM
+    reads its own segment and writes the first active[s] rows of the segment after it, so
+    (∂ℓ/∂h_{s−1} | ∂ℓ/∂x_s) land together, and nothing is computed for inactive rows.
+    """
+
+    active: list          # (T,) active rows per step
+    seg: list             # (T + 1,) seg[s + 1]: the first row of step s (s = −1 … T − 1)
+    n: int                # all rows, step −1's segment included
+    n_steps: int          # rows of steps 0 … T − 1 (= seg[0])
+    dx_index: torch.Tensor     # (n_steps,) where ∂ℓ/∂x_s of step s's rows is, s = T − 1 … 0
+    dense_index: torch.Tensor  # (n_steps,) the same rows' places in a (T, R) array
+
+    @staticmethod
+    def build(row_start: list, B: int, T: int, device) -> "Rows":
+        active = [B * sum(1 for st in row_start if st >= s) for s in range(T)]
+        R = B * len(row_start)
+        seg = [0] * (T + 1)
+        for s in range(T - 2, -2, -1):
+            seg[s + 1] = seg[s + 2] + active[s + 1]
+        n = seg[0] + active[0]
+        dx_rows, dense = [], []
+        for s in range(T - 1, -1, -1):
+            dx_rows.extend(range(seg[s], seg[s] + active[s]))
+            dense.extend(range(s * R, s * R + active[s]))
+        as_index = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return Rows(active, seg, n, seg[0], as_index(dx_rows), as_index(dense))
 
 
 @dataclass
@@ -274,51 +305,46 @@ def _squeeze_broadcast(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _sweep_layer(spec, layer: int, lt, dh: torch.Tensor, h_cot, c_cot, active: list,
-                 norms: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One layer's backward sweep over time, in place on the rows that matter.
+def _sweep_layer(spec, layer: int, lt, rows: Rows, dh: torch.Tensor, h_cot,
+                 c_cot) -> torch.Tensor:
+    """One layer's backward sweep over time.
 
-    dh (T + 1, R, Ho): dh[s + 1] holds the output cotangent at step s of the active rows; the
-    sweep adds the recurrent part as it goes (dh[s] += dgates_s W_hh). Returns the input
-    gradients dx (T + 1, R, I_l), dx[s + 1] = dgates_s W_ih, laid out as the next layer down
-    takes its dh. Rows not active at a step are not written. Given `norms` (T, R) (the bottom
-    layer), only the norms ‖dx_s‖ of the active rows are written there, and dx is not kept.
+    dh (rows.n_steps, Ho): the layer's output cotangents in the row layout. Returns its input
+    gradients (rows.n_steps, I_l) in the same layout (the next layer down's dh).
+    Z (rows.n, Ho + I_l) holds (∂ℓ/∂h_s | ∂ℓ/∂x_{s+1}) in step s's segment: the output
+    cotangent is there before the sweep and step s + 1's GEMM adds the recurrent part.
     """
     p = spec.params(layer, 0)
-    T = dh.shape[0] - 1
-    if h_cot is not None and active[T - 1]:
-        k = active[T - 1]
-        dh[T, :k] += h_cot[:k]  # rows with a final-state cotangent all start at T − 1
-    R, I = dh.shape[1], p.w_ih.shape[1]
-    if norms is None:
-        dx = dh.new_empty(T + 1, R, I)
-        dxs = dx.unbind(0)
-    else:  # one scratch row block, reused every step
-        dx = None
-        dxs = [dh.new_empty(R, I)] * (T + 1)
-    sink = Sink(dxs, norms)
+    Ho, I = dh.shape[1], p.w_ih.shape[1]
+    T = len(rows.active)
+    Z = dh.new_empty(rows.n, Ho + I)
+    Z[: rows.n_steps, :Ho] = dh
+    Z[rows.n_steps:, :Ho].zero_()
+    Z[:, Ho:].zero_()
+    k = rows.active[T - 1]
+    if h_cot is not None and k:
+        Z[:k, :Ho] += h_cot[:k]  # rows with a final-state cotangent all start at T − 1
     kind = spec.kind
     if kind == "lstm":
-        _lstm_sweep(p, lt, dh, sink, c_cot, active)
+        _lstm_sweep(p, lt, rows, Z, c_cot)
     elif kind == "gru":
-        _gru_sweep(p, lt, dh, sink, active)
+        _gru_sweep(p, lt, rows, Z)
     else:
-        _rnn_sweep(p, lt, dh, sink, active, spec.nonlinearity)
-    return dx
+        _rnn_sweep(p, lt, rows, Z, spec.nonlinearity)
+    return Z[:, Ho:].index_select(0, rows.dx_index)
 
 
-class Sink:
-    """Where a sweep puts dx_s = dgates_s W_ih: into the next layer's dh, or into its norms."""
-
-    def __init__(self, dxs, norms):
-        self.dxs = dxs
-        self.norms = None if norms is None else norms.unbind(0)
-
-    def put(self, s: int, k: int, dgates: torch.Tensor, w_ih: torch.Tensor) -> None:
-        out = self.dxs[s + 1][:k]
-        torch.mm(dgates, w_ih, out=out)
-        if self.norms is not None:
-            torch.linalg.vector_norm(out, dim=-1, out=self.norms[s][:k])
+def _segments(rows: Rows, Z: torch.Tensor):
+    """Per step s = T − 1 … 0 with active rows: (s, k, q, this step's rows of Z, the rows of
+    step s − 1 that its GEMM writes) — views made once, outside the arithmetic."""
+    B_rows = rows.active
+    out = []
+    for s in range(len(B_rows) - 1, -1, -1):
+        k = B_rows[s]
+        if k:
+            out.append((s, k, Z[rows.seg[s + 1]: rows.seg[s + 1] + k],
+                        Z[rows.seg[s]: rows.seg[s] + k]))
+    return out
 
 
 def _detach(t):
@@ -351,13 +377,13 @@ def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.T
     return c
 
 
-def _lstm_sweep(p, lt, dh, sink, c_cot, active):
+def _lstm_sweep(p, lt, rows, Z, c_cot):
     """LSTM adjoint, per step s (dm = dh, or dh W_hr with a projection):
         dc_s = dc_{s+1} f_{s+1} + dm o_s (1 − tanh² c_s)
         d(i, f, g) = dc_s (g i(1−i), c_{s−1} f(1−f), i(1−g²)),   do = dm tanh(c_s) o(1−o)
-        dh_{s−1} += d(i, f, g, o) W_hh,   dx_s = d(i, f, g, o) W_ih
+        (dh_{s−1} | dx_s) += d(i, f, g, o) [W_hh | W_ih]
     """
-    T, R = dh.shape[0] - 1, dh.shape[1]
+    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
     H = p.w_hh.shape[0] // 4
     B = lt.h.shape[1]
     pre = _preactivations(p, lt).view(T, B, 4 * H)  # (T, B, 4H)
@@ -371,19 +397,16 @@ def _lstm_sweep(p, lt, dh, sink, c_cot, active):
                       dim=2).unbind(0)  # (B, 3, H) per step
     k_o = (tanh_c * o * (1 - o)).unbind(0)
     f_t = f.unbind(0)
-    w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()  # (4H, Ho), (4H, I)
+    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (4H, Ho + I)
     w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (Ho, H)
-    dc = dh.new_zeros(R, H)
+    Ho = p.w_hh.shape[1]
+    dc = Z.new_zeros(R, H)
     if c_cot is not None:
         dc += c_cot
-    dgates = dh.new_empty(R, 4 * H)
-    dhs = dh.unbind(0)
-    for s in range(T - 1, -1, -1):
-        k = active[s]
-        if k == 0:
-            continue
+    dgates = Z.new_empty(R, 4 * H)
+    for s, k, here, nxt in _segments(rows, Z):
         q = k // B
-        dh_s = dhs[s + 1][:k]
+        dh_s = here[:, :Ho]
         dm = (dh_s if w_hr is None else torch.mm(dh_s, w_hr)).view(q, B, H)
         dc_s = dc[:k].view(q, B, H)
         dc_s.addcmul_(dm, e_o[s])
@@ -392,12 +415,10 @@ def _lstm_sweep(p, lt, dh, sink, c_cot, active):
         torch.mul(dc_s.unsqueeze(2), k_c[s], out=dg4[:, :, :3])
         torch.mul(dm, k_o[s], out=dg4[:, :, 3])
         dc_s.mul_(f_t[s])  # carried to step s − 1
-        sink.put(s, k, dg, w_ih)
-        if s > 0:  # ∂ℓ/∂h_{−1} (the initial state) is not needed
-            dhs[s][:k].addmm_(dg, w_hh)
+        nxt.addmm_(dg, w)
 
 
-def _gru_sweep(p, lt, dh, sink, active):
+def _gru_sweep(p, lt, rows, Z):
     """GRU adjoint, per step s, with a = (1 − z)(1 − n²) and ghn = W_hn h_{s−1} + b_hn:
         d pre_n = dh a,   d pre_r = dh a ghn r(1−r),   d pre_z = dh (h_{s−1} − n) z(1−z)
         dx_s = (d pre_r, d pre_z, d pre_n) W_ih
@@ -405,7 +426,7 @@ def _gru_sweep(p, lt, dh, sink, active):
     from u = (d pre_n, d pre_r, d pre_z, d pre_n r): u[:, :3H] with W_ih's rows reordered
     (n, r, z), u[:, H:] with W_hh as it is.
     """
-    T, R = dh.shape[0] - 1, dh.shape[1]
+    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
     H = p.w_hh.shape[1]
     B = lt.h.shape[1]
     w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
@@ -421,42 +442,31 @@ def _gru_sweep(p, lt, dh, sink, active):
                        dim=1).view(T, B, 4, H).unbind(0)  # (B, 4, H) per step
     z_t = z.view(T, B, H).unbind(0)
     w_ih_nrz = torch.cat([w_ih[2 * H:], w_ih[: 2 * H]])  # (3H, I), rows n, r, z
-    u = dh.new_empty(R, 4 * H)
-    dhs = dh.unbind(0)
-    for s in range(T - 1, -1, -1):
-        k = active[s]
-        if k == 0:
-            continue
+    u = Z.new_empty(R, 4 * H)
+    for s, k, here, nxt in _segments(rows, Z):
         q = k // B
-        dh_s = dhs[s + 1][:k]
+        dh_s = here[:, :H]
         uk = u[:k]
         torch.mul(dh_s.view(q, B, 1, H), coef[s], out=uk.view(q, B, 4, H))
-        sink.put(s, k, uk[:, : 3 * H], w_ih_nrz)
-        if s > 0:
-            prev = dhs[s][:k]
-            prev.addmm_(uk[:, H:], w_hh)
-            prev.view(q, B, H).addcmul_(dh_s.view(q, B, H), z_t[s])
+        nxt[:, H:].addmm_(uk[:, : 3 * H], w_ih_nrz)
+        prev = nxt[:, :H]
+        prev.addmm_(uk[:, H:], w_hh)
+        prev.view(q, B, H).addcmul_(dh_s.view(q, B, H), z_t[s])
 
 
-def _rnn_sweep(p, lt, dh, sink, active, nonlinearity: str):
+def _rnn_sweep(p, lt, rows, Z, nonlinearity: str):
     """Vanilla RNN adjoint: d pre_s = dh act'(pre_s); dh_{s−1} += d pre_s W_hh, dx_s = d pre_s W_ih.
     act' is read from the output: 1 − h² for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
-    T, R = dh.shape[0] - 1, dh.shape[1]
+    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
     H = p.w_hh.shape[1]
     B = lt.h.shape[1]
     h = lt.h  # (T, B, H)
     d = (1 - h * h) if nonlinearity == "tanh" else (h > 0).to(h.dtype)
     d_t = d.unbind(0)
-    w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
-    dpre = dh.new_empty(R, H)
-    dhs = dh.unbind(0)
-    for s in range(T - 1, -1, -1):
-        k = active[s]
-        if k == 0:
-            continue
+    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (H, H + I)
+    dpre = Z.new_empty(R, H)
+    for s, k, here, nxt in _segments(rows, Z):
         q = k // B
         dp = dpre[:k]
-        torch.mul(dhs[s + 1][:k].view(q, B, H), d_t[s], out=dp.view(q, B, H))
-        sink.put(s, k, dp, w_ih)
-        if s > 0:
-            dhs[s][:k].addmm_(dp, w_hh)
+        torch.mul(here[:, :H].view(q, B, H), d_t[s], out=dp.view(q, B, H))
+        nxt.addmm_(dp, w)
