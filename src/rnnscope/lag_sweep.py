@@ -228,12 +228,15 @@ class Rows:
         for s in range(T - 2, -2, -1):
             seg[s + 1] = seg[s + 2] + active[s + 1]
         n = seg[0] + active[0]
-        dx_rows, dense = [], []
-        for s in range(T - 1, -1, -1):
-            dx_rows.extend(range(seg[s], seg[s] + active[s]))
-            dense.extend(range(s * R, s * R + active[s]))
+        steps = [s for s in range(T - 1, -1, -1) if active[s]]
         as_index = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return Rows(active, seg, n, seg[0], as_index(dx_rows), as_index(dense))
+        lengths = as_index([active[s] for s in steps])
+        # within-segment row numbers 0 … active[s] − 1, for every step's segment in turn
+        first = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(seg[0], device=device) - first.repeat_interleave(lengths)
+        dx_index = as_index([seg[s] for s in steps]).repeat_interleave(lengths) + within
+        dense_index = as_index([s * R for s in steps]).repeat_interleave(lengths) + within
+        return Rows(active, seg, n, seg[0], dx_index, dense_index)
 
 
 @dataclass
@@ -360,9 +363,10 @@ def _preactivations(p, lt: LayerSequences) -> torch.Tensor:
     """(T·B, G·H) W_ih x_s + b_ih + W_hh h_{s−1} + b_hh for every step at once: the states are
     known, so the gates need no loop over time."""
     T, B = lt.h.shape[:2]
-    pre = torch.nn.functional.linear(lt.x.reshape(T * B, -1), p.w_ih.detach(), _detach(p.b_ih))
-    if p.b_hh is not None:
-        pre += p.b_hh.detach()
+    bias = [b.detach() for b in (p.b_ih, p.b_hh) if b is not None]
+    x = lt.x.reshape(T * B, -1)
+    w_ih = p.w_ih.detach().t()
+    pre = torch.addmm(sum(bias), x, w_ih) if bias else torch.mm(x, w_ih)
     return pre.addmm_(_previous(lt).reshape(T * B, -1), p.w_hh.detach().t())
 
 
@@ -387,15 +391,23 @@ def _lstm_sweep(p, lt, rows, Z, c_cot):
     H = p.w_hh.shape[0] // 4
     B = lt.h.shape[1]
     pre = _preactivations(p, lt).view(T, B, 4 * H)  # (T, B, 4H)
-    sig = torch.sigmoid(pre)
-    i, f, o = sig[..., :H], sig[..., H:2 * H], sig[..., 3 * H:]
-    g = torch.tanh(pre[..., 2 * H:3 * H])
-    c = _cell_states(i * g, f, lt.c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
+    act = torch.empty_like(pre)  # σ for i, f, o; tanh for g
+    torch.sigmoid(pre[..., :2 * H], out=act[..., :2 * H])
+    torch.tanh(pre[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+    torch.sigmoid(pre[..., 3 * H:], out=act[..., 3 * H:])
+    i, f, g, o = act.split(H, dim=-1)
+    ig = i * g
+    c = _cell_states(ig, f, lt.c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
     tanh_c = torch.tanh(c[1:])
-    e_o = (o * (1 - tanh_c * tanh_c)).unbind(0)  # (B, H) per step
-    k_c = torch.stack([g * i * (1 - i), c[:-1] * f * (1 - f), i * (1 - g * g)],
-                      dim=2).unbind(0)  # (B, 3, H) per step
-    k_o = (tanh_c * o * (1 - o)).unbind(0)
+    o_tc = o * tanh_c
+    e_o = torch.addcmul(o, o_tc, tanh_c, value=-1).unbind(0)  # o (1 − tanh² c), (B, H) a step
+    k_o = torch.addcmul(o_tc, o_tc, o, value=-1).unbind(0)  # tanh(c) o (1 − o)
+    k_c = pre.new_empty(T, B, 3, H)  # (g i(1−i), c_{s−1} f(1−f), i(1−g²)) a step
+    torch.addcmul(ig, ig, i, value=-1, out=k_c[:, :, 0])
+    c_f = c[:-1] * f
+    torch.addcmul(c_f, c_f, f, value=-1, out=k_c[:, :, 1])
+    torch.addcmul(i, ig, g, value=-1, out=k_c[:, :, 2])
+    k_c = k_c.unbind(0)
     f_t = f.unbind(0)
     w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (4H, Ho + I)
     w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (Ho, H)
