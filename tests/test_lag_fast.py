@@ -254,3 +254,56 @@ def test_sweep_subclass_that_computes_its_parent():
     lp = rnnscope.lag_profile(other, x, positions=[2, 5])
     assert not lp.config["method"].startswith(lag_sweep.METHOD)
     close(lp.per_sample, oracle(other, x, [2, 5], lambda out: out[0].sum(-1)))
+
+
+class LinearThenRNN(nn.Module):
+    """Layers before the recurrence: the model's input is not the recurrent module's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 3)
+        self.rnn = nn.LSTM(3, 5, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(torch.tanh(self.inp(x)))[0]
+
+
+def test_site_before_the_recurrence_falls_back_and_the_module_input_sweeps():
+    torch.manual_seed(10)
+    model = LinearThenRNN().double()
+    x = torch.randn(2, 7, 4, dtype=torch.float64)
+    ref = oracle(model, x, [3, 6], lambda y: y.sum(-1))
+    lp = rnnscope.lag_profile(model, x, positions=[3, 6])
+    assert "not the input of one recurrent module call" in lp.config["method"]
+    close(lp.per_sample, ref)
+    u = torch.tanh(model.inp(x)).detach()
+    inner = oracle(lambda u_: model.rnn(u_)[0], u, [3, 6], lambda y: y.sum(-1))
+    lp_rnn = rnnscope.lag_profile(model, x, positions=[3, 6], at="rnn")
+    assert lp_rnn.config["method"].startswith(lag_sweep.METHOD)
+    close(lp_rnn.per_sample, inner)
+
+
+def test_packed_input_takes_the_general_path():
+    from torch.nn.utils.rnn import pack_padded_sequence
+    torch.manual_seed(11)
+    gru = nn.GRU(3, 4, batch_first=True).double()
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]), batch_first=True,
+                                  enforce_sorted=False)
+    lp = rnnscope.lag_profile(gru, packed, positions=[1, 5])
+    assert "packed" in lp.config["method"]
+
+
+def test_zero_cotangents_give_zero_norms_without_work():
+    torch.manual_seed(12)
+    gru = nn.GRU(3, 4, batch_first=True).double()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    later = (torch.arange(6) >= 3).to(torch.float64)  # losses only from step 3 on
+
+    def loss(out):
+        return out[0].sum(-1) * later
+
+    lp = rnnscope.lag_profile(gru, x, positions=[1, 4], loss=loss)
+    assert lp.config["method"].startswith(lag_sweep.METHOD)
+    close(lp.per_sample, oracle(gru, x, [1, 4], loss))
+    assert torch.all(lp.per_sample[:, 0] == 0) and torch.all(lp.per_sample[:, 1, :5] > 0)
