@@ -307,3 +307,15 @@ def test_zero_cotangents_give_zero_norms_without_work():
     assert lp.config["method"].startswith(lag_sweep.METHOD)
     close(lp.per_sample, oracle(gru, x, [1, 4], loss))
     assert torch.all(lp.per_sample[:, 0] == 0) and torch.all(lp.per_sample[:, 1, :5] > 0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_sweep_without_biases(kind):
+    torch.manual_seed(13)
+    rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN}[kind](3, 5, batch_first=True,
+                                                                     bias=False)
+    model = prepared(TimeMixingHead(rnn))
+    x = torch.randn(2, 8, 3, dtype=torch.float64)
+    lp = rnnscope.lag_profile(model, x, positions=[3, 7])
+    assert lp.config["method"].startswith(lag_sweep.METHOD)
+    close(lp.per_sample, oracle(model, x, [3, 7], per_step_sum(True)))
