@@ -5,10 +5,14 @@ mixes all steps' gradients and stops showing memory: a step close to many losses
 strong as one close to the output. The lag-resolved profile separates them: for loss positions
 t and every step s, the per-sample norm of ∂ℓ_t/∂x_s, summarised by lag k = t − s.
 
-All positions come from ONE forward and ONE batched backward: the per-step losses ℓ (B, T)
-are differentiated with `torch.autograd.grad(..., is_grads_batched=True)` against one-hot
-grad_outputs, one per position (a vmap over the backward). Samples do not interact, so the
-B sequences of a position are one vector-Jacobian product, exactly as in `gradient_profile`.
+All positions come from ONE forward. When the site is the input of a fused, unidirectional
+nn.LSTM/GRU/RNN, the module's head is differentiated for all positions in one batched VJP and
+the recurrence by one closed-form adjoint sweep over time (`lag_sweep`: several times faster
+than a backward per position). Otherwise the per-step losses ℓ (B, T) are differentiated with
+`torch.autograd.grad(..., is_grads_batched=True)` against one-hot grad_outputs, one per
+position (a vmap over the backward). Samples do not interact, so the B sequences of a position
+are one vector-Jacobian product, exactly as in `gradient_profile`; the result's
+config["method"] says which path ran (and why the sweep was not used).
 
 Shape legend: S samples (B), P loss positions, T steps of the measured site, F features.
 """
@@ -20,6 +24,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import lag_sweep
 from .checks import count_nonfinite, public
 from .losses import check_loss_option, sample_losses
 from .profile import _refuse_sample_mixing, cudnn_guard
@@ -91,7 +96,8 @@ def lag_profile(model: nn.Module, inputs, *, positions=16, at=None, loss=None,
     call = model_call(model, inputs, forward_args, forward_kwargs)
     _refuse_sample_mixing(call.model)
     with cudnn_guard(call.model, call.inputs):
-        fwd = forward_at_site(call, at=at, time_dim=time_dim)
+        with lag_sweep.raw_outputs(call.model) as raw:
+            fwd = forward_at_site(call, at=at, time_dim=time_dim)
         losses, _ = sample_losses(fwd, "all" if loss is None else loss)
         B, T = fwd.axes.B, fwd.axes.T
         if losses.dim() != 2 or losses.shape[1] != T:
@@ -105,12 +111,17 @@ def lag_profile(model: nn.Module, inputs, *, positions=16, at=None, loss=None,
         if lengths is not None:  # a position past a sequence's end has no loss for it
             valid = pos.unsqueeze(1) < lengths.unsqueeze(0)  # (P, B)
             onehot = onehot * valid.to(onehot).unsqueeze(-1)
-        grads, method = _batched_vjps(losses, fwd.tensors, onehot)
-    per_pos = []
-    for p in range(P):
-        g = fwd.batch_major([gr[p] for gr in grads])  # (B, T, F)
-        per_pos.append(g.detach().to("cpu", torch.float64).norm(dim=-1))
-    per_sample = torch.stack(per_pos, dim=1)  # (B, P, T)
+        site, why_not = lag_sweep.plan(fwd, losses, raw)
+        if site is not None:  # the site is a fused module's input: one adjoint sweep
+            per_sample, method = lag_sweep.lag_norms(site, losses, onehot, _batched_vjps)
+        else:
+            grads, method = _batched_vjps(losses, fwd.tensors, onehot)
+            method = f"{method} (no adjoint sweep: {why_not})"
+            per_pos = []
+            for p in range(P):
+                g = fwd.batch_major([gr[p] for gr in grads])  # (B, T, F)
+                per_pos.append(g.detach().to("cpu", torch.float64).norm(dim=-1))
+            per_sample = torch.stack(per_pos, dim=1)  # (B, P, T)
     bad = count_nonfinite(per_sample)
     if bad:
         warnings.warn(f"lag_profile: {bad} non-finite gradient norm(s); the summaries are nan",

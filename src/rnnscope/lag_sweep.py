@@ -1,0 +1,484 @@
+"""lag_profile's fast path: one adjoint sweep through a fused recurrent module for all positions.
+
+When the gradient is measured at the input of a fused, unidirectional nn.LSTM / nn.GRU / nn.RNN
+(the model itself, or a submodule), ‖∂ℓ_t/∂x_s‖ for P loss positions t splits exactly into
+
+1. the head: cotangents ∂ℓ_t/∂(output, h_n, c_n) of the module's returned tensors, for all
+   positions at once with one batched vector-Jacobian product through whatever the model does
+   after the recurrence (`torch.autograd.grad(..., is_grads_batched=True)`) — exact for any head;
+2. the recurrence: one backward sweep over time with the closed-form one-step adjoint of the
+   cell (PyTorch's equations), no autograd graph, with all positions' adjoints stacked as
+   R = P·B rows. The gates it needs are recomputed for all steps at once from each layer's
+   input and output sequence: for a one-layer module the fused kernel's own input and output,
+   for deeper ones `replay`'s per-layer states.
+
+The adjoint is linear, so a position whose cotangents are zero after step t_p has a zero adjoint
+there: the sweep starts each position at its own last nonzero step (read from the cotangents, so
+a head that mixes time forward or backward stays exact) and grows the active rows as it goes
+back. Rows are ordered by start step, latest first, so the active rows at each step are a
+prefix and every per-step operation works on one contiguous slice. The gradient at the layer's
+input, dx_s = dgates_s W_ih, comes out of the same GEMM as the recurrent one
+(dgates_s [W_hh | W_ih]); a multi-layer module is swept top layer first, each layer's input
+gradient being the next one down's output cotangent.
+
+Everything else (bidirectional modules, packed sequences, cells, training-mode inter-layer
+dropout, custom modules, a loss reaching the measured input around the recurrent module) takes
+lag_profile's general path; `plan` says why.
+
+Shape legend: P loss positions, B batch, R = P·B adjoint rows (row j·B + b: the j-th position
+in sweep order, sample b), T steps, I_l the layer's input features, H hidden units, Ho the
+layer's output size (the projection size with proj_size > 0, else H), L layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .recurrent import check_subclass, describe
+from .replay import replay
+
+METHOD = "adjoint sweep"  # how lag_profile's config names this path
+
+
+# ----------------------------------------------------------------------------------------------
+# Which forwards qualify
+
+
+@contextlib.contextmanager
+def raw_outputs(model: nn.Module):
+    """Record what every fused recurrent submodule returns *before* any user hook can replace it
+    (a prepended forward hook): module -> list of returned tensors, with their versions.
+    Hooks are removed on exit, also after an error."""
+    seen: dict = {}
+    handles = []
+
+    def hook(mod, args, out):
+        tensors = _returned_tensors(out)
+        seen.setdefault(mod, []).append([(t, t._version) for t in tensors])
+
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.RNNBase):
+                handles.append(m.register_forward_hook(hook, prepend=True))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _returned_tensors(out) -> list:
+    """(output, h_n) or (output, (h_n, c_n)) -> [output, h_n(, c_n)]; [] if not that shape."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+        return []
+    state = out[1]
+    states = list(state) if isinstance(state, (tuple, list)) else [state]
+    if not all(isinstance(t, torch.Tensor) for t in states):
+        return []
+    return [out[0]] + states
+
+
+@dataclass
+class SweepSite:
+    """A measuring site the sweep can serve: the input x of one call of a fused module."""
+
+    module: nn.RNNBase
+    x: torch.Tensor       # what the module received, its own layout (B, T, I) or (T, B, I)
+    hx: object            # the state it was given (None, h0 or (h0, c0))
+    outputs: list         # [output, h_n(, c_n)] as the model's head received them
+
+
+def plan(fwd, losses: torch.Tensor, raw: dict) -> tuple[SweepSite | None, str]:
+    """The sweep site for this forward, or None and the reason the general path is taken."""
+    if len(fwd.tensors) != 1:
+        return None, "the site is called several times"
+    if fwd.axes.layout == "packed":
+        return None, "packed sequences"
+    site = fwd.tensors[0]
+    found = [(name, calls[0]) for name, calls in fwd.capture.recurrent.items()
+             if len(calls) == 1 and calls[0].x is site]
+    if len(found) != 1:
+        return None, "the site is not the input of one recurrent module call"
+    name, call = found[0]
+    module = fwd.capture.modules[name]
+    if not isinstance(module, nn.RNNBase):
+        return None, "the site's recurrent module is a cell"
+    try:
+        spec = describe(module)
+        check_subclass(module)  # a subclass must compute its parent's equations
+    except (TypeError, ValueError):
+        return None, "the recurrent module is not one rnnscope can replay"
+    if spec.num_directions != 1:
+        return None, "bidirectional"
+    if site.dim() != 3:
+        return None, "unbatched input"
+    if module.training and spec.dropout > 0 and spec.num_layers > 1:
+        return None, "inter-layer dropout in training mode"
+    outs = _returned_tensors(call.out)
+    rec = raw.get(module, [])
+    if len(rec) != 1 or len(rec[0]) != len(outs) or not outs or any(
+            t is not r or t._version != v for t, (r, v) in zip(outs, rec[0])):
+        return None, "the module's outputs were replaced or changed in place after it returned"
+    if losses.grad_fn is None:
+        return None, "the losses are not differentiable"
+    stops = {t.grad_fn for t in outs if t.grad_fn is not None}
+    if _reaches(losses.grad_fn, site, stops):
+        return None, "the loss reaches the site also around the recurrent module"
+    for h in _state_tensors(call.hx):
+        if h.grad_fn is not None and _reaches(h.grad_fn, site, set()):
+            return None, "the initial state given to the module depends on the site"
+    return SweepSite(module, site, call.hx, outs), ""
+
+
+def _state_tensors(hx) -> list:
+    if isinstance(hx, torch.Tensor):
+        return [hx]
+    if isinstance(hx, (tuple, list)):
+        return [t for t in hx if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _reaches(root, leaf: torch.Tensor, stops: set) -> bool:
+    """True when the autograd graph from `root` reaches the leaf tensor `leaf` without passing
+    through a node in `stops` (the recurrent module's returned tensors)."""
+    todo, seen = [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is leaf:
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+
+
+def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
+              head_vjps) -> tuple[torch.Tensor, str]:
+    """(B, P, T) float64 norms ‖∂ℓ_{t_p}/∂x_s‖ and the method's name.
+
+    onehot (P, B, T) selects each position's losses (as in the general path); head_vjps is
+    lag_profile's batched-VJP helper, returning per-position gradients (P, ...) of the losses
+    with respect to the module's returned tensors.
+    """
+    spec = describe(site.module)
+    grads, head_method = head_vjps(losses, site.outputs, onehot)
+    g_out, g_state = grads[0], list(grads[1:])  # (P, *output.shape), (P, L, B, ·) each
+    x = site.x
+    P = onehot.shape[0]
+    B, T = (x.shape[0], x.shape[1]) if spec.batch_first else (x.shape[1], x.shape[0])
+    R = P * B
+    with torch.no_grad():
+        g_out = g_out if spec.batch_first else g_out.transpose(1, 2)  # (P, B, T, Ho)
+        starts = _starts(g_out, g_state)  # each position's last step with a cotangent
+        order = sorted(range(P), key=lambda p: -starts[p])  # sweep order: latest start first
+        rows = Rows.build([starts[p] for p in order], B, T, g_out.device)
+        layers = _layer_sequences(site, spec)
+        # the top layer's output cotangents in the row layout: step s's rows are positions
+        # order[0 .. q_s) (q_s = active_s / B), each with its B samples
+        pidx = [order[j] for s in range(T - 1, -1, -1) for j in range(rows.active[s] // B)]
+        sidx = [s for s in range(T - 1, -1, -1) for _ in range(rows.active[s] // B)]
+        as_index = lambda v: torch.tensor(v, dtype=torch.long, device=g_out.device)  # noqa: E731
+        dh = g_out.permute(0, 2, 1, 3)[as_index(pidx), as_index(sidx)]  # (pairs, B, Ho)
+        dh = dh.reshape(-1, g_out.shape[-1])  # (rows.n_steps, Ho)
+        perm = torch.tensor(order, device=g_out.device)
+        state_cots = [g.index_select(0, perm) for g in g_state]  # (P, L, B, ·), sweep order
+        for layer in reversed(range(spec.num_layers)):
+            h_cot, c_cot = [None if g is None else g[:, layer].reshape(R, -1)
+                            for g in (state_cots + [None, None])[:2]]
+            dh = _sweep_layer(spec, layer, layers[layer], rows, dh, h_cot, c_cot)
+        # dh now holds ∂ℓ/∂x_s in the row layout: scatter the norms into (T, R), zero elsewhere
+        flat = torch.linalg.vector_norm(dh, dim=-1).to(torch.float64)
+        norms = flat.new_zeros(T * R).index_copy_(0, rows.dense_index, flat).view(T, P, B)
+        norms = norms.index_select(1, torch.argsort(perm)).permute(2, 1, 0)  # (B, P, T)
+    return norms.cpu(), f"{METHOD} ({spec.kind}, head: {head_method})"
+
+
+@dataclass
+class Rows:
+    """The sweep's row layout: only the rows that carry a value, step after step.
+
+    Rows are (position in sweep order j, sample b) pairs, r = j·B + b; at step s the active
+    rows are the prefix r < active[s] (positions whose start is ≥ s). The sweep's buffers hold,
+    for s = T − 1 down to 0, the active rows of step s one after the other (`seg[s + 1]` is
+    where step s begins), then one more segment of active[0] rows for step −1. A step's GEMM
+    reads its own segment and writes the first active[s] rows of the segment after it, so
+    (∂ℓ/∂h_{s−1} | ∂ℓ/∂x_s) land together, and nothing is computed for inactive rows.
+    """
+
+    active: list          # (T,) active rows per step
+    seg: list             # (T + 1,) seg[s + 1]: the first row of step s (s = −1 … T − 1)
+    n: int                # all rows, step −1's segment included
+    n_steps: int          # rows of steps 0 … T − 1 (= seg[0])
+    dx_index: torch.Tensor     # (n_steps,) where ∂ℓ/∂x_s of step s's rows is, s = T − 1 … 0
+    dense_index: torch.Tensor  # (n_steps,) the same rows' places in a (T, R) array
+
+    @staticmethod
+    def build(row_start: list, B: int, T: int, device) -> "Rows":
+        active = [B * sum(1 for st in row_start if st >= s) for s in range(T)]
+        R = B * len(row_start)
+        seg = [0] * (T + 1)
+        for s in range(T - 2, -2, -1):
+            seg[s + 1] = seg[s + 2] + active[s + 1]
+        n = seg[0] + active[0]
+        steps = [s for s in range(T - 1, -1, -1) if active[s]]
+        as_index = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        lengths = as_index([active[s] for s in steps])
+        # within-segment row numbers 0 … active[s] − 1, for every step's segment in turn
+        first = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(seg[0], device=device) - first.repeat_interleave(lengths)
+        dx_index = as_index([seg[s] for s in steps]).repeat_interleave(lengths) + within
+        dense_index = as_index([s * R for s in steps]).repeat_interleave(lengths) + within
+        return Rows(active, seg, n, seg[0], dx_index, dense_index)
+
+
+@dataclass
+class LayerSequences:
+    """One layer's forward, time-major: x (T, B, I_l) its input, h (T, B, Ho) its output
+    states, h0 (B, Ho) and c0 (B, H; LSTM) its initial state. Views are fine."""
+
+    x: torch.Tensor
+    h: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor | None
+
+
+def _layer_sequences(site: SweepSite, spec) -> list:
+    """Every layer's input and output sequence. A one-layer module's are what it received and
+    returned (the fused kernel's own values, nothing recomputed); a deeper module's inner
+    layers are not exposed by the kernel, so they come from `replay`."""
+    x = site.x.detach()
+    if spec.num_layers == 1:
+        out = site.outputs[0].detach()
+        tm = (lambda t: t.transpose(0, 1)) if spec.batch_first else (lambda t: t)
+        B = out.shape[0] if spec.batch_first else out.shape[1]
+        h0, c0 = _initial_state(site.hx, spec, B, out)
+        return [LayerSequences(tm(x), tm(out), h0, c0)]
+    trace = replay(site.module, x, _detached(site.hx))
+    return [LayerSequences(lt.x.transpose(0, 1), lt.h.transpose(0, 1), lt.h0, lt.c0)
+            for (lt,) in trace.layers]
+
+
+def _initial_state(hx, spec, B: int, like: torch.Tensor):
+    """(h0, c0) of layer 0 of a one-layer module: (B, Ho), (B, H) or None."""
+    if hx is None:
+        h0 = like.new_zeros(B, spec.hidden_out)
+        c0 = like.new_zeros(B, spec.hidden_size) if spec.has_cell_state else None
+        return h0, c0
+    if spec.has_cell_state:
+        return hx[0].detach()[0], hx[1].detach()[0]
+    return hx.detach()[0], None
+
+
+def _detached(hx):
+    if isinstance(hx, torch.Tensor):
+        return hx.detach()
+    if isinstance(hx, (tuple, list)):
+        return type(hx)(t.detach() if isinstance(t, torch.Tensor) else t for t in hx)
+    return hx
+
+
+def _starts(g_out: torch.Tensor, g_state: list) -> list:
+    """For each position the last step with a nonzero cotangent (T − 1 when the final state is
+    used; −1 when nothing is). NaN counts as nonzero, so it propagates as in autograd."""
+    P, B, T = g_out.shape[:3]
+    nonzero = (_squeeze_broadcast(g_out) != 0).flatten(3).any(3).any(1)  # (P, T)
+    steps = torch.arange(T, device=g_out.device)
+    starts = torch.where(nonzero, steps, -1).amax(1)
+    for g in g_state:
+        used = (g != 0).reshape(P, -1).any(1)
+        starts = torch.where(used, T - 1, starts)
+    return starts.tolist()
+
+
+def _squeeze_broadcast(g: torch.Tensor) -> torch.Tensor:
+    """g without the repeats of its broadcast (stride-0) feature dimensions: a head like
+    out.sum(-1) returns its cotangent expanded over the features, and reading every repeat
+    would cost a full pass over (P, B, T, Ho). Batch, position and time dimensions are kept."""
+    for d in range(3, g.dim()):
+        if g.stride(d) == 0 and g.shape[d] > 1:
+            g = g.narrow(d, 0, 1)
+    return g
+
+
+def _sweep_layer(spec, layer: int, lt, rows: Rows, dh: torch.Tensor, h_cot,
+                 c_cot) -> torch.Tensor:
+    """One layer's backward sweep over time.
+
+    dh (rows.n_steps, Ho): the layer's output cotangents in the row layout. Returns its input
+    gradients (rows.n_steps, I_l) in the same layout (the next layer down's dh).
+    Z (rows.n, Ho + I_l) holds (∂ℓ/∂h_s | ∂ℓ/∂x_{s+1}) in step s's segment: the output
+    cotangent is there before the sweep and step s + 1's GEMM adds the recurrent part.
+    """
+    p = spec.params(layer, 0)
+    Ho, I = dh.shape[1], p.w_ih.shape[1]
+    T = len(rows.active)
+    Z = dh.new_empty(rows.n, Ho + I)
+    Z[: rows.n_steps, :Ho] = dh
+    Z[rows.n_steps:, :Ho].zero_()
+    Z[:, Ho:].zero_()
+    k = rows.active[T - 1]
+    if h_cot is not None and k:
+        Z[:k, :Ho] += h_cot[:k]  # rows with a final-state cotangent all start at T − 1
+    kind = spec.kind
+    if kind == "lstm":
+        _lstm_sweep(p, lt, rows, Z, c_cot)
+    elif kind == "gru":
+        _gru_sweep(p, lt, rows, Z)
+    else:
+        _rnn_sweep(p, lt, rows, Z, spec.nonlinearity)
+    return Z[:, Ho:].index_select(0, rows.dx_index)
+
+
+def _segments(rows: Rows, Z: torch.Tensor):
+    """Per step s = T − 1 … 0 with active rows: (s, k, q, this step's rows of Z, the rows of
+    step s − 1 that its GEMM writes) — views made once, outside the arithmetic."""
+    B_rows = rows.active
+    out = []
+    for s in range(len(B_rows) - 1, -1, -1):
+        k = B_rows[s]
+        if k:
+            out.append((s, k, Z[rows.seg[s + 1]: rows.seg[s + 1] + k],
+                        Z[rows.seg[s]: rows.seg[s] + k]))
+    return out
+
+
+def _detach(t):
+    return None if t is None else t.detach()
+
+
+def _previous(lt: LayerSequences) -> torch.Tensor:
+    """(T, B, Ho) the state entering each step: h0, h_0, …, h_{T−2}."""
+    return torch.cat([lt.h0.unsqueeze(0), lt.h[:-1]])
+
+
+def _preactivations(p, lt: LayerSequences) -> torch.Tensor:
+    """(T·B, G·H) W_ih x_s + b_ih + W_hh h_{s−1} + b_hh for every step at once: the states are
+    known, so the gates need no loop over time."""
+    T, B = lt.h.shape[:2]
+    bias = [b.detach() for b in (p.b_ih, p.b_hh) if b is not None]
+    x = lt.x.reshape(T * B, -1)
+    w_ih = p.w_ih.detach().t()
+    pre = torch.addmm(sum(bias), x, w_ih) if bias else torch.mm(x, w_ih)
+    return pre.addmm_(_previous(lt).reshape(T * B, -1), p.w_hh.detach().t())
+
+
+def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """(T + 1, B, H) LSTM cell states c_s = f_s c_{s−1} + i_s g_s from c_{−1} = c0: the one
+    recurrence the gates leave, elementwise."""
+    c = ig.new_empty((ig.shape[0] + 1,) + tuple(ig.shape[1:]))
+    c[0] = c0
+    cs = c.unbind(0)
+    for s, (ig_s, f_s) in enumerate(zip(ig.unbind(0), f.unbind(0))):
+        torch.addcmul(ig_s, f_s, cs[s], out=cs[s + 1])
+    return c
+
+
+def _lstm_sweep(p, lt, rows, Z, c_cot):
+    """LSTM adjoint, per step s (dm = dh, or dh W_hr with a projection):
+        dc_s = dc_{s+1} f_{s+1} + dm o_s (1 − tanh² c_s)
+        d(i, f, g) = dc_s (g i(1−i), c_{s−1} f(1−f), i(1−g²)),   do = dm tanh(c_s) o(1−o)
+        (dh_{s−1} | dx_s) += d(i, f, g, o) [W_hh | W_ih]
+    """
+    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
+    H = p.w_hh.shape[0] // 4
+    B = lt.h.shape[1]
+    pre = _preactivations(p, lt).view(T, B, 4 * H)  # (T, B, 4H)
+    act = torch.empty_like(pre)  # σ for i, f, o; tanh for g
+    torch.sigmoid(pre[..., :2 * H], out=act[..., :2 * H])
+    torch.tanh(pre[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+    torch.sigmoid(pre[..., 3 * H:], out=act[..., 3 * H:])
+    i, f, g, o = act.split(H, dim=-1)
+    ig = i * g
+    c = _cell_states(ig, f, lt.c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
+    tanh_c = torch.tanh(c[1:])
+    o_tc = o * tanh_c
+    e_o = torch.addcmul(o, o_tc, tanh_c, value=-1).unbind(0)  # o (1 − tanh² c), (B, H) a step
+    k_o = torch.addcmul(o_tc, o_tc, o, value=-1).unbind(0)  # tanh(c) o (1 − o)
+    k_c = pre.new_empty(T, B, 3, H)  # (g i(1−i), c_{s−1} f(1−f), i(1−g²)) a step
+    torch.addcmul(ig, ig, i, value=-1, out=k_c[:, :, 0])
+    c_f = c[:-1] * f
+    torch.addcmul(c_f, c_f, f, value=-1, out=k_c[:, :, 1])
+    torch.addcmul(i, ig, g, value=-1, out=k_c[:, :, 2])
+    k_c = k_c.unbind(0)
+    f_t = f.unbind(0)
+    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (4H, Ho + I)
+    w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (Ho, H)
+    Ho = p.w_hh.shape[1]
+    dc = Z.new_zeros(R, H)
+    if c_cot is not None:
+        dc += c_cot
+    dgates = Z.new_empty(R, 4 * H)
+    for s, k, here, nxt in _segments(rows, Z):
+        q = k // B
+        dh_s = here[:, :Ho]
+        dm = (dh_s if w_hr is None else torch.mm(dh_s, w_hr)).view(q, B, H)
+        dc_s = dc[:k].view(q, B, H)
+        dc_s.addcmul_(dm, e_o[s])
+        dg = dgates[:k]
+        dg4 = dg.view(q, B, 4, H)
+        torch.mul(dc_s.unsqueeze(2), k_c[s], out=dg4[:, :, :3])
+        torch.mul(dm, k_o[s], out=dg4[:, :, 3])
+        dc_s.mul_(f_t[s])  # carried to step s − 1
+        nxt.addmm_(dg, w)
+
+
+def _gru_sweep(p, lt, rows, Z):
+    """GRU adjoint, per step s, with a = (1 − z)(1 − n²) and ghn = W_hn h_{s−1} + b_hn:
+        d pre_n = dh a,   d pre_r = dh a ghn r(1−r),   d pre_z = dh (h_{s−1} − n) z(1−z)
+        dx_s = (d pre_r, d pre_z, d pre_n) W_ih
+        dh_{s−1} += dh z + (d pre_r, d pre_z, d pre_n r) W_hh
+    from u = (d pre_n, d pre_r, d pre_z, d pre_n r): u[:, :3H] with W_ih's rows reordered
+    (n, r, z), u[:, H:] with W_hh as it is.
+    """
+    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
+    H = p.w_hh.shape[1]
+    B = lt.h.shape[1]
+    w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
+    h_prev = _previous(lt).reshape(T * B, H)
+    gx = torch.nn.functional.linear(lt.x.reshape(T * B, -1), w_ih, _detach(p.b_ih))
+    gh = torch.nn.functional.linear(h_prev, w_hh, _detach(p.b_hh))  # (T·B, 3H) each
+    rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    ghn = gh[:, 2 * H:]
+    n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, ghn))
+    a = (1 - z) * (1 - n * n)
+    coef = torch.stack([a, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a * r],
+                       dim=1).view(T, B, 4, H).unbind(0)  # (B, 4, H) per step
+    z_t = z.view(T, B, H).unbind(0)
+    w_ih_nrz = torch.cat([w_ih[2 * H:], w_ih[: 2 * H]])  # (3H, I), rows n, r, z
+    u = Z.new_empty(R, 4 * H)
+    for s, k, here, nxt in _segments(rows, Z):
+        q = k // B
+        dh_s = here[:, :H]
+        uk = u[:k]
+        torch.mul(dh_s.view(q, B, 1, H), coef[s], out=uk.view(q, B, 4, H))
+        nxt[:, H:].addmm_(uk[:, : 3 * H], w_ih_nrz)
+        prev = nxt[:, :H]
+        prev.addmm_(uk[:, H:], w_hh)
+        prev.view(q, B, H).addcmul_(dh_s.view(q, B, H), z_t[s])
+
+
+def _rnn_sweep(p, lt, rows, Z, nonlinearity: str):
+    """Vanilla RNN adjoint: d pre_s = dh act'(pre_s); dh_{s−1} += d pre_s W_hh, dx_s = d pre_s W_ih.
+    act' is read from the output: 1 − h² for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
+    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
+    H = p.w_hh.shape[1]
+    B = lt.h.shape[1]
+    h = lt.h  # (T, B, H)
+    d = (1 - h * h) if nonlinearity == "tanh" else (h > 0).to(h.dtype)
+    d_t = d.unbind(0)
+    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (H, H + I)
+    dpre = Z.new_empty(R, H)
+    for s, k, here, nxt in _segments(rows, Z):
+        q = k // B
+        dp = dpre[:k]
+        torch.mul(here[:, :H].view(q, B, H), d_t[s], out=dp.view(q, B, H))
+        nxt.addmm_(dp, w)
