@@ -318,15 +318,16 @@ def step_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
         sl = slice(start, min(start + CHUNK, T))
         direct, total, e_last = _reported_steps(rec, sl, e_last)
         indirect = total - torch.diag_embed(direct) if direct is not None else total
-        ok = torch.isfinite(indirect).flatten(2).all(-1)  # (B, S)
+        if keep == "full":
+            kept.append(indirect.detach().cpu())
+            ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); amax keeps nan
+        else:
+            norms.append(spectral_norm(indirect).cpu())  # nan/inf for a non-finite matrix
+            ok = torch.isfinite(norms[-1])
         if direct is not None:
             ok &= torch.isfinite(direct).all(-1)
             directs.append(direct.detach().cpu())
         finite.append(ok.cpu())
-        if keep == "full":
-            kept.append(indirect.detach().cpu())
-        else:
-            norms.append(spectral_norm(indirect).cpu())
     valid = rec.valid_cpu
     bad = _per_sample_bad(torch.cat(finite, 1), valid)
     off = _unmeasured(valid, bad, T)  # (B, T)
@@ -490,15 +491,15 @@ def lyapunov_spectrum(module: nn.Module, inputs, hx=None, *, layer: int = 0,
         a_chunk = a_chunk.to(torch.float64)
         if Q is None:
             Q = torch.eye(N, k, dtype=torch.float64, device=a_chunk.device).expand(B, N, k)
-            eye = torch.eye(N, dtype=torch.float64, device=a_chunk.device)
-        finite = torch.isfinite(a_chunk).flatten(2).all(-1).cpu() | ~valid[:, sl]  # (B, S)
         for j in range(a_chunk.shape[1]):
-            bad |= ~finite[:, j]
-            a = a_chunk[:, j]
-            if bool(bad.any()):  # a non-finite sample never reaches the QR (its row is nan)
-                a = torch.where(bad.to(a.device)[:, None, None], eye, a)
-            q, R = torch.linalg.qr(a @ Q)
+            aq = a_chunk[:, j] @ Q  # (B, N, k)
+            # A NaN/Inf in A makes A·Q non-finite (Q is orthonormal: NaN·0 is NaN), and so does
+            # an overflow: checking the small product avoids a pass over every A.
             v = valid[:, start + j]
+            bad |= ~torch.isfinite(aq).flatten(1).all(1).cpu() & v
+            if bool(bad.any()):  # a non-finite sample never reaches the QR (its row is nan)
+                aq = torch.where(bad.to(aq.device)[:, None, None], Q, aq)
+            q, R = torch.linalg.qr(aq)
             Q = torch.where(v.to(q.device)[:, None, None], q, Q)  # carried step: frame kept
             step_log = torch.diagonal(R, dim1=-2, dim2=-1).abs().log().cpu()
             logs += torch.where(counted[:, start + j, None], step_log, torch.zeros(()))

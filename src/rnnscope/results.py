@@ -51,12 +51,13 @@ def spectral_norm(x: torch.Tensor) -> torch.Tensor:
     the batch are computed exactly as without it.
     """
     x = x.to(torch.float64)
-    finite = torch.isfinite(x).all(dim=-1).all(dim=-1)  # (...)
+    s = x.abs().amax(dim=(-2, -1), keepdim=True)  # nan if any entry is, else inf if any is
+    finite = torch.isfinite(s)[..., 0, 0]  # (...): a matrix is finite iff its max |entry| is
     all_finite = bool(finite.all())
     if not all_finite:
-        fill = torch.where(x.isnan().any(dim=-1).any(dim=-1), math.nan, math.inf)
+        fill = s[..., 0, 0]
         x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
-    s = x.abs().amax(dim=(-2, -1), keepdim=True)
+        s = torch.where(finite[..., None, None], s, torch.zeros((), dtype=s.dtype))
     safe = torch.where(s > 0, s, torch.ones_like(s))
     y = x / safe
     g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT
