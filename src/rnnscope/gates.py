@@ -34,7 +34,7 @@ def gate_stats(module: nn.Module, inputs: torch.Tensor, hx=None, *, bins: int = 
     if spec.kind not in RETAIN_GATE:
         raise ValueError(f"a vanilla {type(module).__name__} has no gates; gate statistics need "
                          "an LSTM or GRU")
-    if not isinstance(bins, int) or bins <= 0:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins <= 0:
         raise ValueError(f"bins must be a positive int; got {bins!r}")
     with torch.no_grad():
         trace = replay(module, inputs, hx)
