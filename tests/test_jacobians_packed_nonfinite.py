@@ -148,6 +148,15 @@ def test_packed_step_jacobians_and_lyapunov_use_each_sequence_alone(c):
             # arbitrary in its null space: the exponents are not determined there
             torch.testing.assert_close(lyap[b], (acc / n).sort(descending=True).values,
                                        rtol=1e-9, atol=1e-12)
+    if kind == "lstm":  # the reduced "c" view: at a sequence's first step E_{n−1} = 0 (its
+        # h0 is an input), also for direction 1, whose first step is T − length
+        c_view = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state="c")
+        for b, n in enumerate(lengths):
+            xb = x[b:b + 1, :n] if c["cfg"]["batch_first"] else x[b:b + 1, :n].transpose(0, 1)
+            alone = rnnscope.step_jacobians(m, xb, _sample_hx(hx, b), layer=layer, direction=d,
+                                            state="c")
+            torch.testing.assert_close(c_view.total[b, _steps_of(d, T, n)], alone.total[0],
+                                       rtol=1e-10, atol=1e-13)
     want_mean = torch.stack([per[:, t][~per[:, t].isnan()].mean() for t in range(T)])
     torch.testing.assert_close(summary["indirect_spectral"], want_mean, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(sj_norms.summary()["indirect_spectral"], want_mean, rtol=1e-10,
