@@ -101,3 +101,51 @@ def test_gate_stats_saturation_and_refusals():
     assert "median memory time" in str(st)
     with pytest.raises(ValueError, match="has no gates"):
         rnnscope.gate_stats(nn.RNN(2, 3), torch.randn(5, 2))
+    for bins in (True, 0, 2.5):
+        with pytest.raises(ValueError, match="bins must be a positive int"):
+            rnnscope.gate_stats(m, torch.randn(5, 2), bins=bins)
+
+
+def test_exact_quantiles_equal_torch_quantile():
+    from rnnscope.gates import QUANTILES, exact_quantiles
+
+    g = torch.Generator().manual_seed(0)
+    qs = torch.tensor(QUANTILES, dtype=torch.float64)
+    for n in (1, 2, 3, 7, 100, 1001):
+        v = torch.rand(n, generator=g, dtype=torch.float64)
+        assert torch.equal(exact_quantiles(v, QUANTILES), torch.quantile(v, qs)), n
+        ties = (v * 4).floor() / 4  # many equal values
+        assert torch.equal(exact_quantiles(ties, QUANTILES), torch.quantile(ties, qs)), n
+    odd = (0.0, 0.1, 1 / 3, 0.999, 1.0)
+    v = torch.rand(37, generator=g, dtype=torch.float64)
+    assert torch.equal(exact_quantiles(v, odd), torch.quantile(v, torch.tensor(odd,
+                                                                              dtype=torch.float64)))
+    assert exact_quantiles(torch.empty(0, dtype=torch.float64), QUANTILES).isnan().all()
+
+
+def test_gate_stats_beyond_torch_quantile_limit(monkeypatch):
+    """More than 2^24 gate values (torch.quantile refuses them): the replay is replaced by a
+    trace holding that many real gate values, so gate_stats' own path runs on all of them;
+    the quantiles are checked against numpy's exact linear-interpolation quantiles."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import rnnscope.gates as gates
+
+    n = 2 ** 24 + 1001
+    z = torch.rand(1, n, 1, generator=torch.Generator().manual_seed(1))  # (B, T, H) float32
+    z[0, :5, 0] = torch.tensor([0.0, 1.0, 0.5, 0.995, 0.005])
+    lt = SimpleNamespace(gates={"z": z}, lengths=None, valid=None)
+    monkeypatch.setattr(gates, "replay", lambda *a, **k: SimpleNamespace(layers=((lt,),)))
+    flat = z.double().reshape(-1)
+    with pytest.raises(RuntimeError):  # the limit this path exists for
+        torch.quantile(flat, 0.5)
+    st = rnnscope.gate_stats(nn.GRU(1, 1), torch.zeros(1, 1, 1), bins=20)
+    s = st.layers[0]
+    want = np.quantile(flat.numpy(), gates.QUANTILES, method="linear")
+    for q, w in zip(gates.QUANTILES, want):
+        assert s.quantiles[q] == pytest.approx(float(w), rel=1e-15, abs=0)
+    assert s.mean == pytest.approx(float(flat.mean()), rel=1e-12)
+    assert s.saturation[">0.99"] == int((flat > 0.99).sum()) / n
+    assert s.hist.sum().item() == pytest.approx(1.0)

@@ -356,3 +356,31 @@ def test_state_gradients_count_nonfinite_values():
     assert sg.layers[0][0].nonfinite > 0
     h = sg.layers[0][0].h
     assert not torch.isfinite(h[0]).all() and torch.isfinite(h[1]).all()
+
+
+def test_step_jacobians_stream_across_chunks():
+    """T = 40 spans several chunks of CHUNK steps: the LSTM "c" Jacobian at the first step of a
+    chunk needs E of the previous chunk's last step. Checked against the autograd oracle, and
+    keep="norms" and the chunked summary against norms of the kept matrices."""
+    from rnnscope.jacobians import CHUNK
+
+    torch.manual_seed(0)
+    m = nn.LSTM(2, 3, batch_first=True).double()
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(3.0)
+    T = 40
+    assert T > 2 * CHUNK
+    x = torch.randn(2, T, 2, dtype=torch.float64)
+    sj = rnnscope.step_jacobians(m, x)
+    for n in (CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK):
+        want = oracle_cell_jacobians(m, x[:, :n + 1], state="c")[:, n - 1]  # ∂c_n/∂c_{n−1}
+        torch.testing.assert_close(sj.total[:, n], want, rtol=1e-9, atol=1e-12)
+    per_step = torch.linalg.matrix_norm(sj.indirect, ord=2)  # (B, T)
+    norms = rnnscope.step_jacobians(m, x, keep="norms")
+    assert norms.indirect is None
+    torch.testing.assert_close(norms.indirect_spectral, per_step, rtol=1e-12, atol=0)
+    torch.testing.assert_close(norms.direct, sj.direct, rtol=0, atol=0)
+    for s in (sj.summary(), norms.summary()):
+        torch.testing.assert_close(s["indirect_spectral"], per_step.mean(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(s["direct_mean"], sj.direct.abs().mean((0, 2)))
+        assert s["samples"] == 2 and s["nonfinite_samples"] == 0

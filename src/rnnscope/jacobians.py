@@ -6,6 +6,15 @@ recurrence runs backward in time, so step n reads position T−1−n (results ca
 s_n is the state after step n, s_{−1} the initial state. With this numbering
 `cell_jacobians(...).total[:, T−1]` is the identity for both directions.
 
+PackedSequence inputs: sample b's recurrence runs over its own steps only (direction 0: n <
+length_b; direction 1: n ≥ T − length_b), and the replay carries its state unchanged through
+the others. Those steps are not measured: nan in per-sample results (`.valid` False), left out
+of every mean, and the span Jacobians end at each sample's own last step.
+
+Non-finite values (a NaN/Inf in the inputs, the initial state or the weights) never reach a
+linear-algebra solver: the affected samples are flagged (`.nonfinite`), their values are nan,
+a RuntimeWarning gives their number, and the other samples are computed exactly as without them.
+
 Closed-form one-step Jacobians (rnnscope.cells) are used for nn.RNN/LSTM/GRU and their cells;
 user-written cells (forward(x_t, state) -> new_state) go through torch.func autograd Jacobians.
 Multi-layer modules: the Jacobians of layer l hold that layer's input (the output of layer
@@ -33,7 +42,7 @@ from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import replay
 from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
-                      spectral_norm)
+                      highway_energy_share, spectral_norm)
 
 CHUNK = 16  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
 
@@ -53,7 +62,11 @@ class _Recurrence:
     `rows` selects the reported rows, and U_n maps a perturbation of the reported state into
     the running state — entry(sl) -> (B, S, P, H) E_n for LSTM "c" (U_n = [E_n; I]), the
     column selector `cols` for LSTM "h" (U = [I; 0]), identity otherwise.
-    `positions` maps step n to its input position.
+    `positions` maps step n to its input position. `valid` (B, T) bool, processing order, on
+    the computing device, marks the steps each sample's sequence has (packed inputs; None when
+    all are valid). At an invalid step the state is carried unchanged, so step() returns the
+    identity there (and direct 1, entry 0): products over a span then equal the product over
+    the sample's own steps. Consumers report invalid steps as nan.
     """
 
     step: Callable
@@ -68,6 +81,11 @@ class _Recurrence:
     cols: slice | None = None
     entry: Callable | None = None
     unbatched: bool = False
+    valid: torch.Tensor | None = None
+
+    @property
+    def valid_cpu(self) -> torch.Tensor | None:
+        return None if self.valid is None else self.valid.cpu()
 
 
 def _custom_cell_state0(cell: nn.Module, hx, B: int, like: torch.Tensor):
@@ -135,15 +153,47 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
         with torch.no_grad():
             return cells.lstm.output_jacobian(p, lt, sl)
 
+    valid = None
+    if lt.valid is not None and not bool(lt.valid.all()):
+        valid = lt.in_steps(lt.valid)  # (B, T) processing order
+        step, entry = _carried(step, valid), _carried_entry(entry, valid)
     positions = torch.arange(T - 1, -1, -1) if direction == 1 else torch.arange(T)
     if spec.kind != "lstm":
         return _Recurrence(step, B, T, H, H, state, spec.kind, positions,
-                           unbatched=tr.unbatched)
+                           unbatched=tr.unbatched, valid=valid)
     N = {"c": H, "h": P, "full": P + H}[state]
     rows = {"c": slice(P, P + H), "h": slice(0, P), "full": None}[state]
     return _Recurrence(step, B, T, N, P + H, state, "lstm", positions, rows=rows,
                        cols=slice(0, P) if state == "h" else None,
-                       entry=entry if state == "c" else None, unbatched=tr.unbatched)
+                       entry=entry if state == "c" else None, unbatched=tr.unbatched,
+                       valid=valid)
+
+
+def _carried(step: Callable, valid: torch.Tensor) -> Callable:
+    """step() with the identity (direct 1) at the steps a sample's sequence does not have:
+    there the replay carries the state unchanged (s_n = s_{n−1})."""
+
+    def masked(sl):
+        d, a = step(sl)
+        v = valid[:, sl]  # (B, S)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = torch.where(v[..., None, None], a, eye)
+        if d is not None:
+            d = torch.where(v.unsqueeze(-1), d, torch.ones((), dtype=d.dtype, device=d.device))
+        return d, a
+
+    return masked
+
+
+def _carried_entry(entry: Callable, valid: torch.Tensor) -> Callable:
+    """E_n = ∂h_n/∂c_n is 0 at a carried step: the state there is the initial (h0, c0) carried
+    (direction 1 before the sequence starts), and h0 is an input, not a function of c0."""
+
+    def masked(sl):
+        e = entry(sl)
+        return torch.where(valid[:, sl][..., None, None], e, torch.zeros((), dtype=e.dtype))
+
+    return masked
 
 
 def _autograd_recurrence(module, inputs, hx, *, layer, direction, state):
@@ -188,37 +238,109 @@ def _autograd_recurrence(module, inputs, hx, *, layer, direction, state):
 # Public functions
 
 
+def _warn_nonfinite(fn: str, bad: torch.Tensor) -> None:
+    k = int(bad.sum())
+    if k:
+        warnings.warn(f"{fn}: {k} of {bad.numel()} sample(s) have non-finite Jacobians (NaN/Inf "
+                      "in their inputs, states or the weights); their values are nan and the "
+                      "summaries leave them out", RuntimeWarning, stacklevel=3)
+
+
+def _reported_steps(rec: _Recurrence, sl: slice, e_last):
+    """The reported one-step Jacobians of the steps in `sl`: (direct (B, S, N) or None, total
+    (B, S, N, N), the last entry Jacobian E of the chunk for the next one (LSTM "c") or None).
+    `e_last` is E of the step before the chunk (None at step 0)."""
+    direct, a = rec.step(sl)
+    total = a if rec.rows is None else a[..., rec.rows, :]
+    if rec.cols is not None:
+        total = total[..., rec.cols]
+    elif rec.entry is not None:  # LSTM "c": ∂c_n/∂c_{n−1} = [0 I] F_n [E_{n−1}; I]
+        e = rec.entry(sl)  # (B, S, P, H)
+        first = torch.zeros_like(e[:, :1]) if e_last is None else e_last.unsqueeze(1)
+        e_prev = torch.cat([first, e[:, :-1]], dim=1)
+        P = e.shape[-2]
+        total = total[..., :P] @ e_prev + total[..., P:]
+        return direct, total, e[:, -1]
+    return direct, total, None
+
+
+def _per_sample_bad(finite_steps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B,) bool: samples with a non-finite value at one of their valid steps.
+    finite_steps (B, T) bool."""
+    bad = ~finite_steps
+    if valid is not None:
+        bad &= valid
+    return bad.any(1)
+
+
+def _unmeasured(valid: torch.Tensor | None, bad: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) bool: entries reported as nan — steps a sequence does not have, and every step
+    of a non-finite sample."""
+    out = bad.unsqueeze(1).expand(-1, T).clone()
+    if valid is not None:
+        out |= ~valid
+    return out
+
+
 @public("step_jacobians", module=True, ints={"layer": 0, "direction": 0})
-def step_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: int = 0,
-                   direction: int = 0, state: str | None = None,
+def step_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
+                   direction: int = 0, state: str | None = None, keep: str = "full",
                    method: str = "auto") -> StepJacobians:
     """The exact one-step Jacobians ∂s_n/∂s_{n−1}, split into the highway and the rest.
 
     `.direct` (B, T, N) is the diagonal highway — f_n for the LSTM cell state, z_n for the GRU,
     None for a vanilla RNN or a full/custom state — and `.indirect` (B, T, N, N) everything
-    else, so `.total = diag(direct) + indirect` exactly. This is the seed's
-    `decompose_gradient_paths`, computed exactly instead of "simplified". At step 0 the LSTM
-    "c" Jacobian is diag(f_0): the initial h0 is an input, not a function of c0.
+    else, so `.total = diag(direct) + indirect` exactly. This is the classic LSTM gradient-flow
+    analysis's `decompose_gradient_paths`, computed exactly instead of "simplified". At step 0
+    the LSTM "c" Jacobian is diag(f_0): the initial h0 is an input, not a function of c0.
 
     Args:
+        inputs: a tensor in the module's layout, or a PackedSequence: steps past a sequence's
+            end are not measured (nan, `.valid` False) and left out of `summary()`.
         state: LSTM "c" (default; h_{n−1} = o_{n−1}·tanh(c_{n−1}) moves with c_{n−1}), "h"
             (∂h_n/∂h_{n−1} with c_{n−1} held fixed) or "full" ((h, c) stacked); RNN/GRU "h".
+        keep: "full" keeps `.indirect` (B, T, N, N); "norms" keeps only `.direct` and the
+            per-step ‖indirect‖₂ (B, T), streaming over time in chunks with memory
+            O(B·T·N + CHUNK·B·N²).
         method: "auto", "closed" (analytic) or "autograd" (torch.func; cells only).
+
+    A sample whose Jacobians hold a NaN/Inf (non-finite inputs, states or weights) is flagged
+    in `.nonfinite` (B,), all its values are nan, and a RuntimeWarning gives the count; the
+    other samples are computed exactly as without it.
     """
+    if keep not in ("full", "norms"):
+        raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
-    direct, a = rec.step(slice(0, rec.T))
-    total = a if rec.rows is None else a[..., rec.rows, :]
-    if rec.cols is not None:
-        total = total[..., rec.cols]
-    elif rec.entry is not None:  # LSTM "c": ∂c_n/∂c_{n−1} = [0 I] F_n [E_{n−1}; I]
-        e = rec.entry(slice(0, rec.T))  # (B, T, P, H)
-        e_prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
-        P = e.shape[-2]
-        total = total[..., :P] @ e_prev + total[..., P:]
-    indirect = total - torch.diag_embed(direct) if direct is not None else total
-    return StepJacobians(_cpu(direct), _cpu(indirect), rec.state, rec.kind, layer, direction,
-                         rec.positions)
+    B, T = rec.B, rec.T
+    directs, kept, norms, finite = [], [], [], []
+    e_last = None
+    for start in range(0, T, CHUNK):
+        sl = slice(start, min(start + CHUNK, T))
+        direct, total, e_last = _reported_steps(rec, sl, e_last)
+        indirect = total - torch.diag_embed(direct) if direct is not None else total
+        if keep == "full":
+            kept.append(indirect.detach().cpu())
+            ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); amax keeps nan
+        else:
+            norms.append(spectral_norm(indirect).cpu())  # nan/inf for a non-finite matrix
+            ok = torch.isfinite(norms[-1])
+        if direct is not None:
+            ok &= torch.isfinite(direct).all(-1)
+            directs.append(direct.detach().cpu())
+        finite.append(ok.cpu())
+    valid = rec.valid_cpu
+    bad = _per_sample_bad(torch.cat(finite, 1), valid)
+    off = _unmeasured(valid, bad, T)  # (B, T)
+    direct = torch.cat(directs, 1).masked_fill_(off.unsqueeze(-1), math.nan) if directs else None
+    indirect = spec = None
+    if keep == "full":
+        indirect = torch.cat(kept, 1).masked_fill_(off[..., None, None], math.nan)
+    else:
+        spec = torch.cat(norms, 1).masked_fill_(off, math.nan)
+    _warn_nonfinite("step_jacobians", bad)
+    return StepJacobians(direct, indirect, rec.state, rec.kind, layer, direction,
+                         rec.positions, valid=valid, nonfinite=bad, indirect_spectral=spec)
 
 
 def _sweep(rec: _Recurrence):
@@ -248,23 +370,29 @@ def _sweep(rec: _Recurrence):
 
 
 @public("cell_jacobians", module=True, ints={"layer": 0, "direction": 0})
-def cell_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: int = 0,
+def cell_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
                    direction: int = 0, state: str | None = None, keep: str = "full",
                    method: str = "auto") -> CellJacobians:
     """Exact Jacobians of the final state with respect to every earlier state.
 
-    J[b, n] = ∂s_{T−1}/∂s_n for n = 0..T−1 (J[:, T−1] = I), accumulated in one reverse sweep
-    J_n = J_{n+1} · A_{n+1} over closed-form one-step Jacobians A.
+    J[b, n] = ∂s_{end}/∂s_n for n = 0..T−1 (J[:, end] = I), accumulated in one reverse sweep
+    J_n = J_{n+1} · A_{n+1} over closed-form one-step Jacobians A. `end` is T−1, or for a
+    PackedSequence the last step of sample b's own recurrence (direction 0: its length − 1).
 
     Args:
+        inputs: a tensor in the module's layout, or a PackedSequence: steps a sequence does not
+            have are not measured (nan, `.valid` False) and never count as decay.
         state: as in `step_jacobians`. For the LSTM cell state, J holds the direct path (the
             product of forget gates) AND every indirect path through h and the next gates.
         keep: "full" keeps `.total` (B, T, N, N); "norms" keeps only per-step norms, shares and
             the direct path, holding O(B·N²) memory for the running product.
 
     Returns:
-        `CellJacobians` with `.direct` (B, T, N) = ∏_{m=n+1}^{T−1} f_m (LSTM "c") or z_m (GRU),
-        None otherwise; `.spectral_norm()` (B, T); `.highway_share()` (B, T).
+        `CellJacobians` with `.direct` (B, T, N) = ∏_{m=n+1}^{end} f_m (LSTM "c") or z_m
+        (GRU), None otherwise; `.spectral_norm()` (B, T); `.highway_share()` (B, T).
+        A sample whose Jacobians hold a NaN/Inf is flagged in `.nonfinite` (B,), all its
+        values are nan, and a RuntimeWarning gives the count; the other samples are computed
+        exactly as without it.
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
@@ -275,37 +403,59 @@ def cell_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: i
     spectral = torch.empty(B, T, dtype=torch.float64)
     frob = torch.empty(B, T, dtype=torch.float64)
     direct = share = running = None
+    batch: list = []  # (n, J, ∏ d) of up to CHUNK steps, reduced together
+
+    def reduce():
+        idx = [n for n, _, _ in batch]
+        Js = torch.stack([J for _, J, _ in batch], 1).to(torch.float64)  # (B, S, N, N)
+        spectral[:, idx] = spectral_norm(Js).cpu()
+        frob[:, idx] = torch.linalg.matrix_norm(Js).cpu()
+        if batch[0][2] is not None:
+            run = torch.stack([r for _, _, r in batch], 1)  # (B, S, N)
+            direct[:, idx] = run.cpu()
+            share[:, idx] = highway_energy_share(Js, run).cpu()
+        batch.clear()
+
     for n, J, d in _sweep(rec):
-        J64 = J.to(torch.float64)
-        spectral[:, n] = spectral_norm(J64).cpu()
-        frob[:, n] = torch.linalg.matrix_norm(J64).cpu()
         if totals is not None:
             totals[n] = J.detach().cpu()
+        if d is not None and running is None:
+            running = torch.ones_like(d, dtype=torch.float64)  # ∏_{m>n} d_m, from m = T−1
+            direct = torch.empty(B, T, d.shape[-1], dtype=torch.float64)
+            share = torch.empty(B, T, dtype=torch.float64)
+        batch.append((n, J, running))
         if d is not None:
-            if running is None:
-                running = torch.ones_like(d, dtype=torch.float64)  # ∏_{m>n} d_m, from m = T−1
-                direct = torch.empty(B, T, d.shape[-1], dtype=torch.float64)
-                share = torch.empty(B, T, dtype=torch.float64)
-            direct[:, n] = running.cpu()
-            # energy share of the direct path: ‖D‖² / (‖D‖² + ‖J − D‖²)
-            d2 = (running ** 2).sum(-1)
-            rest2 = ((J64 - torch.diag_embed(running)) ** 2).sum((-2, -1))
-            share[:, n] = torch.where(d2 + rest2 > 0, d2 / (d2 + rest2),
-                                      torch.full_like(d2, math.nan)).cpu()
             running = running * d.to(torch.float64)
-    total = torch.stack(totals, 1) if totals is not None else None
-    bad = count_nonfinite(spectral)
-    if bad:
-        warnings.warn(f"cell_jacobians: {bad} non-finite Jacobian norm(s)", RuntimeWarning,
-                      stacklevel=2)
+        if len(batch) == CHUNK:
+            reduce()
+    if batch:
+        reduce()
+    valid = rec.valid_cpu
+    ok = torch.isfinite(spectral) & torch.isfinite(frob)
+    if direct is not None:
+        ok &= torch.isfinite(direct).all(-1)
+    bad = _per_sample_bad(ok, valid)
+    off = _unmeasured(valid, bad, T)
+    for t in (spectral, frob, share):
+        if t is not None:
+            t.masked_fill_(off, math.nan)
+    if direct is not None:
+        direct.masked_fill_(off.unsqueeze(-1), math.nan)
+    total = None
+    if totals is not None:
+        total = torch.stack(totals, 1)
+        if bool(off.any()):
+            total = total.masked_fill(off[..., None, None], math.nan)
+    _warn_nonfinite("cell_jacobians", bad)
     return CellJacobians(total=total, direct=direct, spectral=spectral, frobenius=frob,
                          share=share, state=rec.state, kind=rec.kind, layer=layer,
-                         direction=direction, positions=rec.positions, nonfinite=bad)
+                         direction=direction, positions=rec.positions, valid=valid,
+                         nonfinite=bad)
 
 
 @public("lyapunov_spectrum", module=True,
         ints={"layer": 0, "direction": 0, "k": 1, "warmup": 0})
-def lyapunov_spectrum(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: int = 0,
+def lyapunov_spectrum(module: nn.Module, inputs, hx=None, *, layer: int = 0,
                       direction: int = 0, k: int | None = None, warmup: int = 0,
                       method: str = "auto") -> torch.Tensor:
     """The k largest Lyapunov exponents of the state recurrence along the input-driven
@@ -313,8 +463,13 @@ def lyapunov_spectrum(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer
 
     Exponents are in natural log per step (divide by ln 2 for bits per step, as some papers
     report). The state is the full recurrent state: (h, c) for an LSTM (N = H_out + H), h for
-    RNN/GRU, the flattened state for a custom cell. The first `warmup` steps evolve the
-    orthonormal frame without being counted.
+    RNN/GRU, the flattened state for a custom cell. The first `warmup` steps of each sequence
+    evolve the orthonormal frame without being counted.
+
+    For a PackedSequence each sample's exponents average over its own steps only (those past
+    its end are skipped); a sample with no more than `warmup` steps gets nan. A sample whose
+    Jacobians hold a NaN/Inf gets a row of nan (a RuntimeWarning gives the count); the others
+    are computed exactly as without it.
 
     Returns:
         (B, k) float64, sorted descending per sample ((k,) for unbatched inputs).
@@ -329,8 +484,11 @@ def lyapunov_spectrum(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer
         raise ValueError(f"k must be an int in [1, N={N}] (the state size); got {k!r}")
     if not isinstance(warmup, int) or not 0 <= warmup < T:
         raise ValueError(f"warmup must be an int in [0, T={T}); got {warmup!r}")
+    valid = rec.valid_cpu if rec.valid_cpu is not None else torch.ones(B, T, dtype=torch.bool)
+    counted = valid & (valid.cumsum(1) > warmup)  # (B, T): past each sequence's own warmup
     Q = None
     logs = torch.zeros(B, k, dtype=torch.float64)
+    bad = torch.zeros(B, dtype=torch.bool)
     for start in range(0, T, CHUNK):
         sl = slice(start, min(start + CHUNK, T))
         _, a_chunk = rec.step(sl)
@@ -338,10 +496,22 @@ def lyapunov_spectrum(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer
         if Q is None:
             Q = torch.eye(N, k, dtype=torch.float64, device=a_chunk.device).expand(B, N, k)
         for j in range(a_chunk.shape[1]):
-            Q, R = torch.linalg.qr(a_chunk[:, j] @ Q)
-            if start + j >= warmup:
-                logs += torch.diagonal(R, dim1=-2, dim2=-1).abs().log().cpu()
-    exps = (logs / (T - warmup)).sort(dim=-1, descending=True).values
+            aq = a_chunk[:, j] @ Q  # (B, N, k)
+            # A NaN/Inf in A makes A·Q non-finite (Q is orthonormal: NaN·0 is NaN), and so does
+            # an overflow: checking the small product avoids a pass over every A.
+            v = valid[:, start + j]
+            bad |= ~torch.isfinite(aq).flatten(1).all(1).cpu() & v
+            if bool(bad.any()):  # a non-finite sample never reaches the QR (its row is nan)
+                aq = torch.where(bad.to(aq.device)[:, None, None], Q, aq)
+            q, R = torch.linalg.qr(aq)
+            Q = torch.where(v.to(q.device)[:, None, None], q, Q)  # carried step: frame kept
+            step_log = torch.diagonal(R, dim1=-2, dim2=-1).abs().log().cpu()
+            logs += torch.where(counted[:, start + j, None], step_log, torch.zeros(()))
+    steps = counted.sum(1, keepdim=True).to(torch.float64)  # (B, 1)
+    exps = torch.where(steps > 0, logs / steps.clamp_min(1), torch.full_like(logs, math.nan))
+    exps = exps.masked_fill(bad.unsqueeze(1), math.nan)
+    exps = exps.sort(dim=-1, descending=True).values
+    _warn_nonfinite("lyapunov_spectrum", bad)
     return exps[0] if rec.unbatched else exps
 
 

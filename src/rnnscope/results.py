@@ -45,14 +45,52 @@ def spectral_norm(x: torch.Tensor) -> torch.Tensor:
     σ_max = s·sqrt(λ_max((X/s)ᵀ(X/s))) with s = max|X|: a symmetric eigenvalue problem is
     faster than an SVD here, and the scaling keeps tiny Jacobians (1e−200 after a long span)
     from underflowing when squared. Agrees with torch.linalg.matrix_norm(ord=2) to ~1e−15.
+
+    A matrix holding a NaN gives nan, one holding ±inf (and no NaN) gives inf; it never
+    reaches the eigenvalue solver (which fails to converge on it), so the other matrices of
+    the batch are computed exactly as without it.
     """
     x = x.to(torch.float64)
-    s = x.abs().amax(dim=(-2, -1), keepdim=True)
+    s = x.abs().amax(dim=(-2, -1), keepdim=True)  # nan if any entry is, else inf if any is
+    finite = torch.isfinite(s)[..., 0, 0]  # (...): a matrix is finite iff its max |entry| is
+    all_finite = bool(finite.all())
+    if not all_finite:
+        fill = s[..., 0, 0]
+        x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
+        s = torch.where(finite[..., None, None], s, torch.zeros((), dtype=s.dtype))
     safe = torch.where(s > 0, s, torch.ones_like(s))
     y = x / safe
     g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT
     lam = torch.linalg.eigvalsh(g)[..., -1].clamp_min(0)
-    return lam.sqrt() * s[..., 0, 0]
+    out = lam.sqrt() * s[..., 0, 0]
+    return out if all_finite else torch.where(finite, out, fill.to(out))
+
+
+def spectral_norm_chunked(x: torch.Tensor, *, dim: int = 1, chunk: int = 64) -> torch.Tensor:
+    """`spectral_norm` of (..., m, n) matrices taken `chunk` slices of `dim` at a time, so that
+    only one chunk is ever held in float64 (memory O(chunk) instead of a float64 copy of all)."""
+    parts = [spectral_norm(part) for part in x.split(chunk, dim=dim)]
+    return torch.cat(parts, dim=dim)
+
+
+def highway_energy_share(total: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
+    """‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with D = diag(direct), for J `total` (..., N, N) and
+    `direct` (..., N), in float64; nan only where J = 0 (or J is non-finite).
+
+    Both norms are taken of J/s and D/s with s = the largest |entry| of D and J − D: the share
+    is scale-free, and squaring the unscaled entries would underflow to 0/0 once ‖J‖ ≲ 1e−162
+    (a long span), although the share itself is well defined there.
+    """
+    total = total.to(torch.float64)
+    direct = direct.to(torch.float64)
+    rest = total - torch.diag_embed(direct)
+    s = torch.maximum(direct.abs().amax(-1), rest.abs().amax(dim=(-2, -1)))
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    d2 = ((direct / safe.unsqueeze(-1)) ** 2).sum(-1)
+    rest2 = ((rest / safe[..., None, None]) ** 2).sum(dim=(-2, -1))
+    ok = (s > 0) & torch.isfinite(s)
+    return torch.where(ok, d2 / torch.where(ok, d2 + rest2, torch.ones_like(d2)),
+                       torch.full_like(d2, math.nan))
 
 
 def fit_decay_rate(norms: torch.Tensor) -> float:
@@ -561,44 +599,93 @@ class StateGradients:
 class StepJacobians:
     """One-step Jacobians ∂s_n/∂s_{n−1} for processing steps n = 0..T−1.
 
-    direct: (B, T, N) the highway diagonal (LSTM f_n, GRU z_n) or None; indirect:
-    (B, T, N, N) everything else; positions: (T,) input position read at step n.
+    Attributes:
+        direct: (B, T, N) the highway diagonal (LSTM f_n, GRU z_n) or None.
+        indirect: (B, T, N, N) everything else, or None with keep="norms".
+        positions: (T,) input position read at step n.
+        valid: (B, T) bool in processing order, True where sample b's sequence has step n
+            (packed inputs); None when every step is valid. Invalid steps are nan.
+        nonfinite: (B,) bool, samples whose one-step Jacobians hold a NaN/Inf at a valid
+            step; every value of such a sample is nan. None means none.
+        indirect_spectral: (B, T) float64 ‖indirect‖₂ per sample and step, computed while
+            streaming with keep="norms"; None with keep="full" (`summary` computes it).
     """
 
     direct: torch.Tensor | None
-    indirect: torch.Tensor
+    indirect: torch.Tensor | None
     state: str
     kind: str
     layer: int
     direction: int
     positions: torch.Tensor
+    valid: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+    indirect_spectral: torch.Tensor | None = None
 
     @property
     def total(self) -> torch.Tensor:
-        """(B, T, N, N) = diag(direct) + indirect."""
+        """(B, T, N, N) = diag(direct) + indirect (keep="full" only)."""
+        if self.indirect is None:
+            raise ValueError("these step Jacobians were computed with keep='norms' and hold no "
+                             "(B, T, N, N) matrices; call step_jacobians(..., keep='full')")
         if self.direct is None:
             return self.indirect
         return torch.diag_embed(self.direct) + self.indirect
 
+    def _counted(self, B: int, T: int) -> torch.Tensor:
+        """(B, T) bool: valid steps of finite samples, the entries every summary averages."""
+        mask = torch.ones(B, T, dtype=torch.bool) if self.valid is None else self.valid.clone()
+        if self.nonfinite is not None:
+            mask &= ~self.nonfinite.unsqueeze(1)
+        return mask
+
     def summary(self) -> dict:
-        """Batch means per step: |direct| (mean unit) and ‖indirect‖₂."""
-        out = {"indirect_spectral": spectral_norm(self.indirect).mean(0)}
+        """Batch means per step n over the samples that have step n and are finite:
+        `indirect_spectral` (T,) mean ‖indirect‖₂, `direct_mean` (T,) mean |direct| over
+        units (with a highway); `samples` (B) and `nonfinite_samples`, the number of samples
+        left out because their Jacobians are non-finite. A step no counted sample has is nan.
+
+        Memory: the spectral norms are taken a chunk of steps at a time, never on a float64
+        copy of all (B, T, N, N) matrices.
+        """
+        spec = self.indirect_spectral
+        if spec is None:
+            spec = spectral_norm_chunked(self.indirect, dim=1)
+        B, T = spec.shape
+        mask = self._counted(B, T)
+        out = {"indirect_spectral": masked_batch_mean(spec, mask)}
         if self.direct is not None:
-            out["direct_mean"] = self.direct.double().abs().mean((0, 2))
+            out["direct_mean"] = masked_batch_mean(self.direct.double().abs().mean(2), mask)
+        out["samples"] = B
+        out["nonfinite_samples"] = 0 if self.nonfinite is None else int(self.nonfinite.sum())
         return out
+
+
+def masked_batch_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(T,) mean over dim 0 of (B, T) values where `mask`; nan where no entry is counted."""
+    n = mask.sum(0)
+    total = torch.where(mask, v, torch.zeros_like(v)).sum(0)
+    return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
 
 
 @dataclass(frozen=True)
 class CellJacobians:
-    """J[b, n] = ∂s_{T−1}/∂s_n, n = 0..T−1 in processing order (J[:, T−1] = I).
+    """J[b, n] = ∂s_{end}/∂s_n, n = 0..T−1 in processing order, with `end` the last step of
+    sample b's recurrence (T−1, or its own last step for a packed sequence; J = I there).
 
     Attributes:
         total: (B, T, N, N) or None with keep="norms".
-        direct: (B, T, N) the highway alone: ∏_{m=n+1}^{T−1} f_m (LSTM "c") or z_m (GRU);
+        direct: (B, T, N) the highway alone: ∏_{m=n+1}^{end} f_m (LSTM "c") or z_m (GRU);
             None where no diagonal highway exists (vanilla RNN, LSTM "h"/"full", custom).
         spectral, frobenius: (B, T) float64 norms of J.
         share: (B, T) highway share, see `highway_share`.
         positions: (T,) input position of step n (reversed for direction 1).
+        valid: (B, T) bool in processing order, True where sample b's sequence has step n
+            (packed inputs); None when all steps are valid. Steps past a sequence's end are
+            not measured: nan in every per-sample field, left out of `by_distance`.
+        nonfinite: (B,) bool, samples whose Jacobians hold a NaN/Inf (from non-finite inputs,
+            states or weights); every value of such a sample is nan and `by_distance` leaves
+            it out. None means none.
     """
 
     total: torch.Tensor | None
@@ -611,10 +698,16 @@ class CellJacobians:
     layer: int
     direction: int
     positions: torch.Tensor
-    nonfinite: int = 0
+    valid: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+
+    @property
+    def nonfinite_samples(self) -> int:
+        """How many samples are non-finite (and left out of the summaries)."""
+        return 0 if self.nonfinite is None else int(self.nonfinite.sum())
 
     def spectral_norm(self) -> torch.Tensor:
-        """(B, T) ‖∂s_{T−1}/∂s_n‖₂."""
+        """(B, T) ‖∂s_{end}/∂s_n‖₂."""
         return self.spectral
 
     def highway_share(self) -> torch.Tensor | None:
@@ -623,26 +716,34 @@ class CellJacobians:
             share = ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F),   D = diag(direct),
 
         1 when everything flows through the highway (e.g. W_hh = 0), → 0 when the indirect
-        paths dominate. Always in [0, 1]; nan where J = 0. None without a highway.
+        paths dominate. Always in [0, 1]; nan where J = 0 (and at unmeasured steps or
+        non-finite samples). None without a highway.
         """
         return self.share
 
     def by_distance(self) -> dict:
-        """Batch means indexed by distance k = T−1−n (k = 0 is the identity): `spectral`, and
-        with a highway `direct` (mean unit), `direct_spectral` (largest unit) and `share`."""
+        """Means over the measured samples indexed by distance k = end−n (k = 0 is the
+        identity): `spectral`, and with a highway `direct` (mean unit), `direct_spectral`
+        (largest unit) and `share`; plus `samples` (B) and `nonfinite_samples` (left out)."""
         if self.direct is None:
-            return jacobian_curves(self.spectral)
+            return jacobian_curves(self.spectral, valid=self.valid, nonfinite=self.nonfinite)
         d = self.direct.abs()
-        return jacobian_curves(self.spectral, d.mean(-1), d.amax(-1), self.share)
+        return jacobian_curves(self.spectral, d.mean(-1), d.amax(-1), self.share,
+                               valid=self.valid, nonfinite=self.nonfinite)
 
     @staticmethod
     def curves_from_dict(d: dict) -> dict:
         """`by_distance()` rebuilt from `to_dict()` output (for re-plotting saved results)."""
         get = lambda k: from_json_list(d[k]) if d.get(k) is not None else None  # noqa: E731
+        valid = torch.tensor(d["valid"], dtype=torch.bool) if d.get("valid") is not None else None
+        bad = d.get("nonfinite")
+        bad = torch.tensor(bad, dtype=torch.bool) if isinstance(bad, list) else None
         return jacobian_curves(get("spectral"), get("direct_mean"), get("direct_max"),
-                               get("share"))
+                               get("share"), valid=valid, nonfinite=bad)
 
     def to_dict(self) -> dict:
+        B = self.spectral.shape[0]
+        bad = self.nonfinite if self.nonfinite is not None else torch.zeros(B, dtype=torch.bool)
         return {"state": self.state, "kind": self.kind, "layer": self.layer,
                 "direction": self.direction, "positions": self.positions.tolist(),
                 "spectral": json_list(self.spectral), "frobenius": json_list(self.frobenius),
@@ -651,7 +752,8 @@ class CellJacobians:
                 "direct_max": (json_list(self.direct.abs().amax(-1))
                                if self.direct is not None else None),
                 "share": json_list(self.share) if self.share is not None else None,
-                "nonfinite": self.nonfinite}
+                "valid": self.valid.tolist() if self.valid is not None else None,
+                "nonfinite": bad.tolist(), "nonfinite_samples": self.nonfinite_samples}
 
     def plot(self, ax=None):
         from . import plotting
@@ -659,11 +761,36 @@ class CellJacobians:
         return plotting.plot_cell_jacobians(self, ax=ax)
 
 
-def jacobian_curves(spectral, direct_mean=None, direct_max=None, share=None) -> dict:
-    """Batch means of (B, T) per-step Jacobian summaries, reindexed by distance k = T−1−n."""
-    out = {"spectral": spectral.mean(0).flip(0)}
+def _by_distance(v: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """(B, T) per-step values in processing order -> (B, T) indexed by distance k = end_b − n
+    from each sample's own last step, and the (B, T) mask of the distances it has."""
+    B, T = v.shape
+    if valid is None:
+        return v.flip(1), torch.ones(B, T, dtype=torch.bool)
+    n = torch.arange(T)
+    end = torch.where(valid, n, torch.full_like(n, -1)).amax(1)  # (B,) last valid step
+    src = end.unsqueeze(1) - n.unsqueeze(0)  # (B, T): step n = end − k
+    idx = src.clamp_min(0)
+    return v.gather(1, idx), (src >= 0) & valid.gather(1, idx)
+
+
+def jacobian_curves(spectral, direct_mean=None, direct_max=None, share=None, *, valid=None,
+                    nonfinite=None) -> dict:
+    """Batch means of (B, T) per-step Jacobian summaries (processing order), reindexed by
+    distance k from each sample's last step. Means run over the samples that have distance k
+    and are finite (`valid` (B, T), `nonfinite` (B,) as in `CellJacobians`); the share's mean
+    also leaves out its nan entries (J = 0). A distance no sample has is nan."""
+    B = spectral.shape[0]
+    keep = ~nonfinite if nonfinite is not None else torch.ones(B, dtype=torch.bool)
+    v, mask = _by_distance(spectral, valid)
+    mask = mask & keep.unsqueeze(1)
+    out = {"spectral": masked_batch_mean(v, mask)}
     if direct_mean is not None:
-        out["direct"] = direct_mean.mean(0).flip(0)
-        out["direct_spectral"] = direct_max.mean(0).flip(0)
-        out["share"] = share.nanmean(0).flip(0)
+        out["direct"] = masked_batch_mean(_by_distance(direct_mean, valid)[0], mask)
+        out["direct_spectral"] = masked_batch_mean(_by_distance(direct_max, valid)[0], mask)
+        s = _by_distance(share, valid)[0]
+        out["share"] = masked_batch_mean(s, mask & ~s.isnan())
+    out["samples"] = B
+    out["nonfinite_samples"] = int((~keep).sum())
     return out

@@ -69,7 +69,8 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
             progress(f"{name} layer {layer} dir {d}: Jacobians")
             cj = cell_jacobians(module, xj, hj, layer=layer, direction=d, state=state,
                                 keep="norms")
-            sj = step_jacobians(module, xj, hj, layer=layer, direction=d, state=state)
+            sj = step_jacobians(module, xj, hj, layer=layer, direction=d, state=state,
+                                keep="norms")
             lyap = lyapunov_spectrum(module, xj, hj, layer=layer, direction=d, k=1)
             out["layers"].append({"layer": layer, "direction": d,
                                   "cell_jacobians": cj.to_dict(), "step_paths": _step_paths(sj),
