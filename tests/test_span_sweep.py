@@ -116,8 +116,11 @@ def test_float32_agrees_with_the_dense_sweep(kind, state):
     got = _sweep(m, x, hx, 0, 0, state)
     assert got.total.dtype == torch.float32
     fro = lambda t: torch.linalg.matrix_norm(t.double())  # noqa: E731  (B, T)
-    assert (fro(got.total - dense.total) / fro(dense.total)).max() < 1e-6
-    assert ((got.spectral - dense.spectral).abs() / dense.spectral).max() < 1e-6
+    # float32 roundings of two different orders of operations: 1e−6 of the largest entry, and
+    # 1e−5 of each J_n's own size even where J_n has decayed by 1e−10
+    assert (got.total - dense.total).abs().max() < 1e-6 * dense.total.abs().max()
+    assert (fro(got.total - dense.total) / fro(dense.total)).max() < 1e-5
+    assert ((got.spectral - dense.spectral).abs() / dense.spectral).max() < 1e-5
     # and no further from the float64 truth than the dense float32 sweep is
     hx64 = None if hx is None else tuple(h.double() for h in hx) if isinstance(hx, tuple) \
         else hx.double()
