@@ -1,6 +1,7 @@
 """The adjoint span sweep against a float64 autograd oracle on the reference loop, against the
 dense sweep of cell_jacobians, and its certified spectral norms against SVD."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnscope
-from rnnscope import span_sweep
+from rnnscope import jacobians, span_sweep
 from rnnscope.recurrent import describe
 from rnnscope.span_sweep import certified_spectral_norm, span_jacobians
 from reference import KINDS, oracle_cell_jacobians
@@ -58,6 +59,20 @@ def _build(kind, opts, B, T, seed, with_hx, dtype=torch.float64, scale=2.0):
     return m, x, hx
 
 
+def _dense(m, x, hx, layer=0, direction=0, state=None):
+    """cell_jacobians through its dense sweep of one-step Jacobians (not the adjoint sweep)."""
+    real = jacobians._recurrence
+
+    def no_adjoint(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), closed=None)
+
+    jacobians._recurrence = no_adjoint
+    try:
+        return rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state)
+    finally:
+        jacobians._recurrence = real
+
+
 def _sweep(m, x, hx, layer, direction, state, keep="full"):
     spec = describe(m)
     with torch.no_grad():
@@ -87,7 +102,7 @@ def test_span_jacobians_equal_the_dense_sweep_of_cell_jacobians(config):
     kind, opts, state, layer, direction, with_hx = config
     T = span_sweep.CHUNK * 2 + 3  # crosses chunk boundaries, a short last chunk
     m, x, hx = _build(kind, opts, 3, T, 11, with_hx, scale=1.0)
-    dense = rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state)
+    dense = _dense(m, x, hx, layer, direction, state)
     got = _sweep(m, x, hx, layer, direction, state)
     torch.testing.assert_close(got.total, dense.total, rtol=1e-8, atol=1e-13)
     torch.testing.assert_close(got.spectral, dense.spectral, rtol=1e-8, atol=1e-14)
@@ -112,7 +127,7 @@ def test_float32_agrees_with_the_dense_sweep(kind, state):
     opts = {"proj_size": 3} if kind == "lstm-proj" else {}
     m, x, hx = _build(kind.replace("-proj", ""), opts, 4, 40, 3, True, dtype=torch.float32,
                       scale=1.0)
-    dense = rnnscope.cell_jacobians(m, x, hx, state=state)
+    dense = _dense(m, x, hx, state=state)
     got = _sweep(m, x, hx, 0, 0, state)
     assert got.total.dtype == torch.float32
     fro = lambda t: torch.linalg.matrix_norm(t.double())  # noqa: E731  (B, T)
@@ -134,7 +149,7 @@ def test_float32_agrees_with_the_dense_sweep(kind, state):
 def test_short_and_boundary_lengths(T):
     m, x, hx = _build("lstm", {}, 2, T, 5, True)
     got = _sweep(m, x, hx, 0, 0, "c")
-    dense = rnnscope.cell_jacobians(m, x, hx)
+    dense = _dense(m, x, hx)
     torch.testing.assert_close(got.total, dense.total, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(got.total[:, -1], torch.eye(5, dtype=torch.float64).expand(2, 5, 5))
     torch.testing.assert_close(got.direct[:, -1], torch.ones(2, 5, dtype=torch.float64))
@@ -225,3 +240,13 @@ def test_certified_spectral_norm_of_zero_and_non_finite_matrices():
     x[3] = torch.eye(3)
     got, _ = certified_spectral_norm(x)
     assert got[0] == 0 and got[1] == math.inf and math.isnan(got[2]) and got[3] == 1
+
+
+def test_cell_jacobians_dispatches_to_the_adjoint_sweep():
+    m, x, hx = _build("lstm", {"proj_size": 2}, 2, 9, 4, True)
+    cj = rnnscope.cell_jacobians(m, x, hx, state="full")
+    sw = _sweep(m, x, hx, 0, 0, "full")
+    assert torch.equal(cj.total, sw.total) and torch.equal(cj.spectral, sw.spectral)
+    dense = _dense(m, x, hx, state="full")
+    torch.testing.assert_close(cj.total, dense.total, rtol=1e-10, atol=1e-14)
+    assert cj.positions.tolist() == list(range(9)) and cj.state == "full" and cj.kind == "lstm"

@@ -32,6 +32,7 @@ from .checks import check_initial_state, check_inputs, count_nonfinite
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import replay
+from .span_sweep import span_jacobians
 from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
                       spectral_norm)
 
@@ -68,6 +69,7 @@ class _Recurrence:
     cols: slice | None = None
     entry: Callable | None = None
     unbatched: bool = False
+    closed: tuple | None = None  # (LayerTrace, LayerParams, nonlinearity) for the adjoint sweep
 
 
 def _custom_cell_state0(cell: nn.Module, hx, B: int, like: torch.Tensor):
@@ -136,14 +138,16 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
             return cells.lstm.output_jacobian(p, lt, sl)
 
     positions = torch.arange(T - 1, -1, -1) if direction == 1 else torch.arange(T)
+    closed = (lt, p, spec.nonlinearity)
     if spec.kind != "lstm":
         return _Recurrence(step, B, T, H, H, state, spec.kind, positions,
-                           unbatched=tr.unbatched)
+                           unbatched=tr.unbatched, closed=closed)
     N = {"c": H, "h": P, "full": P + H}[state]
     rows = {"c": slice(P, P + H), "h": slice(0, P), "full": None}[state]
     return _Recurrence(step, B, T, N, P + H, state, "lstm", positions, rows=rows,
                        cols=slice(0, P) if state == "h" else None,
-                       entry=entry if state == "c" else None, unbatched=tr.unbatched)
+                       entry=entry if state == "c" else None, unbatched=tr.unbatched,
+                       closed=closed)
 
 
 def _autograd_recurrence(module, inputs, hx, *, layer, direction, state):
@@ -268,6 +272,18 @@ def cell_jacobians(module: nn.Module, inputs: torch.Tensor, hx=None, *, layer: i
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
+    if rec.closed is not None and rec.closed[0].lengths is None:  # closed-form adjoint sweep
+        lt, p, nonlinearity = rec.closed
+        sw = span_jacobians(lt, p, kind=rec.kind, state=rec.state, nonlinearity=nonlinearity,
+                            keep=keep)
+        bad = count_nonfinite(sw.spectral)
+        if bad:
+            warnings.warn(f"cell_jacobians: {bad} non-finite Jacobian norm(s)", RuntimeWarning,
+                          stacklevel=2)
+        return CellJacobians(total=sw.total, direct=sw.direct, spectral=sw.spectral,
+                             frobenius=sw.frobenius, share=sw.share, state=rec.state,
+                             kind=rec.kind, layer=layer, direction=direction,
+                             positions=rec.positions, nonfinite=bad)
     B, T = rec.B, rec.T
     totals = [None] * T if keep == "full" else None
     spectral = torch.empty(B, T, dtype=torch.float64)

@@ -307,9 +307,10 @@ def certified_spectral_norm(x: torch.Tensor, start: torch.Tensor | None = None):
         cols = (y * y).sum(-2).topk(k, dim=-1).indices  # Y's heaviest columns span G's top well
         start = torch.gather(y, 2, cols.unsqueeze(1).expand(K, N, k))
     q = torch.linalg.qr(start).Q
+    yt = y.mT.contiguous()  # a strided Yᵀ would be copied by every product
     for _ in range(BLOCK_STEPS):
-        q = torch.linalg.qr(y @ (y.mT @ q)).Q
-    z = y.mT @ q  # (K, N, k)
+        q = torch.linalg.qr(torch.bmm(y, torch.bmm(yt, q))).Q
+    z = torch.bmm(yt, q)  # (K, N, k)
     ritz, vec = torch.linalg.eigh(z.mT @ z)  # ascending; θ_i ≤ λ_i (Cauchy interlacing)
     q = q @ vec.flip(-1)  # Ritz vectors, largest first
     lam = ritz[..., -1].clone()
