@@ -195,6 +195,7 @@ def test_the_trace_and_the_model_are_left_as_found():
     h = lt.h.clone()
     span_jacobians(lt, describe(m).params(0, 0), kind="lstm", state="full")
     assert torch.equal(lt.h, h)
+    assert lt.gates["f"].requires_grad and lt.c.requires_grad  # cached with the graph, as fresh
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert all(p.grad is None for p in m.parameters())
 

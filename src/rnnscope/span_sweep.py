@@ -97,6 +97,9 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
         raise ValueError("span_jacobians does not handle a packed (variable-length) trace: a "
                          "carried step is not a cell step; use the dense sweep of "
                          "jacobians.cell_jacobians for PackedSequence inputs")
+    # The trace caches these on first access, in the grad mode of that moment: build them in
+    # the caller's mode, not under our no_grad, so the trace is left as a fresh one would be.
+    _ = lt.gates, lt.prev_h, (lt.prev_c if kind == "lstm" else None)
     with torch.no_grad():
         steps, N, direct_steps = _STEPPERS[kind](lt, p, state, nonlinearity)
         return _collect(steps, lt.h.shape[0], lt.h.shape[1], N, direct_steps, keep,
