@@ -32,9 +32,9 @@ from .checks import check_initial_state, check_inputs, count_nonfinite
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import replay
-from .span_sweep import span_jacobians
 from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
                       spectral_norm)
+from .span_sweep import span_jacobians
 
 CHUNK = 16  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
 
