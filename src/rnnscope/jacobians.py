@@ -43,6 +43,7 @@ from .recurrent import describe, is_recurrent
 from .replay import replay
 from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
                       highway_energy_share, spectral_norm)
+from .span_sweep import span_jacobians
 
 CHUNK = 16  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
 
@@ -82,6 +83,7 @@ class _Recurrence:
     entry: Callable | None = None
     unbatched: bool = False
     valid: torch.Tensor | None = None
+    closed: tuple | None = None  # (LayerTrace, LayerParams, nonlinearity) for the adjoint sweep
 
     @property
     def valid_cpu(self) -> torch.Tensor | None:
@@ -158,15 +160,18 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
         valid = lt.in_steps(lt.valid)  # (B, T) processing order
         step, entry = _carried(step, valid), _carried_entry(entry, valid)
     positions = torch.arange(T - 1, -1, -1) if direction == 1 else torch.arange(T)
+    # The adjoint sweep (span_sweep) covers unpacked traces; packed ones take the dense sweep,
+    # which makes carried steps the identity.
+    closed = (lt, p, spec.nonlinearity) if valid is None else None
     if spec.kind != "lstm":
         return _Recurrence(step, B, T, H, H, state, spec.kind, positions,
-                           unbatched=tr.unbatched, valid=valid)
+                           unbatched=tr.unbatched, valid=valid, closed=closed)
     N = {"c": H, "h": P, "full": P + H}[state]
     rows = {"c": slice(P, P + H), "h": slice(0, P), "full": None}[state]
     return _Recurrence(step, B, T, N, P + H, state, "lstm", positions, rows=rows,
                        cols=slice(0, P) if state == "h" else None,
                        entry=entry if state == "c" else None, unbatched=tr.unbatched,
-                       valid=valid)
+                       valid=valid, closed=closed)
 
 
 def _carried(step: Callable, valid: torch.Tensor) -> Callable:
@@ -398,6 +403,21 @@ def cell_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
+    if rec.closed is not None:  # the closed-form adjoint sweep (unpacked traces)
+        lt, p, nonlinearity = rec.closed
+        sw = span_jacobians(lt, p, kind=rec.kind, state=rec.state, nonlinearity=nonlinearity,
+                            keep=keep)
+        total, spectral, frob, direct, share = (sw.total, sw.spectral, sw.frobenius, sw.direct,
+                                                sw.share)
+    else:
+        total, spectral, frob, direct, share = _dense_span_jacobians(rec, keep)
+    return _finish_cell_jacobians(rec, total, spectral, frob, direct, share, layer=layer,
+                                  direction=direction)
+
+
+def _dense_span_jacobians(rec: _Recurrence, keep: str):
+    """The span Jacobians by multiplying dense one-step Jacobians (packed traces, custom and
+    autograd cells): (total (B, T, N, N) or None, spectral, frobenius, direct, share)."""
     B, T = rec.B, rec.T
     totals = [None] * T if keep == "full" else None
     spectral = torch.empty(B, T, dtype=torch.float64)
@@ -430,6 +450,14 @@ def cell_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
             reduce()
     if batch:
         reduce()
+    total = torch.stack(totals, 1) if totals is not None else None
+    return total, spectral, frob, direct, share
+
+
+def _finish_cell_jacobians(rec: _Recurrence, total, spectral, frob, direct, share, *, layer,
+                           direction) -> CellJacobians:
+    """Steps a sequence does not have and every step of a non-finite sample become nan."""
+    T = rec.T
     valid = rec.valid_cpu
     ok = torch.isfinite(spectral) & torch.isfinite(frob)
     if direct is not None:
@@ -441,11 +469,8 @@ def cell_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
             t.masked_fill_(off, math.nan)
     if direct is not None:
         direct.masked_fill_(off.unsqueeze(-1), math.nan)
-    total = None
-    if totals is not None:
-        total = torch.stack(totals, 1)
-        if bool(off.any()):
-            total = total.masked_fill(off[..., None, None], math.nan)
+    if total is not None and bool(off.any()):
+        total = total.masked_fill(off[..., None, None], math.nan)
     _warn_nonfinite("cell_jacobians", bad)
     return CellJacobians(total=total, direct=direct, spectral=spectral, frobenius=frob,
                          share=share, state=rec.state, kind=rec.kind, layer=layer,
