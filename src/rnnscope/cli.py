@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 

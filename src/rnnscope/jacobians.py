@@ -317,7 +317,7 @@ def step_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
-    B, T = rec.B, rec.T
+    T = rec.T
     directs, kept, norms, finite = [], [], [], []
     e_last = None
     for start in range(0, T, CHUNK):

@@ -469,7 +469,7 @@ def _gru_sweep(p, lt, rows, Z):
 def _rnn_sweep(p, lt, rows, Z, nonlinearity: str):
     """Vanilla RNN adjoint: d pre_s = dh act'(pre_s); dh_{s−1} += d pre_s W_hh, dx_s = d pre_s W_ih.
     act' is read from the output: 1 − h² for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
-    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
+    R = rows.active[0]  # step 0 has the most active rows
     H = p.w_hh.shape[1]
     B = lt.h.shape[1]
     h = lt.h  # (T, B, H)

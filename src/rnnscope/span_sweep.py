@@ -34,7 +34,6 @@ Shape legend: B batch, T steps, S steps in a chunk, H hidden, P = H_out, N repor
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -109,7 +109,6 @@ def reading_lag(results: dict) -> str:
 
 def reading_highway(results: dict) -> str:
     out = []
-    T = _seq_len(results)
     for name, rec in results["recurrent"].items():
         if "layers" not in rec:
             continue
