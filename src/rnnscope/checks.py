@@ -459,6 +459,20 @@ def check_module_call(fn: str, module, inputs, hx=None, *, grad: bool = False) -
     # sizes (B=0, T=0, wrong I) are checked with the module's layout by check_inputs
 
 
+def _is_trace(obj) -> bool:
+    from .replay import Trace  # replay imports this module
+    return isinstance(obj, Trace)
+
+
+def check_trace_call(fn: str, inputs, hx) -> None:
+    """A `Trace` from `replay` stands for (module, inputs, hx): it was checked when replayed,
+    and the inputs it ran on cannot be given again."""
+    if inputs is not None or hx is not None:
+        raise TypeError(f"{fn}: given a Trace from replay(), do not pass inputs or hx (the trace "
+                        "already holds the run they describe); pass either (module, inputs, hx) "
+                        "or the trace alone")
+
+
 def _check_int_options(fn: str, bound, ints: dict) -> None:
     for opt, low in ints.items():
         if bound.get(opt) is not None:  # None keeps its documented default meaning
@@ -541,7 +555,12 @@ def public(fn: str, *, grad: bool = False, call: bool = False, module: bool = Fa
                         check_model_call(fn, a.get("model"), a.get("inputs"),
                                          a.get("forward_args", ()), a.get("forward_kwargs"),
                                          a.get("at"), grad=grad)
-                    if module:
+                    if module and _is_trace(a.get("module")):
+                        check_trace_call(fn, a.get("inputs"), a.get("hx"))
+                    elif module:
+                        if a.get("inputs", ()) is None:
+                            raise TypeError(f"{fn}: inputs are missing; pass (module, inputs, "
+                                            "hx) or a Trace from replay() alone")
                         check_module_call(fn, a.get("module"), a.get("inputs"), a.get("hx"),
                                           grad=grad)
                 with torch.enable_grad() if grad else contextlib.nullcontext():

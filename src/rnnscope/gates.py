@@ -14,31 +14,38 @@ from torch import nn
 
 from .checks import check_model, check_number, count_nonfinite, public
 from .recurrent import GATES, RETAIN_GATE, describe
-from .replay import replay
+from .replay import Trace, replay
 from .results import GateLayerStats, GateStats
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @public("gate_stats", module=True, ints={"bins": 1})
-def gate_stats(module: nn.Module, inputs: torch.Tensor, hx=None, *, bins: int = 50) -> GateStats:
+def gate_stats(module: nn.Module | Trace, inputs=None, hx=None, *,
+               bins: int = 50) -> GateStats:
     """Forget (LSTM) or retain (GRU) gate statistics for every layer and direction.
 
-    Runs the replay without building a graph; the module is not changed.
+    Runs the replay without building a graph; the module is not changed. `module` may be a
+    `Trace` from `replay` instead (then inputs and hx are not given).
 
     Example:
         >>> stats = gate_stats(nn.LSTM(3, 4), torch.randn(5, 2, 3))
         >>> 0 < stats.layers[0].mean < 1
         True
     """
-    spec = describe(module)
+    given = module if isinstance(module, Trace) else None
+    spec = given.spec if given is not None else describe(module)
+    module = spec.module
     if spec.kind not in RETAIN_GATE:
         raise ValueError(f"a vanilla {type(module).__name__} has no gates; gate statistics need "
                          "an LSTM or GRU")
     if isinstance(bins, bool) or not isinstance(bins, int) or bins <= 0:
         raise ValueError(f"bins must be a positive int; got {bins!r}")
-    with torch.no_grad():
-        trace = replay(module, inputs, hx)
+    if given is not None:
+        trace = given
+    else:
+        with torch.no_grad():
+            trace = replay(module, inputs, hx)
     gate = RETAIN_GATE[spec.kind]
     out = []
     for layer, dirs in enumerate(trace.layers):
@@ -94,7 +101,9 @@ def _gate_slice(kind: str, gate: str, H: int) -> slice:
 
 def _bias_pairs(module: nn.Module):
     """(bias_ih, bias_hh) for every layer and direction; refuses modules without biases."""
-    spec = describe(module)
+    given = module if isinstance(module, Trace) else None
+    spec = given.spec if given is not None else describe(module)
+    module = spec.module
     if spec.kind not in RETAIN_GATE:
         raise ValueError(f"a vanilla {type(module).__name__} has no forget/retain gate to "
                          "initialise")

@@ -40,7 +40,7 @@ from .cells import custom
 from .checks import check_initial_state, check_inputs, count_nonfinite, public
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
-from .replay import replay
+from .replay import Trace, replay
 from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
                       highway_energy_share, spectral_norm)
 from .span_sweep import span_jacobians
@@ -124,18 +124,26 @@ def _is_custom_cell(module) -> bool:
 def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recurrence:
     if method not in ("auto", "closed", "autograd"):
         raise ValueError(f"method must be 'auto', 'closed' or 'autograd'; got {method!r}")
-    if _is_custom_cell(module) or method == "autograd":
+    given = module if isinstance(module, Trace) else None
+    if given is not None and method == "autograd":
+        raise ValueError("method='autograd' runs the module itself; pass (module, inputs, hx) "
+                         "instead of a Trace")
+    if given is None and (_is_custom_cell(module) or method == "autograd"):
         return _autograd_recurrence(module, inputs, hx, layer=layer, direction=direction,
                                     state=state)
-    spec = describe(module)
+    spec = given.spec if given is not None else describe(module)
+    module = spec.module
     spec.check_layer(layer, direction)
     states = ("c", "h", "full") if spec.kind == "lstm" else ("h",)
     state = state or states[0]
     if state not in states:
         raise ValueError(f"state must be one of {states} for a {type(module).__name__}; "
                          f"got {state!r}")
-    with torch.no_grad():
-        tr = replay(module, inputs, hx)
+    if given is not None:
+        tr = given
+    else:
+        with torch.no_grad():
+            tr = replay(module, inputs, hx)
     lt = tr.layers[layer][direction]
     p = spec.params(layer, direction)
     B, T = lt.h.shape[:2]
@@ -288,7 +296,7 @@ def _unmeasured(valid: torch.Tensor | None, bad: torch.Tensor, T: int) -> torch.
 
 
 @public("step_jacobians", module=True, ints={"layer": 0, "direction": 0})
-def step_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
+def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
                    direction: int = 0, state: str | None = None, keep: str = "full",
                    method: str = "auto") -> StepJacobians:
     """The exact one-step Jacobians ∂s_n/∂s_{n−1}, split into the highway and the rest.
@@ -300,6 +308,8 @@ def step_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
     the LSTM "c" Jacobian is diag(f_0): the initial h0 is an input, not a function of c0.
 
     Args:
+        module: the recurrent module, or a `Trace` from `replay` (then inputs and hx are not
+            given): one replay serves every analysis of it.
         inputs: a tensor in the module's layout, or a PackedSequence: steps past a sequence's
             end are not measured (nan, `.valid` False) and left out of `summary()`.
         state: LSTM "c" (default; h_{n−1} = o_{n−1}·tanh(c_{n−1}) moves with c_{n−1}), "h"
@@ -375,7 +385,7 @@ def _sweep(rec: _Recurrence):
 
 
 @public("cell_jacobians", module=True, ints={"layer": 0, "direction": 0})
-def cell_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
+def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
                    direction: int = 0, state: str | None = None, keep: str = "full",
                    method: str = "auto") -> CellJacobians:
     """Exact Jacobians of the final state with respect to every earlier state.
@@ -385,6 +395,8 @@ def cell_jacobians(module: nn.Module, inputs, hx=None, *, layer: int = 0,
     PackedSequence the last step of sample b's own recurrence (direction 0: its length − 1).
 
     Args:
+        module: the recurrent module, or a `Trace` from `replay` (then inputs and hx are not
+            given): one replay serves every analysis of it.
         inputs: a tensor in the module's layout, or a PackedSequence: steps a sequence does not
             have are not measured (nan, `.valid` False) and never count as decay.
         state: as in `step_jacobians`. For the LSTM cell state, J holds the direct path (the
@@ -480,7 +492,7 @@ def _finish_cell_jacobians(rec: _Recurrence, total, spectral, frob, direct, shar
 
 @public("lyapunov_spectrum", module=True,
         ints={"layer": 0, "direction": 0, "k": 1, "warmup": 0})
-def lyapunov_spectrum(module: nn.Module, inputs, hx=None, *, layer: int = 0,
+def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
                       direction: int = 0, k: int | None = None, warmup: int = 0,
                       method: str = "auto") -> torch.Tensor:
     """The k largest Lyapunov exponents of the state recurrence along the input-driven
@@ -489,7 +501,8 @@ def lyapunov_spectrum(module: nn.Module, inputs, hx=None, *, layer: int = 0,
     Exponents are in natural log per step (divide by ln 2 for bits per step, as some papers
     report). The state is the full recurrent state: (h, c) for an LSTM (N = H_out + H), h for
     RNN/GRU, the flattened state for a custom cell. The first `warmup` steps of each sequence
-    evolve the orthonormal frame without being counted.
+    evolve the orthonormal frame without being counted. `module` may be a `Trace` from
+    `replay` (then inputs and hx are not given).
 
     For a PackedSequence each sample's exponents average over its own steps only (those past
     its end are skipped); a sample with no more than `warmup` steps gets nan. A sample whose
@@ -499,8 +512,9 @@ def lyapunov_spectrum(module: nn.Module, inputs, hx=None, *, layer: int = 0,
     Returns:
         (B, k) float64, sorted descending per sample ((k,) for unbatched inputs).
     """
-    spec_kind_state = None if _is_custom_cell(module) else (
-        "full" if describe(module).kind == "lstm" else "h")
+    spec = module.spec if isinstance(module, Trace) else (
+        None if _is_custom_cell(module) else describe(module))
+    spec_kind_state = None if spec is None else ("full" if spec.kind == "lstm" else "h")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction,
                       state=spec_kind_state, method=method)
     B, T, N = rec.B, rec.T, rec.N
@@ -541,7 +555,7 @@ def lyapunov_spectrum(module: nn.Module, inputs, hx=None, *, layer: int = 0,
 
 
 @public("state_gradients", grad=True, module=True)
-def state_gradients(module: nn.Module, inputs: torch.Tensor, hx=None, *, loss="last",
+def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss="last",
                     keep: str = "norms") -> StateGradients:
     """Exact total gradients ∂L/∂h_t and (LSTM) ∂L/∂c_t for every layer, direction and step.
 
@@ -551,12 +565,17 @@ def state_gradients(module: nn.Module, inputs: torch.Tensor, hx=None, *, loss="l
     parameters and their .grad are not touched.
 
     Args:
+        module: the recurrent module, or a `Trace` from `replay` made with gradients enabled
+            (its graph is kept, so the trace serves again); then inputs and hx are not given.
         loss: as in `gradient_profile`: "last", "all" or a callable(outputs (B, T, F)) -> (B,).
             Outputs are the module's output sequence, batch-major.
         keep: "norms" keeps (B, T) norms; "full" also keeps the gradient tensors.
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
+    if isinstance(module, Trace):
+        return _trace_state_gradients_from_loss(module, loss=loss, keep=keep,
+                                                retain_graph=True)
     if _is_custom_cell(module):
         return _custom_state_gradients(module, inputs, hx, loss=loss, keep=keep)
     spec = describe(module)
@@ -570,22 +589,35 @@ def state_gradients(module: nn.Module, inputs: torch.Tensor, hx=None, *, loss="l
     with torch.enable_grad():
         # Inputs that require grad guarantee a graph even if no parameter requires grad.
         tr = replay(module, inputs, hx)
-        top = tr.layers[-1]
-        seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, F)
-        if packed and loss == "last":  # each sequence's own last valid step
-            valid = top[0].valid
-            seq = seq * valid.unsqueeze(-1).to(seq)  # the module's output is 0 past the end
-            idx = (valid.sum(1) - 1).clamp_min(0)
-            losses = seq[torch.arange(seq.shape[0]), idx].sum(-1)
-        else:
-            if packed:
-                seq = seq * top[0].valid.unsqueeze(-1).to(seq)
-            losses = per_sample_loss(seq, loss, seq.shape[0])
-        return trace_state_gradients(tr, [losses.sum()], keep=keep, loss=_loss_name(loss))
+        return _trace_state_gradients_from_loss(tr, loss=loss, keep=keep, retain_graph=False)
+
+
+def _trace_state_gradients_from_loss(tr, *, loss, keep: str,
+                                     retain_graph: bool) -> StateGradients:
+    """state_gradients on a replay trace: the loss on its top layer's output sequence."""
+    top = tr.layers[-1]
+    seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, F)
+    if not seq.requires_grad:
+        raise ValueError("state_gradients needs a Trace with a graph: call replay() with "
+                         "gradients enabled (not under torch.no_grad()) on inputs or a module "
+                         "that require grad, or pass (module, inputs, hx)")
+    packed = tr.lengths is not None
+    if packed and loss == "last":  # each sequence's own last valid step
+        valid = top[0].valid
+        seq = seq * valid.unsqueeze(-1).to(seq)  # the module's output is 0 past the end
+        idx = (valid.sum(1) - 1).clamp_min(0)
+        losses = seq[torch.arange(seq.shape[0]), idx].sum(-1)
+    else:
+        if packed:
+            seq = seq * top[0].valid.unsqueeze(-1).to(seq)
+        losses = per_sample_loss(seq, loss, seq.shape[0])
+    return trace_state_gradients(tr, [losses.sum()], keep=keep, loss=_loss_name(loss),
+                                 retain_graph=retain_graph)
 
 
 def trace_state_gradients(trace, outputs: list, grad_outputs: list | None = None, *,
-                          keep: str = "norms", loss: str = "custom") -> StateGradients:
+                          keep: str = "norms", loss: str = "custom",
+                          retain_graph: bool = False) -> StateGradients:
     """Total state gradients of a replay `trace` from one backward of `outputs` (weighted by
     `grad_outputs`, as in torch.autograd.grad) taken w.r.t. the per-step state tensors.
 
@@ -595,7 +627,8 @@ def trace_state_gradients(trace, outputs: list, grad_outputs: list | None = None
     """
     targets = [t for dirs in trace.layers for lt in dirs
                for t in lt.steps_h + (lt.steps_c or ())]
-    grads = (torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True)
+    grads = (torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True,
+                                 retain_graph=retain_graph)
              if outputs else [None] * len(targets))
     it = iter(_zeros_if_none(grads, targets))
     layers = []

@@ -8,12 +8,14 @@ dict alone, so a saved results.json re-plots to the same figures.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from . import __version__
 from .budget import check_memory, compare_bytes, model_bytes
@@ -25,6 +27,7 @@ from .lag import lag_profile
 from .profile import compare, gradient_profile, profile_drawn, random_inputs
 from .site import Capture, ModelCall, capturing, model_call, recurrent_axes, unwrap_model
 from .recurrent import RETAIN_GATE, describe, is_recurrent
+from .replay import replay
 from .results import Comparison, json_list, json_number
 from .theory import decay_table
 
@@ -64,22 +67,29 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
            "num_layers": spec.num_layers, "num_directions": spec.num_directions,
            "state": state, "jacobian_samples": n,
            "layers": []}
+    # One replay per purpose, shared by the analyses: a graph-free one of the Jacobian samples,
+    # one with a graph of the whole batch (gates and state gradients).
+    with torch.no_grad():
+        tr_j = replay(module, xj, hj)
     for layer in range(spec.num_layers):
         for d in range(spec.num_directions):
             progress(f"{name} layer {layer} dir {d}: Jacobians")
-            cj = cell_jacobians(module, xj, hj, layer=layer, direction=d, state=state,
-                                keep="norms")
-            sj = step_jacobians(module, xj, hj, layer=layer, direction=d, state=state,
-                                keep="norms")
-            lyap = lyapunov_spectrum(module, xj, hj, layer=layer, direction=d, k=1)
+            cj = cell_jacobians(tr_j, layer=layer, direction=d, state=state, keep="norms")
+            sj = step_jacobians(tr_j, layer=layer, direction=d, state=state, keep="norms")
+            lyap = lyapunov_spectrum(tr_j, layer=layer, direction=d, k=1)[..., 0]
+            finite = torch.isfinite(lyap)  # a non-finite sample is reported, not averaged
             out["layers"].append({"layer": layer, "direction": d,
                                   "cell_jacobians": cj.to_dict(), "step_paths": _step_paths(sj),
-                                  "max_lyapunov": json_number(lyap.mean().item())})
+                                  "max_lyapunov": json_number(lyap[finite].mean().item()
+                                                              if finite.any() else math.nan),
+                                  "lyapunov_samples": int(finite.sum())})
+    with torch.enable_grad():
+        tr = replay(module, _differentiable_copy(x), hx)
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
-        out["gates"] = gate_stats(module, x, hx).to_dict()
+        out["gates"] = gate_stats(tr).to_dict()
     progress(f"{name}: state gradients")
-    sg = state_gradients(module, x, hx)
+    sg = state_gradients(tr)
     out["state_gradients"] = sg.to_dict()
     return out
 
@@ -113,6 +123,14 @@ def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, 
                  f"I={input_size}, {samples} samples, {num_layers} layer(s)",
                  "lower --seq-len, --samples, --hidden-size, --layers or --jacobian-samples, "
                  "or drop models (--models)")
+
+
+def _differentiable_copy(x):
+    """x as a fresh leaf that requires grad (a graph exists even if no parameter needs one)."""
+    if isinstance(x, PackedSequence):
+        return PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
+                              x.sorted_indices, x.unsorted_indices)
+    return x.detach().requires_grad_(True)
 
 
 def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int = 100,
