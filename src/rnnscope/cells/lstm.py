@@ -219,7 +219,7 @@ def _e_scale(o, c) -> torch.Tensor:
 
 def output_jacobian(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     """E_n = ∂h_n/∂c_n = [W_hr] diag(o_n (1 − tanh² c_n)) for steps in the slice: (B, S, P, H)."""
-    e = _e_scale(tr.in_steps(tr.gates["o"])[:, n], tr.in_steps(tr.c)[:, n])
+    e = _e_scale(tr.step_range(tr.gates["o"], n), tr.step_range(tr.c, n))
     if p.w_hr is None:
         return torch.diag_embed(e)
     return p.w_hr * e.unsqueeze(-2)
@@ -232,11 +232,11 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     The reduced views follow from F: ∂c_n/∂c_{n−1} = [0 I] F_n [E_{n−1}; I] = diag(f_n) +
     K_n E_{n−1} (with E_{−1} = 0: the initial h0 is an input, not a function of c0).
     """
-    i, f, g, o = (tr.in_steps(tr.gates[k])[:, n] for k in ("i", "f", "g", "o"))
+    i, f, g, o = (tr.step_range(tr.gates[k], n) for k in ("i", "f", "g", "o"))
     c_prev = tr.prev_c[:, n]
     k = _k_matrix(p, i, f, g, c_prev)  # (B, S, H, P)
     H = p.w_hh.shape[0] // 4
-    c_now = tr.in_steps(tr.c)[:, n]
+    c_now = tr.step_range(tr.c, n)
     e = _e_scale(o, c_now)  # (B, S, H)
     w_o = p.w_hh.view(4, H, -1)[3]  # (H, P)
     m_o = (torch.tanh(c_now) * o * (1 - o)).unsqueeze(-1) * w_o  # diag(tanh(c) o') W_ho
