@@ -21,7 +21,6 @@ E = ∂h/∂c = [W_hr] diag(o (1−tanh²c))                                    
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..recurrent import LayerParams
 from .layer_trace import LayerTrace, stack_steps, step_masks
@@ -105,6 +104,16 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward  # (grad, σ) -> grad · σ(
 _tanh_backward = torch.ops.aten.tanh_backward  # (grad, tanh) -> grad · (1 − tanh²)
 
 
+def _refuse_double_backward() -> None:
+    """The closed-form backwards below are first derivatives only: under create_graph=True
+    their results would silently lack the second-order terms, so refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the LSTM replay's steps have a closed-form first derivative only; "
+                           "got a backward with create_graph=True (double backward), which it "
+                           "cannot give exactly: unroll an nn.LSTMCell over the sequence with "
+                           "plain autograd for higher derivatives")
+
+
 class _LSTMCellState(torch.autograd.Function):
     """c' and the gates of one LSTM step as a single autograd node with the closed-form backward.
 
@@ -116,7 +125,7 @@ class _LSTMCellState(torch.autograd.Function):
         ∂L/∂gx_t = d(pre),  ∂L/∂h = d(pre) W_hh,  ∂L/∂c = dc · f.
     W_hh's own gradient, Σ_t d(pre_t)ᵀ h_{t−1}, is left to `_RecurrentWeightGrad` (one GEMM).
     c' is an output of its own (not folded into h'), so a gradient taken w.r.t. the c_t
-    tensor is the total one, as on an op-by-op graph. Double backward is refused.
+    tensor is the total one, as on an op-by-op graph.
     """
 
     @staticmethod
@@ -127,8 +136,8 @@ class _LSTMCellState(torch.autograd.Function):
         return c_new, sig, g
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dc, dsig, dg):
+        _refuse_double_backward()
         sig, g, c, w_hh_t = ctx.saved_tensors
         H = g.shape[1]
         if dc is None:
@@ -159,8 +168,8 @@ class _LSTMHidden(torch.autograd.Function):
         return o * tanh_c
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dh):
+        _refuse_double_backward()
         o, tanh_c = ctx.saved_tensors
         H = o.shape[1]
         d_sig = dh.new_zeros(dh.shape[0], 4 * H)
@@ -194,8 +203,8 @@ class _RecurrentWeightGrad(torch.autograd.Function):
         return gx.view_as(gx)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_gx):
+        _refuse_double_backward()
         d_w = None
         if ctx.needs_input_grad[1]:
             prev = ctx.record.in_positions()  # (B, T, H_out)
