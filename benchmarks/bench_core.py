@@ -1,17 +1,40 @@
-"""Core benchmarks (issue: core library): gradient_profile and replay, ratios side by side."""
+"""Core benchmarks (issue: core library; issue 10 item 4): gradient_profile and the replay,
+ratios measured side by side in one run with torch.utils.benchmark.
+
+Candidates are timed interleaved, round after round (Timer.timeit per round), so that the
+drift of a shared machine hits all of them alike; the ratio of medians is what is reported.
+"""
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 import rnnscope
-from timing import compare_times, report
+from timing import report
 
 
-def seed_loop_as_written(model, x):
-    """The seed's analyze_lstm_gradients as written: one sample at a time, loss.backward()
-    (which also accumulates into the parameters' .grad — the seed's bug), a Python loop over
+def side_by_side(candidates: dict, *, rounds: int, warmup: int = 1) -> dict:
+    """candidates: name -> zero-arg callable. Returns name -> median seconds over `rounds`
+    interleaved torch.utils.benchmark measurements (one call each)."""
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, label=name)
+              for name, fn in candidates.items()}
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.timeit(1).median)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def classic_loop_as_written(model, x):
+    """The classic LSTM gradient-flow analysis as usually written: one sample at a time,
+    loss.backward() (which also accumulates into the parameters' .grad), a Python loop over
     timesteps with .item()."""
     norms = torch.zeros(x.shape[1])
     for s in range(x.shape[0]):
@@ -24,8 +47,8 @@ def seed_loop_as_written(model, x):
     return norms / x.shape[0]
 
 
-def seed_loop(model, x):
-    """The seed's per-sample loop, tightened: gradient w.r.t. the input only, vectorised norms."""
+def classic_loop(model, x):
+    """The same per-sample loop, tightened: gradient w.r.t. the input only, vectorised norms."""
     norms = torch.zeros(x.shape[1])
     for s in range(x.shape[0]):
         xs = x[s:s + 1].clone().requires_grad_(True)
@@ -33,6 +56,45 @@ def seed_loop(model, x):
         (g,) = torch.autograd.grad(out[0, -1, :].sum(), xs)
         norms += g[0].norm(dim=-1)
     return norms / x.shape[0]
+
+
+def replay_vs_fused(quick: bool = False) -> list:
+    """(c) replay forward+backward vs the fused module's, LSTM/GRU/RNN at B=50 T=1000 I=64
+    H=128, all six candidates interleaved in one run. Targets (issue 10): LSTM ≤ 1.3×, GRU and
+    RNN ≤ 1.0×."""
+    B, T, I, H = 50, 1000, 64, 128
+    torch.manual_seed(0)
+    x = torch.randn(B, T, I)
+    candidates, pairs = {}, []
+    for kind in (nn.LSTM, nn.GRU, nn.RNN):
+        m = kind(I, H, batch_first=True)
+
+        def fused(m=m):
+            xr = x.clone().requires_grad_(True)
+            m(xr)[0].sum().backward()
+            m.zero_grad(set_to_none=True)
+
+        def replayed(m=m):
+            xr = x.clone().requires_grad_(True)
+            rnnscope.replay(m, xr).output.sum().backward()
+            m.zero_grad(set_to_none=True)
+
+        name = kind.__name__
+        candidates[f"fused nn.{name} forward+backward"] = fused
+        candidates[f"replay {name} forward+backward"] = replayed
+        pairs.append((name, f"fused nn.{name} forward+backward",
+                      f"replay {name} forward+backward"))
+    times = side_by_side(candidates, rounds=3 if quick else 7)
+    rows = []
+    print(f"\n(c) replay vs fused, forward+backward (B={B} T={T} I={I} H={H}), "
+          f"torch.utils.benchmark, {torch.get_num_threads()} threads")
+    for name, f, r in pairs:
+        target = "≤ 1.3×" if name == "LSTM" else "≤ 1.0×"
+        print(f"  {name:<5s} fused {times[f] * 1e3:8.1f} ms   replay {times[r] * 1e3:8.1f} ms"
+              f"   ratio {times[r] / times[f]:5.2f}x   (target {target})")
+        rows.append({"title": f"(c) replay vs fused ({name} B={B} T={T} I={I} H={H})",
+                     "times": {f: times[f], r: times[r]}, "baseline": f, "target": target})
+    return rows
 
 
 def run(quick: bool = False):
@@ -53,59 +115,33 @@ def run(quick: bool = False):
         out, _ = lstm(xr)
         torch.autograd.grad(out[:, -1].sum(), xr)
 
-    times = compare_times({
+    times = side_by_side({
         "gradient_profile (one batched pass)": lambda: rnnscope.gradient_profile(lstm, x),
-        "seed per-sample loop": lambda: seed_loop(lstm, x),
-        "seed per-sample loop, as written": lambda: seed_loop_as_written(lstm, x),
+        "classic per-sample loop": lambda: classic_loop(lstm, x),
+        "classic per-sample loop, as written": lambda: classic_loop_as_written(lstm, x),
         "bare forward + loss.backward()": bare_backward,
         "bare forward + autograd.grad(inputs)": bare_input_grad,
     }, rounds=3 if quick else 7)
-    rows.append(report("(a) gradient_profile vs the seed's loop (LSTM T=100 H=128 I=64 S=50)",
-                       {k: times[k] for k in ("seed per-sample loop, as written",
-                                              "seed per-sample loop",
+    rows.append(report("(a) gradient_profile vs the classic loop (LSTM T=100 H=128 I=64 S=50)",
+                       {k: times[k] for k in ("classic per-sample loop, as written",
+                                              "classic per-sample loop",
                                               "gradient_profile (one batched pass)")},
-                       "gradient_profile (one batched pass)", "seed loop ≥ 2× slower"))
+                       "gradient_profile (one batched pass)", "classic loop ≥ 2× slower"))
     rows.append(report("(b) gradient_profile vs the floor (same model, same batch)",
                        {k: times[k] for k in ("bare forward + loss.backward()",
                                               "bare forward + autograd.grad(inputs)",
                                               "gradient_profile (one batched pass)")},
                        "bare forward + loss.backward()", "≤ 1.25×"))
-
-    B, T, I, H = 50, 1000, 64, 128
-    lstm = nn.LSTM(I, H, batch_first=True)
-    x = torch.randn(B, T, I)
-
-    def fused():
-        xr = x.clone().requires_grad_(True)
-        out, _ = lstm(xr)
-        out.sum().backward()
-        lstm.zero_grad(set_to_none=True)
-
-    def replayed():
-        xr = x.clone().requires_grad_(True)
-        tr = rnnscope.replay(lstm, xr)
-        tr.output.sum().backward()
-        lstm.zero_grad(set_to_none=True)
-
-    times = compare_times({"fused nn.LSTM forward+backward": fused,
-                           "replay forward+backward": replayed}, rounds=2 if quick else 5)
-    rows.append(report("(c) replay vs fused (LSTM B=50 T=1000 I=64 H=128, fwd+bwd)", times,
-                       "fused nn.LSTM forward+backward", "≤ 2×"))
-    for kind in (nn.GRU, nn.RNN):
-        m = kind(I, H, batch_first=True)
-
-        def fused_k(m=m):
-            xr = x.clone().requires_grad_(True)
-            m(xr)[0].sum().backward()
-            m.zero_grad(set_to_none=True)
-
-        def replay_k(m=m):
-            xr = x.clone().requires_grad_(True)
-            rnnscope.replay(m, xr).output.sum().backward()
-            m.zero_grad(set_to_none=True)
-
-        times = compare_times({f"fused nn.{kind.__name__} forward+backward": fused_k,
-                               "replay forward+backward": replay_k}, rounds=2 if quick else 3)
-        rows.append(report(f"(c') replay vs fused ({kind.__name__} B=50 T=1000 I=64 H=128)",
-                           times, f"fused nn.{kind.__name__} forward+backward", "≤ 2×"))
+    rows.extend(replay_vs_fused(quick))
     return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds")
+    ap.add_argument("--replay-only", action="store_true", help="only (c), replay vs fused")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    replay_vs_fused(args.quick) if args.replay_only else run(args.quick)

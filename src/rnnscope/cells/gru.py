@@ -60,7 +60,7 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: st
     Returns (direct (B, S, H) = z_n, indirect (B, S, H, H)).
     """
     H = p.w_hh.shape[1]
-    r, z, nn_ = (tr.in_steps(tr.gates[k])[:, n] for k in ("r", "z", "n"))
+    r, z, nn_ = (tr.step_range(tr.gates[k], n) for k in ("r", "z", "n"))
     h_prev = tr.prev_h[:, n]
     w_r, w_z, w_n = p.w_hh.view(3, H, H).unbind(0)
     gh_n = h_prev @ w_n.t()

@@ -64,8 +64,38 @@ class LayerTrace:
         return {} if self.gate_builder is None else self.gate_builder()
 
     def in_steps(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Reorder a (B, T, ...) position-order tensor into processing order."""
-        return tensor.flip(1) if self.reverse else tensor
+        """Reorder a (B, T, ...) position-order tensor into processing order.
+
+        Direction 1 needs a flipped copy; for a tensor outside any graph it is made once and
+        kept (callers that take `in_steps(t)[:, n]` chunk after chunk would otherwise copy the
+        whole sequence per chunk: O(T²)). Prefer `step_range` for a slice of steps.
+        """
+        if not self.reverse:
+            return tensor
+        if tensor.requires_grad:  # a graph tensor: never hand out a cached, graph-less copy
+            return tensor.flip(1)
+        hit = self._flipped.get(id(tensor))
+        if hit is not None and hit[0] is tensor and hit[1] == tensor._version:
+            return hit[2]
+        out = tensor.flip(1)
+        self._flipped[id(tensor)] = (tensor, tensor._version, out)
+        return out
+
+    def step_range(self, tensor: torch.Tensor, n: slice) -> torch.Tensor:
+        """Processing steps n (a slice with step 1) of a (B, T, ...) position-order tensor:
+        (B, S, ...), at a cost proportional to S (only the slice is flipped for direction 1)."""
+        if not self.reverse:
+            return tensor[:, n]
+        T = tensor.shape[1]
+        start, stop, step = n.indices(T)
+        if step != 1:
+            raise ValueError(f"step_range takes a slice with step 1; got {n}")
+        return tensor[:, T - stop: T - start].flip(1) if stop > start else tensor[:, :0]
+
+    @cached_property
+    def _flipped(self) -> dict:
+        """id -> (tensor, version, flipped copy): `in_steps`'s cache."""
+        return {}
 
     @cached_property
     def prev_h(self) -> torch.Tensor:

@@ -32,28 +32,41 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
 
     lengths (B,): each sample's valid length; at positions t ≥ lengths[b] h and c are carried
     through unchanged (the gates there are computed but not valid).
+
+    Without a projection each step is two autograd nodes with closed-form backwards
+    (`_LSTMCellState`, `_LSTMHidden`) instead of about ten, and the
+    recurrent weight's gradient is one GEMM over all steps (`_RecurrentWeightGrad`); with a
+    projection (proj_size > 0) the step is recorded op by op by autograd. Both compute the
+    forward with the same operations, so states and gates are the same numbers either way.
     """
     H = p.w_hh.shape[0] // 4
     gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, 4H)
     if p.b_hh is not None:
         gx = gx + p.b_hh
+    fast = p.w_hr is None
+    record = None
+    if fast and torch.is_grad_enabled() and p.w_hh.requires_grad:
+        record = _PrevStates(h0, reverse)
+        gx = _RecurrentWeightGrad.apply(gx, p.w_hh, record)
     steps = gx.unbind(1)  # unbind once: indexing gx[:, t] per step makes backward O(T^2)
     if reverse:
         steps = steps[::-1]
-    w_hh_t = p.w_hh.t()
+    # the fast step never differentiates w.r.t. W_hh itself (see _RecurrentWeightGrad)
+    w_hh_t = p.w_hh.detach().t() if fast else p.w_hh.t()
     w_hr_t = p.w_hr.t() if p.w_hr is not None else None
     masks = step_masks(lengths, len(steps), x.device, reverse)
+    recorded = fast and torch.is_grad_enabled()
     h, c = h0, c0
     hs, cs, sigs, gs = [], [], [], []
     for gx_t, m in zip(steps, masks):
-        pre = torch.addmm(gx_t, h, w_hh_t)  # (B, 4H)
-        sig = torch.sigmoid(pre)  # i, f, o blocks are used; the g block is discarded
-        i, f, _, o = sig.chunk(4, dim=1)
-        g = torch.tanh(pre[:, 2 * H: 3 * H])
-        c_new = torch.addcmul(f * c, i, g)
-        h_new = o * torch.tanh(c_new)
-        if w_hr_t is not None:
-            h_new = h_new @ w_hr_t
+        if recorded:
+            c_new, sig, g = _LSTMCellState.apply(gx_t, h, c, w_hh_t)
+            h_new = _LSTMHidden.apply(sig, c_new)
+        else:  # no graph, or a projection: autograd records the ops (if grad mode is on)
+            sig, g, c_new = _cell_state(gx_t, h, c, w_hh_t)
+            h_new = sig[:, 3 * H:] * torch.tanh(c_new)
+            if w_hr_t is not None:
+                h_new = h_new @ w_hr_t
         if m is None:
             h, c = h_new, c_new
         else:
@@ -62,6 +75,9 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
         cs.append(c)
         sigs.append(sig)
         gs.append(g)
+    if record is not None:
+        record.hs = [t.detach() for t in hs]
+
     def gates():
         sig_all = stack_steps(sigs, reverse)
         return {"i": sig_all[..., :H], "f": sig_all[..., H:2 * H], "g": stack_steps(gs, reverse),
@@ -70,6 +86,130 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
     return LayerTrace(x=x, h=stack_steps(hs, reverse), h0=h0, c0=c0, reverse=reverse,
                       steps_h=tuple(hs), steps_c=tuple(cs), gate_builder=gates,
                       lengths=lengths)
+
+
+def _cell_state(gx_t, h, c, w_hh_t):
+    """One step of PyTorch's equations up to c': gx_t (B, 4H) input part (biases included),
+    h (B, H_out), c (B, H), w_hh_t (H_out, 4H). Returns sig = σ(pre) (B, 4H) (blocks i, f, o
+    used; block g discarded), g = tanh(pre_g) (B, H) and c' (B, H)."""
+    H = c.shape[1]
+    pre = torch.addmm(gx_t, h, w_hh_t)  # (B, 4H)
+    sig = torch.sigmoid(pre)
+    i, f = sig[:, :H], sig[:, H:2 * H]
+    g = torch.tanh(pre[:, 2 * H: 3 * H])
+    return sig, g, torch.addcmul(f * c, i, g)
+
+
+_sigmoid_backward = torch.ops.aten.sigmoid_backward  # (grad, σ) -> grad · σ(1 − σ)
+_tanh_backward = torch.ops.aten.tanh_backward  # (grad, tanh) -> grad · (1 − tanh²)
+
+
+def _refuse_double_backward() -> None:
+    """The closed-form backwards below are first derivatives only: under create_graph=True
+    their results would silently lack the second-order terms, so refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the LSTM replay's steps have a closed-form first derivative only; "
+                           "got a backward with create_graph=True (double backward), which it "
+                           "cannot give exactly: unroll an nn.LSTMCell over the sequence with "
+                           "plain autograd for higher derivatives")
+
+
+class _LSTMCellState(torch.autograd.Function):
+    """c' and the gates of one LSTM step as a single autograd node with the closed-form backward.
+
+    forward(gx_t (B, 4H), h (B, H), c (B, H), w_hh_t (H, 4H), detached) -> (c', sig, g), with
+    sig = σ(pre) (B, 4H) (blocks i, f, o used) and g = tanh(pre_g) (B, H).
+    backward, from dc = ∂L/∂c' (total: it includes what came back through h' = o tanh c', see
+    `_LSTMHidden`), dsig and dg (what reached the exposed gates, o's included):
+        d(pre) = (dsig + [dc·g, dc·c, 0, 0]) σ(1 − σ), its g block + (dc·i + dg)(1 − g²)
+        ∂L/∂gx_t = d(pre),  ∂L/∂h = d(pre) W_hh,  ∂L/∂c = dc · f.
+    W_hh's own gradient, Σ_t d(pre_t)ᵀ h_{t−1}, is left to `_RecurrentWeightGrad` (one GEMM).
+    c' is an output of its own (not folded into h'), so a gradient taken w.r.t. the c_t
+    tensor is the total one, as on an op-by-op graph.
+    """
+
+    @staticmethod
+    def forward(ctx, gx_t, h, c, w_hh_t):
+        sig, g, c_new = _cell_state(gx_t, h, c, w_hh_t)
+        ctx.set_materialize_grads(False)  # outputs nobody reads get None, not a zero tensor
+        ctx.save_for_backward(sig, g, c, w_hh_t)
+        return c_new, sig, g
+
+    @staticmethod
+    def backward(ctx, dc, dsig, dg):
+        _refuse_double_backward()
+        sig, g, c, w_hh_t = ctx.saved_tensors
+        H = g.shape[1]
+        if dc is None:
+            dc = torch.zeros_like(g)
+        d = torch.zeros_like(sig) if dsig is None else dsig.clone()  # ∂L/∂sig, block by block
+        d_i, d_f = d[:, :H], d[:, H:2 * H]
+        d_i.addcmul_(dc, g)
+        d_f.addcmul_(dc, c)
+        d_pre = _sigmoid_backward(d, sig)  # the unused g block of sig: 0 unless dsig had it
+        i, f = sig[:, :H], sig[:, H:2 * H]
+        d_g = dc * i if dg is None else torch.addcmul(dg, dc, i)
+        d_pre[:, 2 * H: 3 * H] += _tanh_backward(d_g, g)
+        return d_pre, d_pre @ w_hh_t.t(), dc * f, None
+
+
+class _LSTMHidden(torch.autograd.Function):
+    """h' = o ⊙ tanh(c') as one node: forward(sig (B, 4H), c' (B, H)) -> h' (B, H).
+
+    backward: ∂L/∂sig = [0, 0, 0, dh·tanh c'],  ∂L/∂c' = dh · o (1 − tanh² c').
+    """
+
+    @staticmethod
+    def forward(ctx, sig, c_new):
+        H = c_new.shape[1]
+        o = sig[:, 3 * H:]
+        tanh_c = torch.tanh(c_new)
+        ctx.save_for_backward(o, tanh_c)
+        return o * tanh_c
+
+    @staticmethod
+    def backward(ctx, dh):
+        _refuse_double_backward()
+        o, tanh_c = ctx.saved_tensors
+        H = o.shape[1]
+        d_sig = dh.new_zeros(dh.shape[0], 4 * H)
+        torch.mul(dh, tanh_c, out=d_sig[:, 3 * H:])
+        return d_sig, _tanh_backward(dh * o, tanh_c)
+
+
+class _PrevStates:
+    """The states entering each step of one layer/direction, filled in after the forward loop
+    (detached: holding graph tensors here would tie the graph into a reference cycle)."""
+
+    def __init__(self, h0: torch.Tensor, reverse: bool):
+        self.h0, self.reverse, self.hs = h0.detach(), reverse, None
+
+    def in_positions(self) -> torch.Tensor:
+        """(B, T, H_out): at position t, the state the step reading x[:, t] started from."""
+        return stack_steps([self.h0] + self.hs[:-1], self.reverse)
+
+
+class _RecurrentWeightGrad(torch.autograd.Function):
+    """Identity on the input projection gx (B, T, 4H) that also takes W_hh, so that W_hh's
+    gradient Σ_t d(pre_t)ᵀ h_{t−1} is one (4H, B·T) @ (B·T, H) GEMM after the backward sweep.
+
+    d(pre_t) = ∂L/∂gx_t exactly (pre_t = gx_t + h_{t−1} W_hhᵀ), so the gradient this node
+    receives is all it needs, with the forward's states held in `record` (`_PrevStates`).
+    """
+
+    @staticmethod
+    def forward(ctx, gx, w_hh, record):
+        ctx.record = record
+        return gx.view_as(gx)
+
+    @staticmethod
+    def backward(ctx, d_gx):
+        _refuse_double_backward()
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            prev = ctx.record.in_positions()  # (B, T, H_out)
+            d_w = d_gx.reshape(-1, d_gx.shape[-1]).t() @ prev.reshape(-1, prev.shape[-1])
+        return d_gx, d_w, None
 
 
 def _k_matrix(p: LayerParams, i, f, g, c_prev) -> torch.Tensor:
@@ -88,7 +228,7 @@ def _e_scale(o, c) -> torch.Tensor:
 
 def output_jacobian(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     """E_n = ∂h_n/∂c_n = [W_hr] diag(o_n (1 − tanh² c_n)) for steps in the slice: (B, S, P, H)."""
-    e = _e_scale(tr.in_steps(tr.gates["o"])[:, n], tr.in_steps(tr.c)[:, n])
+    e = _e_scale(tr.step_range(tr.gates["o"], n), tr.step_range(tr.c, n))
     if p.w_hr is None:
         return torch.diag_embed(e)
     return p.w_hr * e.unsqueeze(-2)
@@ -101,11 +241,11 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     The reduced views follow from F: ∂c_n/∂c_{n−1} = [0 I] F_n [E_{n−1}; I] = diag(f_n) +
     K_n E_{n−1} (with E_{−1} = 0: the initial h0 is an input, not a function of c0).
     """
-    i, f, g, o = (tr.in_steps(tr.gates[k])[:, n] for k in ("i", "f", "g", "o"))
+    i, f, g, o = (tr.step_range(tr.gates[k], n) for k in ("i", "f", "g", "o"))
     c_prev = tr.prev_c[:, n]
     k = _k_matrix(p, i, f, g, c_prev)  # (B, S, H, P)
     H = p.w_hh.shape[0] // 4
-    c_now = tr.in_steps(tr.c)[:, n]
+    c_now = tr.step_range(tr.c, n)
     e = _e_scale(o, c_now)  # (B, S, H)
     w_o = p.w_hh.view(4, H, -1)[3]  # (H, P)
     m_o = (torch.tanh(c_now) * o * (1 - o)).unsqueeze(-1) * w_o  # diag(tanh(c) o') W_ho

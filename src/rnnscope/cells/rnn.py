@@ -49,5 +49,5 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: st
 
     Returns (direct, indirect): direct is None (no highway); indirect (B, S, H, H).
     """
-    d = act_derivative(tr.in_steps(tr.h)[:, n], nonlinearity)  # (B, S, H)
+    d = act_derivative(tr.step_range(tr.h, n), nonlinearity)  # (B, S, H)
     return None, d.unsqueeze(-1) * p.w_hh
