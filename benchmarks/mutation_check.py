@@ -19,6 +19,7 @@ Run from the repository root (≈ 20–30 min on 2 busy cores at the default cap
     PYTHONPATH=src .venv/bin/python benchmarks/mutation_check.py            # default sample
     .venv/bin/python benchmarks/mutation_check.py --max 40 --seed 1         # smaller sample
     .venv/bin/python benchmarks/mutation_check.py --list                    # mutants, no runs
+    .venv/bin/python benchmarks/mutation_check.py --max 0 --match "gates.py:60  -"  # re-check
     .venv/bin/python benchmarks/mutation_check.py --files results.py --max 0  # all in a file
 
 Options: --max N (cap; 0 = every mutant), --seed (sampling), --timeout seconds per mutant,
@@ -308,12 +309,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
     ap.add_argument("--files", nargs="*", default=TARGETS)
+    ap.add_argument("--match", nargs="*", default=None,
+                    help="only mutants whose label contains one of these (e.g. "
+                         "'cells/custom.py:27'), before sampling")
     ap.add_argument("--list", action="store_true", help="list the sampled mutants and exit")
     args = ap.parse_args(argv)
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
         ap.error(f"--files must be among {TARGETS}; got {unknown}")
     mutants = all_mutants(args.files)
+    if args.match:
+        mutants = [m for m in mutants if any(s in m.label() for s in args.match)]
     chosen = sample(mutants, args.max, args.seed)
     print(f"{len(mutants)} mutation points in {len(args.files)} files; running {len(chosen)}")
     if args.list:

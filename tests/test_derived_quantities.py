@@ -491,3 +491,58 @@ def test_memory_time_and_decay_table_closed_forms():
     assert rows[(0.9, 10)]["factor"] == pytest.approx(0.9 ** 10, rel=1e-15)
     assert rows[(0.9, 3)]["memory_time"] == pytest.approx(10.0)
     assert len(t.rows) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# cases the mutation check (benchmarks/mutation_check.py) showed untested
+
+
+@pytest.mark.parametrize("cell_cls", [nn.GRUCell, nn.RNNCell, nn.LSTMCell])
+def test_lyapunov_exponents_of_cells_by_autograd_equal_a_qr_reference(cell_cls):
+    """The torch.func path (method="autograd"), single-tensor and tuple states."""
+    torch.manual_seed(24)
+    cell = cell_cls(2, 3).double()
+    fused = {nn.GRUCell: nn.GRU, nn.RNNCell: nn.RNN, nn.LSTMCell: nn.LSTM}[cell_cls](
+        2, 3, batch_first=True).double()
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(cell.named_parameters(), fused.named_parameters()):
+            a.mul_(1.3)
+            b.copy_(a)
+    x = torch.randn(2, 8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(25))
+    A = _oracle_step_jacobians(fused, x)
+    want = _qr_exponents(A, A.shape[-1], 2)
+    got = rnnscope.lyapunov_spectrum(cell, x, warmup=2, method="autograd")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_custom_cell_returning_a_different_state_structure_is_refused():
+    class Bad(nn.Module):
+        hidden_size = 3
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x, h):  # state in: a tensor; state out: a 1-tuple
+            return (torch.tanh(self.lin(torch.cat([x, h[..., :2]], -1))),)
+
+    with pytest.raises(TypeError, match="same structure"):
+        rnnscope.cell_jacobians(Bad(), torch.randn(2, 4, 3))
+
+
+def test_gate_stats_of_the_reverse_direction_with_lengths_use_each_sequence_alone():
+    """The reverse direction of a packed batch starts at each sequence's own last step (the
+    per-step validity masks run backwards with it)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    m = _model("lstm", seed=26, H=3, I=2, scale=2.0, bidirectional=True)
+    x = torch.randn(3, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(27))
+    lengths = [6, 2, 4]
+    packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True,
+                                  enforce_sorted=False)
+    st = rnnscope.gate_stats(m, packed)
+    for d in (0, 1):
+        s = [s for s in st.layers if (s.layer, s.direction) == (0, d)][0]
+        f = torch.cat([_gates(m, x[b:b + 1, :n], 0, d)["f"][0] for b, n in enumerate(lengths)])
+        assert s.mean == pytest.approx(f.mean().item(), rel=1e-12), d
+        torch.testing.assert_close(s.unit_mean, f.mean(0))
