@@ -7,7 +7,7 @@ a dropped unary minus, and one planted bug from the issue (a 0.5 weight on the i
 in the highway share). Error messages, warnings, docstrings, annotations, and the JSON/text/plot
 helpers of results.py are left alone: they are not maths.
 
-The package is copied to a temporary directory once; each mutant is written into that COPY
+The package and its tests are copied to a temporary directory once; each mutant is written into that COPY
 (the worktree is never edited) and a fast, relevant subset of the tests runs against it with
 a per-mutant timeout. A mutant is "killed" when the tests fail (or time out), "survived" when
 they pass. To keep it fast, one parent process imports torch, pytest and hypothesis once and
@@ -330,10 +330,14 @@ def main(argv=None) -> int:
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutant must never be read from a stale .pyc
     sys.dont_write_bytecode = True
     os.environ.setdefault("HYPOTHESIS_PROFILE", "dev")
-    os.chdir(ROOT)
     tmp = Path(tempfile.mkdtemp(prefix="rnnscope-mutants-"))
     try:
         shutil.copytree(ROOT / "src", tmp / "src")
+        # the tests too: editing them while a run goes on must not change it
+        shutil.copytree(ROOT / "tests", tmp / "tests",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", tmp / "pyproject.toml")
+        os.chdir(tmp)
         copy_pkg = tmp / "src" / "rnnscope"
         sys.path.insert(0, str(tmp / "src"))
         # heavy imports once, in the parent; rnnscope itself only ever in the children

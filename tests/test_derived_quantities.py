@@ -546,3 +546,24 @@ def test_gate_stats_of_the_reverse_direction_with_lengths_use_each_sequence_alon
         f = torch.cat([_gates(m, x[b:b + 1, :n], 0, d)["f"][0] for b, n in enumerate(lengths)])
         assert s.mean == pytest.approx(f.mean().item(), rel=1e-12), d
         torch.testing.assert_close(s.unit_mean, f.mean(0))
+
+
+def test_a_custom_cell_refuses_integer_inputs():
+    cell = nn.GRUCell(3, 4)
+    with pytest.raises(TypeError, match="floating-point"):
+        rnnscope.cell_jacobians(cell, torch.ones(2, 4, 3, dtype=torch.int64), method="autograd")
+    with pytest.raises(TypeError, match="floating-point"):
+        rnnscope.lyapunov_spectrum(_Tanh(), torch.ones(2, 4, 3, dtype=torch.int64))
+
+
+class _Tanh(nn.Module):
+    """A user-written cell: h' = tanh(W x + U h)."""
+    hidden_size = 3
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Linear(3, 3)
+        self.u = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x, h):
+        return torch.tanh(self.w(x) + self.u(h))
