@@ -262,6 +262,10 @@ class GradientMonitor:
                 # backward is known only at step(), where the budget is shared); the next
                 # step of a chain keeps the same samples as its first call
                 call.n = min(self.max_batch, _batch_size(x, batch_dim)) if call.head else prev.n
+                if module.training and spec.dropout > 0 and spec.num_layers > 1:
+                    # the kernel drew its dropout masks for the whole batch: only a replay of
+                    # the whole batch redraws the same ones (its first samples are kept)
+                    call.n = _batch_size(x, batch_dim)
             if call.n > 0:
                 n = call.n
                 call.x = _first_samples(x, n, batch_dim)
@@ -503,7 +507,11 @@ class GradientMonitor:
             joined = {}
             for call in calls:
                 try:
-                    part = self._replay_call(name, _narrow_call(call, m, batch_dim))
+                    if call.rng_state is None:
+                        part = self._replay_call(name, _narrow_call(call, m, batch_dim))
+                    else:  # dropout: replay the whole batch, keep the first m samples
+                        part = {key: {k: (None if v is None else v[:m]) for k, v in d.items()}
+                                for key, d in self._replay_call(name, call).items()}
                 except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
                     return f"exact replay skipped: {e}"
                 for key, vals in part.items():
