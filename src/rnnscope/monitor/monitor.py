@@ -112,7 +112,9 @@ class GradientMonitor:
         model: the model being trained; every nn.RNN/LSTM/GRU and cell inside is monitored.
         every: cheap statistics schedule (int n: every n steps; or a callable step -> bool).
         replay_every: exact replay schedule (same forms; 0 or None: never).
-        max_batch: samples replayed at exact steps.
+        max_batch: samples replayed at exact steps (the first ones, over all the step's
+            micro-batches; a training-mode module with inter-layer dropout is replayed whole,
+            since its masks were drawn for the whole batch, and its first samples kept).
         loggers: a Logger, a directory / *.jsonl / *.csv path, or a list of those.
         alerts: an AlertPolicy (default thresholds if None).
         history: records kept in memory (`.history`, oldest dropped first).
