@@ -616,3 +616,23 @@ def test_trace_state_gradients_without_outputs_are_zero():
     tr = rnnscope.replay(m, torch.randn(2, 4, 2, dtype=torch.float64))
     sg = trace_state_gradients(tr, [])
     assert sg.layers[0][0].h.shape == (2, 4) and sg.layers[0][0].h.eq(0).all()
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_state_gradients_with_a_loss_callable_equal_the_reference(per_step):
+    """A callable giving per-sample (B,) or per-step (B, T) losses of the output sequence."""
+    m = _model("gru", seed=31, H=3, I=2)
+    x = torch.randn(2, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
+
+    def loss(out):  # (B, T, F) -> (B, T) or (B,)
+        per_t = (out[:, 1:] ** 2).sum(-1)
+        per_t = torch.cat([per_t.new_zeros(out.shape[0], 1), per_t], 1)
+        return per_t if per_step else per_t.sum(1)
+
+    got = rnnscope.state_gradients(m, x, loss=loss).layers[0][0]
+    out, _, _, states = reference_forward(m, x)
+    hs = [h for h, _ in states[0][0]]
+    gs = torch.autograd.grad(loss(out).sum(), hs)
+    torch.testing.assert_close(got.h, torch.stack([g.norm(dim=-1) for g in gs], 1),
+                               rtol=1e-9, atol=1e-13)
+    assert rnnscope.state_gradients(m, x, loss=loss).loss == "custom"
