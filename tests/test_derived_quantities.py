@@ -636,3 +636,14 @@ def test_state_gradients_with_a_loss_callable_equal_the_reference(per_step):
     torch.testing.assert_close(got.h, torch.stack([g.norm(dim=-1) for g in gs], 1),
                                rtol=1e-9, atol=1e-13)
     assert rnnscope.state_gradients(m, x, loss=loss).loss == "custom"
+
+
+def test_state_gradients_with_loss_all_equal_the_reference():
+    m = _model("rnn", seed=33, H=3, I=2)
+    x = torch.randn(2, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(34))
+    got = rnnscope.state_gradients(m, x, loss="all").layers[0][0]
+    out, _, _, states = reference_forward(m, x)
+    hs = [h for h, _ in states[0][0]]
+    gs = torch.autograd.grad(out.sum(), hs)
+    torch.testing.assert_close(got.h, torch.stack([g.norm(dim=-1) for g in gs], 1),
+                               rtol=1e-9, atol=1e-13)
