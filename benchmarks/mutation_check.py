@@ -75,6 +75,18 @@ RESULTS_SKIP = {"json_number", "json_list", "from_json_list", "to_dict", "from_d
 PLANTED = [("jacobians.py", "d2 / (d2 + rest2)", "d2 / (d2 + 0.5 * rest2)",
             "highway share ‖D‖²/(‖D‖² + 0.5‖J−D‖²) (issue 12)")]
 
+# survivors examined and found equivalent (no input can tell them apart), with the reason;
+# printed next to a survivor so that a rerun needs no re-examination
+# keyed by (file, the mutated source line stripped, the change)
+EQUIVALENT = {
+    ("cells/layer_trace.py", "if min_len >= T:", ">= -> >"):
+        "at min_len == T every step has t < min_len, so both branches give [None] * T",
+    ("profile.py", "seed=seed, expect=x.shape[:2])", "constant 2 -> 3"):
+        "expect=x.shape[:2] vs [:3]: only expect[0] and expect[1] are ever read",
+    ("results.py", "if top <= 0:", "<= -> <"):
+        "at top == 0 no norm is positive, so n / top is nan or -inf and none is counted",
+}
+
 BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
               ast.Pow: ast.Mult, ast.MatMult: ast.Mult, ast.FloorDiv: ast.Div}
 CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
@@ -374,7 +386,9 @@ def main(argv=None) -> int:
         if surv:
             print("survivors:")
             for m in surv:
-                print("  " + m.label())
+                text = (PKG / m.file).read_text().splitlines()[m.line - 1].strip()
+                why = EQUIVALENT.get((m.file, text, m.change))
+                print("  " + m.label() + (f"   [equivalent: {why}]" if why else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
