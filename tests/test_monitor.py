@@ -290,13 +290,15 @@ def _reference_state_grads(model, x, y, masks):
     return [torch.stack(grads[l * T:(l + 1) * T], 1).norm(dim=-1) for l in range(len(hs))]
 
 
-def test_training_dropout_keeps_the_exact_part():
+@pytest.mark.parametrize("max_batch", [6, 3])
+def test_training_dropout_keeps_the_exact_part(max_batch):
+    """max_batch below the batch size included: the masks were drawn for the whole batch."""
     torch.manual_seed(0)
     model = Seq(nn.LSTM, layers=2).double()
     model.rnn.dropout = 0.3
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientFlowWarning)
-        with GradientMonitor(model, replay_every=1, max_batch=6) as mon:
+        with GradientMonitor(model, replay_every=1, max_batch=max_batch) as mon:
             for s in range(2):
                 x, y = _data(s)
                 x, y = x.double(), y.double()
@@ -310,7 +312,8 @@ def test_training_dropout_keeps_the_exact_part():
     for layer in range(2):
         got = torch.tensor(rec["layers"]["rnn"]["state_grad"][f"l{layer}d0"]["h"],
                            dtype=torch.float64)
-        torch.testing.assert_close(got, ref[layer].mean(0), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(got, ref[layer][:max_batch].mean(0), rtol=1e-9,
+                                   atol=1e-14)
     # and the training itself did not change: the monitor takes no random numbers
     outs_with = _train_dropout(model, monitor=True)
     outs_without = _train_dropout(model, monitor=False)
@@ -484,3 +487,218 @@ def test_constructor_errors():
         GradientMonitor(Seq(), loggers=[3])
     with pytest.raises(ValueError, match="vanish_eps"):
         AlertPolicy(vanish_eps=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the gradients really were: retain_graph, gradient accumulation, no backward, checkpoints
+
+
+def test_retain_graph_two_backwards_reports_the_summed_gradient():
+    """Two backward calls through one graph before step(): .grad holds the sum, and so must
+    every gradient statistic (input, state, parameter norms)."""
+    torch.manual_seed(5)
+    model = Seq(nn.LSTM, layers=1).double()
+    x, y = _data(0)
+    x, y = x.double(), y.double()
+    with GradientMonitor(model, replay_every=1, max_batch=4) as mon:
+        out = model(x)
+        ((out - y) ** 2).mean().backward(retain_graph=True)
+        (3.0 * (out[:, 4:] ** 2).sum()).backward()  # a different loss on the same graph
+        rec = mon.step()
+    r = rec["layers"]["rnn"]
+    # parameter statistics read .grad: the sum of both backwards
+    want_global = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
+    assert rec["global_norm"] == pytest.approx(want_global, rel=1e-12)
+    xr = x.clone().requires_grad_(True)
+    o = model(xr)
+    (gx,) = torch.autograd.grad(((o - y) ** 2).mean() + 3.0 * (o[:, 4:] ** 2).sum(), xr)
+    torch.testing.assert_close(torch.tensor(r["input_grad"], dtype=torch.float64),
+                               gx.norm(dim=-1).mean(0), rtol=1e-9, atol=1e-14)
+    # state gradients of the summed objective, first max_batch samples
+    out_r, _, _, states = reference_forward(model.rnn, x[:4])
+    for h, c in states[0][0]:
+        h.retain_grad()
+        c.retain_grad()
+    o4 = model.head(out_r)
+    (((o4 - y[:4]) ** 2).sum() / y.numel() + 3.0 * (o4[:, 4:] ** 2).sum()).backward()
+    got = r["state_grad"]["l0d0"]
+    for which, k in (("h", 0), ("c", 1)):
+        want = torch.stack([s[k].grad.norm(dim=-1).mean() for s in states[0][0]])
+        torch.testing.assert_close(torch.tensor(got[which], dtype=torch.float64), want,
+                                   rtol=1e-9, atol=1e-14)
+
+
+def test_retain_graph_with_a_cell_loop_reports_the_summed_gradient():
+    torch.manual_seed(6)
+    cell = nn.GRUCell(5, 4).double()
+    x, _ = _data(0)
+    x = x.double()
+
+    def unroll(inp):
+        h, hs = None, []
+        for t in range(inp.shape[1]):
+            h = cell(inp[:, t], h)
+            hs.append(h)
+        return hs
+
+    with GradientMonitor(cell, replay_every=1) as mon:
+        hs = unroll(x)
+        torch.stack(hs, 1).sum().backward(retain_graph=True)
+        (hs[5] ** 2).sum().backward()
+        rec = mon.step()
+    r = rec["layers"]["GRUCell"]
+    xr = x.clone().requires_grad_(True)
+    hs = unroll(xr)
+    for h in hs:
+        h.retain_grad()
+    (torch.stack(hs, 1).sum() + (hs[5] ** 2).sum()).backward()
+    torch.testing.assert_close(torch.tensor(r["input_grad"], dtype=torch.float64),
+                               xr.grad.norm(dim=-1).mean(0))
+    torch.testing.assert_close(torch.tensor(r["state_grad"]["l0d0"]["h"], dtype=torch.float64),
+                               torch.stack([h.grad.norm(dim=-1).mean() for h in hs]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_gradient_accumulation_pools_the_micro_batches(batch_first):
+    """k micro-batches, each with its own forward and backward, then one step(): the record
+    describes all their samples (the gradient of the summed objective w.r.t. each micro-batch's
+    input is that micro-batch's own), micro-batches of different lengths included, and the
+    exact replay takes max_batch samples over all of them."""
+    torch.manual_seed(7)
+    model = Seq(nn.LSTM, layers=1, batch_first=batch_first).double()
+    g = torch.Generator().manual_seed(8)
+    sizes, lengths = [3, 2, 4], [12, 9, 12]
+    xs = [torch.randn(b, t, 5, generator=g, dtype=torch.float64) for b, t in zip(sizes, lengths)]
+    ys = [torch.randn(b, t, 1, generator=g, dtype=torch.float64) for b, t in zip(sizes, lengths)]
+    k = len(xs)
+    with GradientMonitor(model, replay_every=1, max_batch=4) as mon:
+        model.zero_grad()
+        for x, y in zip(xs, ys):
+            (((model(x) - y) ** 2).mean() / k).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientFlowWarning)  # nothing is skipped
+            rec = mon.step()
+    r = rec["layers"]["rnn"]
+    assert "skipped" not in rec
+    sums, counts = torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
+    for x, y in zip(xs, ys):
+        xr = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(((model(xr) - y) ** 2).mean() / k, xr)
+        n = gx.norm(dim=-1)
+        sums[:n.shape[1]] += n.sum(0)
+        counts[:n.shape[1]] += n.shape[0]
+    torch.testing.assert_close(torch.tensor(r["input_grad"], dtype=torch.float64),
+                               sums / counts, rtol=1e-9, atol=1e-14)
+    # exact path: the first 4 samples over the micro-batches = 3 of the first, 1 of the second
+    # (whose 9 steps are pooled with the first 9 of the others)
+    got = r["state_grad"]["l0d0"]
+    assert len(got["h"]) == 12
+    hs1, cs1 = _state_norms(model, xs[0][:3], ys[0][:3], 1 / k, xs[0].shape[0])
+    hs2, cs2 = _state_norms(model, xs[1][:1], ys[1][:1], 1 / k, xs[1].shape[0])
+    for which, (a, b) in (("h", (hs1, hs2)), ("c", (cs1, cs2))):
+        s = a.sum(0)
+        s[:b.shape[1]] += b.sum(0)
+        cnt = torch.full((12,), 3.0, dtype=torch.float64)
+        cnt[:b.shape[1]] += 1
+        torch.testing.assert_close(torch.tensor(got[which], dtype=torch.float64), s / cnt,
+                                   rtol=1e-9, atol=1e-14)
+    model.zero_grad()
+    for x, y in zip(xs, ys):
+        (((model(x) - y) ** 2).mean() / k).backward()
+    want_global = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
+    assert rec["global_norm"] == pytest.approx(want_global, rel=1e-12)
+
+
+def _state_norms(model, x, y, weight, batch):
+    """(n, T) ‖∂L/∂h_t‖, ‖∂L/∂c_t‖ of samples x of a micro-batch of `batch` samples whose loss
+    is weight · mean squared error (each sample's share: its own terms over batch·T)."""
+    out, _, _, states = reference_forward(model.rnn, x)
+    for h, c in states[0][0]:
+        h.retain_grad()
+        c.retain_grad()
+    T = x.shape[1]
+    (weight * ((model.head(out) - y) ** 2).sum() / (batch * T)).backward()
+    h = torch.stack([s[0].grad.norm(dim=-1) for s in states[0][0]], 1)
+    c = torch.stack([s[1].grad.norm(dim=-1) for s in states[0][0]], 1)
+    return h, c
+
+
+def test_a_forward_without_backward_between_micro_batches_changes_nothing():
+    """A grad-enabled forward that never gets a backward (a validation batch) inside the step
+    is left out: the record equals the one without it, and holds no zeros for it."""
+    def run(extra):
+        torch.manual_seed(9)
+        model = Seq(nn.GRU, layers=1).double()
+        with GradientMonitor(model, replay_every=1, max_batch=8) as mon:
+            for s in range(2):
+                x, y = _data(s)
+                (((model(x.double()) - y.double()) ** 2).mean()).backward()
+                if extra and s == 0:
+                    model(torch.randn(5, 20, 5, dtype=torch.float64))  # no backward
+            return mon.step()
+
+    a, b = run(False), run(True)
+    assert a["layers"] == b["layers"]
+    assert len(a["layers"]["rnn"]["input_grad"]) == 12
+    assert all(v > 0 for v in a["layers"]["rnn"]["state_grad"]["l0d0"]["h"])
+
+
+def test_forward_without_backward_in_a_cell_loop_makes_no_record():
+    cell = nn.LSTMCell(5, 4)
+    with GradientMonitor(cell, replay_every=1) as mon:
+        x, _ = _data(0)
+        h = None
+        with pytest.warns(GradientFlowWarning, match="no backward"):
+            for t in range(x.shape[1]):
+                h = cell(x[:, t], h)
+            assert mon.step() is None
+    assert len(mon.history) == 0
+
+
+def test_checkpointed_recomputation_is_measured_once_and_equals_the_plain_run():
+    """Non-reentrant checkpointing reruns the forward inside backward: the monitor must swap
+    in the same leaf there (or torch raises CheckpointError), must not count the rerun as a
+    second call, and must report what it reports without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+
+    class Ckpt(Seq):
+        def __init__(self, use_ckpt):
+            super().__init__(nn.LSTM, layers=2)
+            self.use_ckpt = use_ckpt
+
+        def forward(self, x):
+            def body(z):
+                calls.append(1)
+                return self.rnn(z)[0]
+            out = checkpoint(body, x, use_reentrant=False) if self.use_ckpt else body(x)
+            return self.head(out)
+
+    def run(use_ckpt, monitor):
+        torch.manual_seed(0)
+        m = Ckpt(use_ckpt).double()
+        mon = GradientMonitor(m, replay_every=1).attach() if monitor else None
+        x, y = _data(0)
+        ((m(x.double()) - y.double()) ** 2).mean().backward()
+        rec = mon.step() if mon else None
+        if mon:
+            mon.close()
+        return [p.grad.clone() for p in m.parameters()], rec
+
+    calls.clear()
+    g_ckpt_mon, rec_ckpt = run(True, True)
+    assert len(calls) == 2  # the forward and its recomputation in backward
+    g_plain, rec_plain = run(False, True)
+    g_ckpt, _ = run(True, False)
+    assert all(torch.equal(a, b) for a, b in zip(g_ckpt, g_ckpt_mon))
+    assert all(torch.equal(a, b) for a, b in zip(g_plain, g_ckpt_mon))
+    a, b = rec_ckpt["layers"]["rnn"], rec_plain["layers"]["rnn"]
+    torch.testing.assert_close(torch.tensor(a["input_grad"]), torch.tensor(b["input_grad"]),
+                               rtol=1e-12, atol=0)
+    for key in ("l0d0", "l1d0"):
+        for which in ("h", "c"):
+            torch.testing.assert_close(torch.tensor(a["state_grad"][key][which]),
+                                       torch.tensor(b["state_grad"][key][which]),
+                                       rtol=1e-12, atol=0)
+    assert "skipped" not in rec_ckpt

@@ -23,7 +23,13 @@ The model is never changed: outputs and parameter gradients are bit-identical wi
 the monitor (the input hook only makes a data tensor that did not require grad into a fresh leaf
 that does, with the same values), module hooks are held as handles and removed on detach — also
 when the training step raises — and nothing of the model's is kept between steps but CPU floats.
-Only the first call of each recurrent submodule per step is measured.
+Calls of a submodule that pass their state on (a decoder stepping one token at a time, a cell
+in a loop) are joined along time; independent calls in one step (the micro-batches of gradient
+accumulation, a module applied to several inputs) are pooled as more samples, since the
+gradient of the step's total loss with respect to each call's input is that call's own. A second
+backward through the same graph (retain_graph=True) adds to the gradients, as it adds to .grad:
+every statistic describes the summed gradient the optimizer will see. The exact replay takes at
+most `max_batch` samples over all independent calls.
 
 Under torch.distributed every statistic is declared with its reduction (sum or max) and reduced
 across ranks (`stats.StatSet`); input and state gradients are taken as gradients of the global
@@ -59,9 +65,10 @@ GATE_BINS = 20
 class _Call:
     """One call of a fused recurrent submodule in the current step."""
 
-    # cheap path: per timestep t, sums over samples of ‖∂L/∂x_t‖ and how many samples have t
-    input_sum: torch.Tensor | None = None
-    input_count: torch.Tensor | None = None
+    # cheap path: ∂L/∂x batch-major (B, T, I), summed over every backward that reached it
+    # (retain_graph), and the lengths of a packed input (steps past them are not counted)
+    input_grad: torch.Tensor | None = None
+    input_lengths: torch.Tensor | None = None
     # exact path: inputs (first max_batch samples), initial state, RNG state for dropout, and
     # the gradients the real loss sent to the outputs
     x: object = None
@@ -71,6 +78,8 @@ class _Call:
     state_in: tuple = ()    # ids of the hx tensors it was given (to see calls chain)
     state_out: tuple = ()   # ids of the state tensors it returned
     got_grad: bool = False
+    head: bool = True       # starts a chain (its state does not come from the previous call)
+    n: int = 0              # samples captured for the exact replay
 
 
 @dataclass
@@ -80,8 +89,10 @@ class _Capture:
     skipped: str | None = None
     tensor_handles: list = field(default_factory=list)
     calls: list = field(default_factory=list)  # fused modules: one _Call per call
-    input_nonfinite: int = 0
-    # cells: one entry per call (= per timestep)
+    # cells: per call, its step within its sequence (0 where a fresh state starts one), the
+    # ids of the state it returned, and [summed gradient or None, batch size] entries
+    cell_pos: list = field(default_factory=list)
+    cell_prev_out: tuple = ()
     cell_input: list = field(default_factory=list)
     cell_state: dict = field(default_factory=dict)
 
@@ -101,7 +112,9 @@ class GradientMonitor:
         model: the model being trained; every nn.RNN/LSTM/GRU and cell inside is monitored.
         every: cheap statistics schedule (int n: every n steps; or a callable step -> bool).
         replay_every: exact replay schedule (same forms; 0 or None: never).
-        max_batch: samples replayed at exact steps.
+        max_batch: samples replayed at exact steps (the first ones, over all the step's
+            micro-batches; a training-mode module with inter-layer dropout is replayed whole,
+            since its masks were drawn for the whole batch, and its first samples kept).
         loggers: a Logger, a directory / *.jsonl / *.csv path, or a list of those.
         alerts: an AlertPolicy (default thresholds if None).
         history: records kept in memory (`.history`, oldest dropped first).
@@ -215,19 +228,31 @@ class GradientMonitor:
                      if packed else data)
             if _in_recomputation():
                 return _replace_first(args, kwargs, x) if changed else None
-            if spec.is_cell:
-                if cheap:
-                    t = len(cap.cell_input)  # this call's timestep (backward runs reversed)
-                    cap.cell_input.append(None)
-                    cap.tensor_handles.append(data.register_hook(self._cell_input_hook(name, t)))
-                return _replace_first(args, kwargs, x) if changed else None
-            call = _Call()
-            cap.calls.append(call)
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
-            call.state_in = tuple(id(t) for t in _state_tensors(hx))
+            state_in = _state_tensors(hx)
+            if spec.is_cell:
+                # a new sequence starts where the state is fresh: none given, or one that is
+                # neither the previous call's output nor computed from anything (zeros, a
+                # detached state); otherwise this call is the next step of the running one
+                chained = bool(cap.cell_pos) and (
+                    bool({id(t) for t in state_in} & set(cap.cell_prev_out))
+                    or any(t.requires_grad for t in state_in))
+                cap.cell_pos.append(cap.cell_pos[-1] + 1 if chained else 0)
+                if cheap:
+                    entry = [None, data.shape[0]]
+                    cap.cell_input.append(entry)
+                    cap.tensor_handles.append(data.register_hook(_accumulate_into(entry)))
+                return _replace_first(args, kwargs, x) if changed else None
+            prev = cap.calls[-1] if cap.calls else None
+            call = _Call()
+            call.state_in = tuple(id(t) for t in state_in)
+            call.head = not (prev is not None and call.state_in
+                             and call.state_in == prev.state_out)
+            cap.calls.append(call)
             if cheap:
+                call.input_lengths = _lengths(x) if packed else None
                 cap.tensor_handles.append(data.register_hook(
-                    self._input_grad_hook(name, call, x if packed else None, batch_dim)))
+                    self._input_grad_hook(call, x if packed else None, batch_dim)))
             extra = len(args) > 2 or any(k not in ("input", "hx") for k in kwargs)
             if exact and extra and type(module) not in (nn.RNN, nn.LSTM, nn.GRU):
                 # the subclass check probed forward(input, hx) only: what the extra arguments
@@ -235,7 +260,16 @@ class GradientMonitor:
                 cap.skipped = (f"exact replay skipped: {type(module).__name__} was called with "
                                "arguments beyond (input, hx), which the replay cannot follow")
             elif exact:
-                n = min(self.max_batch, _batch_size(x, batch_dim))
+                # up to max_batch samples of every independent call (which of them reach a
+                # backward is known only at step(), where the budget is shared); the next
+                # step of a chain keeps the same samples as its first call
+                call.n = min(self.max_batch, _batch_size(x, batch_dim)) if call.head else prev.n
+                if module.training and spec.dropout > 0 and spec.num_layers > 1:
+                    # the kernel drew its dropout masks for the whole batch: only a replay of
+                    # the whole batch redraws the same ones (its first samples are kept)
+                    call.n = _batch_size(x, batch_dim)
+            if call.n > 0:
+                n = call.n
                 call.x = _first_samples(x, n, batch_dim)
                 call.hx = narrow_state(hx, n, clone=True)
                 if module.training and spec.dropout > 0 and spec.num_layers > 1:
@@ -244,40 +278,18 @@ class GradientMonitor:
 
         return hook
 
-    def _input_grad_hook(self, name: str, call: _Call, packed_like, batch_dim: int):
+    @staticmethod
+    def _input_grad_hook(call: _Call, packed_like, batch_dim: int):
         def on_grad(g):
-            cap = self._caps[name]
             g = g.detach()
             if packed_like is not None:  # (N, I) packed rows -> (B, T, I) padded, zeros past ends
                 g = pad_packed(g, packed_like)
-                lengths = _lengths(packed_like)
-                valid = torch.arange(g.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-            else:
-                g = g if batch_dim == 0 else g.transpose(0, 1)
-                valid = None
-            n = g.to(torch.float64).norm(dim=-1).cpu()  # (B, T)
-            # a NaN/Inf value makes its norm non-finite: count values only then
-            bad = 0 if torch.isfinite(n).all() else int((~torch.isfinite(g)).sum())
-            if valid is None:
-                call.input_sum = n.sum(0)
-                call.input_count = torch.full((n.shape[1],), float(n.shape[0]),
-                                              dtype=torch.float64)
-            else:
-                call.input_sum = torch.where(valid, n, torch.zeros_like(n)).sum(0)
-                call.input_count = valid.sum(0).to(torch.float64)
+            elif batch_dim != 0:
+                g = g.transpose(0, 1)
+            # a second backward through the same graph (retain_graph=True) adds to .grad: the
+            # statistics describe that sum, so add here too
+            call.input_grad = g if call.input_grad is None else call.input_grad + g
             call.got_grad = True
-            cap.input_nonfinite += bad
-            return None
-
-        return on_grad
-
-    def _cell_input_hook(self, name: str, t: int):
-        def on_grad(g):
-            cap = self._caps[name]
-            n = g.detach().to(torch.float64).norm(dim=-1)  # (B,)
-            bad = 0 if torch.isfinite(n).all() else int((~torch.isfinite(g)).sum())
-            cap.cell_input[t] = (n.sum().cpu(), n.numel())
-            cap.input_nonfinite += bad
             return None
 
         return on_grad
@@ -292,15 +304,15 @@ class GradientMonitor:
                 return None
             cap = self._caps[name]
             if spec.is_cell:  # exact state gradients straight from the returned state
+                states = output if isinstance(output, tuple) else (output,)
+                cap.cell_prev_out = tuple(id(t) for t in states if isinstance(t, torch.Tensor))
                 if not exact:
                     return None
-                t = len(cap.cell_state.get("h", []))
-                states = output if isinstance(output, tuple) else (output,)
                 for key, s in zip(("h", "c"), states):
-                    cap.cell_state.setdefault(key, []).append(None)
+                    entry = [None, s.shape[0]]
+                    cap.cell_state.setdefault(key, []).append(entry)
                     if isinstance(s, torch.Tensor) and s.requires_grad:
-                        cap.tensor_handles.append(s.register_hook(
-                            self._cell_state_hook(name, key, t)))
+                        cap.tensor_handles.append(s.register_hook(_accumulate_into(entry)))
                 return None
             if not cap.calls:
                 return None
@@ -322,19 +334,15 @@ class GradientMonitor:
                     def grab(g, key=key, dim=dim, t=t):
                         call.got_grad = True
                         if isinstance(t, PackedSequence):  # rows of the first n samples
-                            call.grad_out[key] = _packed_rows(g.detach(), t, n)
+                            g = _packed_rows(g.detach(), t, n)
                         else:
-                            call.grad_out[key] = g.detach().narrow(dim, 0, n).clone()
+                            g = g.detach().narrow(dim, 0, n).clone()
+                        old = call.grad_out[key]  # a second backward (retain_graph) adds
+                        call.grad_out[key] = g if old is None else old + g
                     cap.tensor_handles.append(data.register_hook(grab))
             return None
 
         return hook
-
-    def _cell_state_hook(self, name: str, key: str, t: int):
-        def on_grad(g):
-            n = g.detach().to(torch.float64).norm(dim=-1)
-            self._caps[name].cell_state[key][t] = (n.sum().cpu(), n.numel())
-        return on_grad
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -367,21 +375,24 @@ class GradientMonitor:
         for cap in self._caps.values():
             ran |= bool(cap.calls) or bool(cap.cell_input) or bool(cap.cell_state)
             got |= any(c.got_grad for c in cap.calls)
-            got |= any(v is not None for v in cap.cell_input)
-            got |= any(v is not None for vs in cap.cell_state.values() for v in vs)
+            got |= any(e[0] is not None for e in cap.cell_input)
+            got |= any(e[0] is not None for es in cap.cell_state.values() for e in es)
         return ran and not got
 
-    def _measured_calls(self, name: str, cap: _Capture) -> tuple[list, str | None]:
-        """The calls of a fused module measured this step: those the backward reached, joined
-        along time when each passes its state to the next (a decoder stepping one token at a
-        time); otherwise the first of them, with the reason."""
-        calls = [c for c in cap.calls if c.got_grad]
-        if len(calls) <= 1:
-            return calls, None
-        if all(c.state_in and c.state_in == p.state_out for p, c in zip(calls, calls[1:])):
-            return calls, None
-        return calls[:1], (f"called {len(calls)} times in one step without passing its state "
-                           "on; only the first call is measured")
+    @staticmethod
+    def _chains(cap: _Capture) -> list[list[_Call]]:
+        """The calls of a fused module the backward reached this step, as chains: calls that
+        each pass their state to the next (a decoder stepping one token at a time) are one
+        sequence along time; chains are independent samples (micro-batches, several inputs)."""
+        chains = []
+        for c in cap.calls:
+            if not c.got_grad:
+                continue
+            if chains and not c.head and c.state_in == chains[-1][-1].state_out:
+                chains[-1].append(c)
+            else:
+                chains.append([c])
+        return chains
 
     def _measure(self, cheap: bool, exact: bool) -> dict:
         rank, world = _world()
@@ -451,68 +462,86 @@ class GradientMonitor:
                     stats.add(f"param/{mname}/{pname}" + (f".{lab}" if lab else ""), v, "max")
 
     def _input_stats(self, stats, name, cap, world) -> None:
-        done = [v for v in cap.cell_input if v is not None]
-        if done:  # a step whose input got no gradient counts as zero
-            sums = torch.tensor([0.0 if v is None else float(v[0]) for v in cap.cell_input],
-                                dtype=torch.float64)
-            stats.add(f"input_sum/{name}", sums / world, "sum")
-            stats.add(f"input_count/{name}", torch.full_like(sums, float(done[0][1])), "sum")
+        if cap.cell_input:  # cells: entries per call, pooled by step within each sequence
+            if not any(e[0] is not None for e in cap.cell_input):
+                return
+            sums, counts, bad = _pool_cell_steps(cap.cell_input, cap.cell_pos)
         else:
-            calls, _ = self._measured_calls(name, cap)
-            calls = [c for c in calls if c.input_sum is not None]
-            if calls:
-                stats.add(f"input_sum/{name}", torch.cat([c.input_sum for c in calls]) / world,
-                          "sum")
-                stats.add(f"input_count/{name}", torch.cat([c.input_count for c in calls]),
-                          "sum")
-        if cap.input_nonfinite:
-            stats.add(f"input_nonfinite/{name}", float(cap.input_nonfinite), "sum")
+            rows = []  # per chain: (sum over samples, count) per step, joined along time
+            bad = 0
+            for chain in self._chains(cap):
+                parts = [_input_norms(c) for c in chain if c.input_grad is not None]
+                if parts:
+                    rows.append((torch.cat([p[0] for p in parts]),
+                                 torch.cat([p[1] for p in parts])))
+                    bad += sum(p[2] for p in parts)
+            if not rows:
+                return
+            sums = _pad_sum([r[0] for r in rows])
+            counts = _pad_sum([r[1] for r in rows])
+        stats.add(f"input_sum/{name}", sums / world, "sum")
+        stats.add(f"input_count/{name}", counts, "sum")
+        if bad:
+            stats.add(f"input_nonfinite/{name}", float(bad), "sum")
 
     def _exact_stats(self, stats, name, cap, world) -> str | None:
         spec = self.specs[name]
         if spec.is_cell:
             count = None
-            for key, per_t in cap.cell_state.items():
-                done = [v for v in per_t if v is not None]
-                if not done:
+            for key, entries in cap.cell_state.items():
+                if not any(e[0] is not None for e in entries):
                     continue
-                sums = torch.tensor([0.0 if v is None else float(v[0]) for v in per_t],
-                                    dtype=torch.float64)
+                sums, counts, _ = _pool_cell_steps(entries, cap.cell_pos)
                 stats.add(f"state_sum/{name}/l0d0/{key}", sums / world, "sum")
-                count = done[0][1]
+                count = counts
             if count is not None:
-                stats.add(f"state_count/{name}/l0d0", float(count), "sum")
+                stats.add(f"state_count/{name}/l0d0", count, "sum")
             return None
-        calls, note = self._measured_calls(name, cap)
-        calls = [c for c in calls if c.x is not None]
-        if not calls:
-            return note
-        per_key = {}
-        for call in calls:
-            try:
-                part = self._replay_call(name, call)
-            except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
-                return f"exact replay skipped: {e}"
-            for key, vals in part.items():
-                per_key.setdefault(key, []).append(vals)
-        for key, parts in per_key.items():
-            h = torch.cat([p["h"] for p in parts], dim=1)       # (B, T) over all calls
-            valid = torch.cat([p["valid"] for p in parts], dim=1)
+        per_key = {}  # key -> per chain, the call parts joined along time
+        left = self.max_batch  # samples to replay, shared by the chains in call order
+        batch_dim = 0 if spec.batch_first else 1
+        for chain in self._chains(cap):
+            calls = [c for c in chain if c.x is not None]
+            if not calls or left <= 0:
+                continue
+            m = min(left, min(c.n for c in calls))
+            left -= m
+            joined = {}
+            for call in calls:
+                try:
+                    if call.rng_state is None:
+                        part = self._replay_call(name, _narrow_call(call, m, batch_dim))
+                    else:  # dropout: replay the whole batch, keep the first m samples
+                        part = {key: {k: (None if v is None else v[:m]) for k, v in d.items()}
+                                for key, d in self._replay_call(name, call).items()}
+                except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
+                    return f"exact replay skipped: {e}"
+                for key, vals in part.items():
+                    joined.setdefault(key, []).append(vals)
+            for key, parts in joined.items():
+                per_key.setdefault(key, []).append(
+                    {k: (None if parts[0][k] is None else torch.cat([p[k] for p in parts], 1))
+                     for k in parts[0]})
+        for key, chains in per_key.items():
+            # chains are more samples: pad each to the longest along time (not valid there)
+            parts = [_pad_time(p, max(q["h"].shape[1] for q in chains)) for p in chains]
+            h = torch.cat([p["h"] for p in parts], dim=0)       # (B, T) over all chains
+            valid = torch.cat([p["valid"] for p in parts], dim=0)
             stats.add(f"state_sum/{name}/{key}/h", torch.where(valid, h, 0.0).sum(0) / world,
                       "sum")
             if parts[0]["c"] is not None:
-                c = torch.cat([p["c"] for p in parts], dim=1)
+                c = torch.cat([p["c"] for p in parts], dim=0)
                 stats.add(f"state_sum/{name}/{key}/c",
                           torch.where(valid, c, 0.0).sum(0) / world, "sum")
             stats.add(f"state_count/{name}/{key}", valid.sum(0).to(torch.float64), "sum")
             if parts[0]["gate"] is not None:
-                gate = torch.cat([p["gate"] for p in parts], dim=1)  # (B, T, H)
+                gate = torch.cat([p["gate"] for p in parts], dim=0)  # (B, T, H)
                 g = gate[valid]  # (N, H) valid steps only
                 stats.add(f"gate_sum/{name}/{key}", g.sum(0), "sum")
                 stats.add(f"gate_count/{name}/{key}", float(g.shape[0]), "sum")
                 stats.add(f"gate_hist/{name}/{key}",
                           torch.histc(g.reshape(-1), GATE_BINS, 0.0, 1.0), "sum")
-        return note
+        return None
 
     def _replay_call(self, name: str, call: _Call) -> dict:
         """Back-propagate one call's captured output gradients through its replay: per layer
@@ -601,6 +630,85 @@ class GradientMonitor:
             layers[name] = r
         rec["layers"] = layers
         return rec
+
+
+def _narrow_call(call: _Call, m: int, batch_dim: int) -> _Call:
+    """The call's captured inputs, state and output gradients for its first m samples."""
+    if m == call.n:
+        return call
+    packed = isinstance(call.x, PackedSequence)
+    grads = {}
+    for key, g in call.grad_out.items():
+        dim = (0 if packed else batch_dim) if key == "out" else 1
+        grads[key] = None if g is None else g.narrow(dim, 0, m)
+    return _Call(x=_first_samples(call.x, m, batch_dim), hx=narrow_state(call.hx, m),
+                 rng_state=call.rng_state, grad_out=grads, got_grad=call.got_grad,
+                 head=call.head, n=m)
+
+
+def _accumulate_into(entry: list):
+    """A tensor hook adding each gradient that arrives into entry[0] (one per backward)."""
+    def on_grad(g):
+        g = g.detach()
+        entry[0] = g if entry[0] is None else entry[0] + g
+        return None
+
+    return on_grad
+
+
+def _nonfinite_values(g: torch.Tensor, norms: torch.Tensor) -> int:
+    """NaN/Inf values of g, counted only when some norm is non-finite (the usual case costs
+    nothing)."""
+    return 0 if torch.isfinite(norms).all() else int((~torch.isfinite(g)).sum())
+
+
+def _input_norms(call: _Call) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(T,) sum over samples of ‖∂L/∂x_t‖, (T,) samples that have step t, non-finite values."""
+    g = call.input_grad
+    n = g.to(torch.float64).norm(dim=-1).cpu()  # (B, T)
+    bad = _nonfinite_values(g, n)
+    if call.input_lengths is None:
+        return n.sum(0), torch.full((n.shape[1],), float(n.shape[0]), dtype=torch.float64), bad
+    valid = torch.arange(n.shape[1]).unsqueeze(0) < call.input_lengths.unsqueeze(1)
+    return (torch.where(valid, n, torch.zeros_like(n)).sum(0), valid.sum(0).to(torch.float64),
+            bad)
+
+
+def _pool_cell_steps(entries: list, pos: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per step within a sequence: sum over samples of the gradient norm, sample count and
+    non-finite values, from per-call [gradient or None, batch] entries. A call whose tensor got
+    no gradient counts as zero."""
+    P = max(pos[:len(entries)]) + 1
+    sums = torch.zeros(P, dtype=torch.float64)
+    counts = torch.zeros(P, dtype=torch.float64)
+    bad = 0
+    for (g, B), p in zip(entries, pos):
+        counts[p] += B
+        if g is not None:
+            n = g.to(torch.float64).norm(dim=-1)  # (B,)
+            sums[p] += float(n.sum())
+            bad += _nonfinite_values(g, n)
+    return sums, counts, bad
+
+
+def _pad_sum(rows: list) -> torch.Tensor:
+    """Sum of 1-D tensors of different lengths, each padded with zeros to the longest."""
+    out = torch.zeros(max(r.shape[0] for r in rows), dtype=torch.float64)
+    for r in rows:
+        out[:r.shape[0]] += r
+    return out
+
+
+def _pad_time(part: dict, T: int) -> dict:
+    """A replay part's (B, t, ·) tensors padded along time to T (padding not valid)."""
+    out = {}
+    for k, v in part.items():
+        if v is None or v.shape[1] == T:
+            out[k] = v
+            continue
+        pad = v.new_zeros((v.shape[0], T - v.shape[1]) + tuple(v.shape[2:]))
+        out[k] = torch.cat([v, pad], 1)
+    return out
 
 
 def _in_recomputation() -> bool:
