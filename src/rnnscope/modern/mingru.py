@@ -66,8 +66,11 @@ class MinGRU(DiagonalLinearRecurrence):
 
     def coefficients(self, x):
         k_z = self.linear_z(x)  # (B, T, H)
-        z = torch.sigmoid(k_z)
-        return torch.sigmoid(-k_z), z * g(self.linear_h(x))  # a = 1 − z without cancellation
+        # a = 1 − z = σ(−k_z) and z = σ(k_z) as exp(−softplus(·)): exact to rounding at both
+        # ends, gradients included (σ's backward, σ(1 − σ) from the output, loses digits at 1)
+        a = torch.exp(-F.softplus(k_z))
+        z = torch.exp(-F.softplus(-k_z))
+        return a, z * g(self.linear_h(x))
 
     def _scan(self, a, b, h0, x):
         if self.scan == "blocked":

@@ -57,7 +57,9 @@ class MinLSTM(DiagonalLinearRecurrence):
 
     def coefficients(self, x):
         d = self._log_ratio(x)
-        return torch.sigmoid(-d), torch.sigmoid(d) * g(self.linear_h(x))
+        # f' = σ(−d), i' = σ(d) as exp(−softplus(·)) (the paper's log f', log i'): accurate
+        # values and gradients whether f' is near 0 or near 1
+        return torch.exp(-F.softplus(d)), torch.exp(-F.softplus(-d)) * g(self.linear_h(x))
 
     def _scan(self, a, b, h0, x):
         if self.scan == "blocked":
