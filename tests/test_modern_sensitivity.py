@@ -97,14 +97,14 @@ def assert_within_mc(measured, expected, n, what):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_monte_carlo_curve_matches_closed_form_wrt_lambda(tied):
-    B, T = 4000, 120
+    B, T = 3000, 80
     gen = torch.Generator().manual_seed(10 + tied)
     m = ScalarDiagonal(LAMS, tied)
     x = torch.randn(B, T, len(LAMS), generator=gen, dtype=D64)
-    res = parameter_sensitivity(m, x, chunk_size=len(LAMS))
+    res = parameter_sensitivity(m, x, outputs=False, chunk_size=len(LAMS))
     lam = torch.tensor(LAMS, dtype=D64)
     scale = "gamma_tied" if tied else "none"
-    for t in [0, 5, 30, T - 1]:
+    for t in [0, 5, 30, T - 1]:  # λ = 0.98 is still far from stationary at t = 79
         expected = linear_recurrence_sensitivity(lam, t, input_scale=scale)
         if t == 0 and not tied:
             assert res.state_sq["lambda"][t].abs().max() == 0
@@ -129,13 +129,14 @@ def lru_real(lams, normalised):
 
 @pytest.mark.parametrize("normalised", [False, True])
 def test_monte_carlo_lru_nu_log_matches_closed_form_and_is_tamed(normalised, untouched):
-    B, T = 4000, 150
+    B, T = 3000, 100
     gen = torch.Generator().manual_seed(20 + normalised)
     m = lru_real(LAMS, normalised)
     x = torch.randn(B, T, len(LAMS), generator=gen, dtype=D64)
     snapshot, assert_untouched = untouched
     before = snapshot(m)
-    res = parameter_sensitivity(m, x, groups={"nu": ("nu_log",)}, chunk_size=len(LAMS))
+    res = parameter_sensitivity(m, x, groups={"nu": ("nu_log",)}, outputs=False,
+                                chunk_size=len(LAMS))
     assert_untouched(m, before)
     lam = torch.tensor(LAMS, dtype=D64)
     scale = "gamma_fixed" if normalised else "none"

@@ -86,5 +86,5 @@ class LRU(DiagonalLinearRecurrence):
         return lam.expand_as(b), b
 
     def readout(self, x, states):
-        # Re(C h) = C_re Re h − C_im Im h
-        return states.real @ self.C_re.t() - states.imag @ self.C_im.t() + self.D * x
+        # Re(C h) by one complex product (contiguous, unlike the strided .real/.imag views)
+        return (states @ torch.complex(self.C_re, self.C_im).t()).real + self.D * x

@@ -101,7 +101,8 @@ class ParameterSensitivity:
         groups: group -> the parameter names in it.
         state_sq: group -> (T, U) float64, the mean over the batch of the squared norm for the
             state units u (the state flattened, U = prod(S); complex states count |·|²).
-        output_sq: group -> (T, O) float64, the same for the output units.
+        output_sq: group -> (T, O) float64, the same for the output units (empty if
+            outputs=False).
         decay: (U,) geometric mean over batch and time of |a_t[u]| (None if the module has no
             `decay`): the effective per-step decay of each unit.
         memory_time: (U,) 1/(1 − decay) (inf where decay ≥ 1), None with decay.
@@ -130,9 +131,10 @@ class ParameterSensitivity:
 class _StatesAndOutputs(nn.Module):
     """forward(x, hx) -> (states (B, T, *S), outputs (B, T, O)) of the wrapped module."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, outputs: bool = True):
         super().__init__()
         self.inner = inner
+        self.outputs = outputs
 
     def forward(self, x, hx):
         m = self.inner
@@ -140,6 +142,8 @@ class _StatesAndOutputs(nn.Module):
             out = m(x, hx)[0]
             return out, out
         states = m.hidden_states(x, hx)
+        if not self.outputs:
+            return states, states.new_zeros(())
         if hasattr(m, "readout") and hasattr(m, "_batch_major"):
             return states, m.readout(m._batch_major(x)[0], states)
         return states, states
@@ -162,7 +166,7 @@ def _resolve_groups(module: nn.Module, groups) -> dict[str, tuple[str, ...]]:
 
 
 def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, groups=None,
-                          chunk_size: int = 32) -> ParameterSensitivity:
+                          outputs: bool = True, chunk_size: int = 32) -> ParameterSensitivity:
     """Exact mean_b ‖∂h_t[b, u]/∂θ_G‖² for every step t, state unit u and parameter group G.
 
     Args:
@@ -174,6 +178,7 @@ def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, g
         hx: initial state as the module takes it, or None.
         groups: group name -> parameter names or submodule prefixes; default the module's
             `parameter_groups` (recurrence / input / output), else one group "all".
+        outputs: also measure the output units (output_sq); False skips the readout.
         chunk_size: tangents per vmapped forward-mode pass (memory ~ chunk · B · T · U).
 
     Returns:
@@ -185,7 +190,7 @@ def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, g
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be ≥ 1; got {chunk_size}")
     group_names = _resolve_groups(module, groups)
-    wrapper = _StatesAndOutputs(module)
+    wrapper = _StatesAndOutputs(module, outputs)
     base = {"inner." + n: p.detach() for n, p in module.named_parameters()}
     x = inputs.detach()
     state_sq, output_sq = {}, {}
@@ -210,11 +215,12 @@ def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, g
             basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
             ds, dy = vmap(one)(basis)  # (c, B, T, *S), (c, B, T, O)
             sq_s = ds.abs().square().sum(0).flatten(2)  # (B, T, U)
-            sq_y = dy.abs().square().sum(0).flatten(2)
+            sq_y = dy.abs().square().sum(0).flatten(2) if outputs else dy.new_zeros(1, 1, 1)
             acc_s = sq_s if acc_s is None else acc_s + sq_s
             acc_y = sq_y if acc_y is None else acc_y + sq_y
         state_sq[g] = acc_s.mean(0).to(torch.float64).cpu()
-        output_sq[g] = acc_y.mean(0).to(torch.float64).cpu()
+        if outputs:
+            output_sq[g] = acc_y.mean(0).to(torch.float64).cpu()
     decay = memory_time = None
     if hasattr(module, "decay"):
         with torch.no_grad():
