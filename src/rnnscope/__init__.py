@@ -17,6 +17,9 @@ from .results import (CellJacobians, Comparison, DecayTable, GateLayerStats, Gat
                       GradientProfile, LagProfile, StateGradientLayer, StateGradients,
                       StepJacobians, effective_memory)
 from .theory import decay_table, memory_time
+from .modern import LRU, RGLRU, SLSTM, MinGRU, MinLSTM, SelectiveSSM, linear_scan
+from .modern.sensitivity import (ParameterSensitivity, linear_recurrence_sensitivity,
+                                 parameter_sensitivity)
 
 __all__ = [
     # measurements
@@ -30,4 +33,7 @@ __all__ = [
     "Trace", "GradientProfile", "LagProfile", "Comparison", "StateGradients",
     "StateGradientLayer",
     "CellJacobians", "StepJacobians", "GateStats", "GateLayerStats", "DecayTable",
+    # modern recurrences (issue 13): cells, their scan, parameter sensitivity
+    "MinGRU", "MinLSTM", "LRU", "RGLRU", "SelectiveSSM", "SLSTM", "linear_scan",
+    "parameter_sensitivity", "linear_recurrence_sensitivity", "ParameterSensitivity",
 ]
