@@ -61,16 +61,21 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
     for gx_t, m in zip(steps, masks):
         if recorded:
             c_new, sig, g = _LSTMCellState.apply(gx_t, h, c, w_hh_t)
-            h_new = _LSTMHidden.apply(sig, c_new)
         else:  # no graph, or a projection: autograd records the ops (if grad mode is on)
             sig, g, c_new = _cell_state(gx_t, h, c, w_hh_t)
+        if m is not None:
+            # Select the carried cell state BEFORE h is computed from it: the step's c tensor
+            # (whose gradient state_gradients reads) must be the one h_t depends on, or ∂L/∂c_t
+            # would miss the path through h_t at every step of a packed batch.
+            c_new = torch.where(m, c_new, c)
+        if recorded:
+            h_new = _LSTMHidden.apply(sig, c_new)
+        else:
             h_new = sig[:, 3 * H:] * torch.tanh(c_new)
             if w_hr_t is not None:
                 h_new = h_new @ w_hr_t
-        if m is None:
-            h, c = h_new, c_new
-        else:
-            h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+        h = h_new if m is None else torch.where(m, h_new, h)
+        c = c_new
         hs.append(h)
         cs.append(c)
         sigs.append(sig)
