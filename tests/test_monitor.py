@@ -702,3 +702,28 @@ def test_checkpointed_recomputation_is_measured_once_and_equals_the_plain_run():
                                        torch.tensor(b["state_grad"][key][which]),
                                        rtol=1e-12, atol=0)
     assert "skipped" not in rec_ckpt
+
+
+def test_a_failing_logger_is_paused_with_one_warning_and_training_goes_on():
+    """A user's logger raising (or a disk filling up) never reaches the training loop."""
+    from rnnscope.monitor.loggers import Logger
+
+    class Broken(Logger):
+        calls = 0
+
+        def log(self, record):
+            Broken.calls += 1
+            raise OSError(28, "No space left on device")
+
+        def log_alert(self, alert):
+            pass
+
+    torch.manual_seed(0)
+    model = Seq()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, loggers=[Broken()]) as mon:
+            _train(model, 3, mon)
+    failed = [w for w in caught if "Broken failed at step" in str(w.message)]
+    assert len(failed) == 1 and "No space left on device" in str(failed[0].message)
+    assert Broken.calls == 1 and len(mon.history) == 3

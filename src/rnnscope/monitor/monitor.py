@@ -155,6 +155,7 @@ class GradientMonitor:
         self._handles: list = []
         self._caps = {name: _Capture() for name in self.modules}
         self._warned: set = set()
+        self._failed_loggers: set = set()  # id() of loggers paused after a failure
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -427,11 +428,25 @@ class GradientMonitor:
                 self.policy.callback(a)
         if rank == 0:
             for lg in self.loggers:
-                lg.log(record)
-                for a in alerts:
-                    lg.log_alert(a)
+                self._write(lg, record, alerts)
         self.history.append(record)
         return record
+
+    def _write(self, lg, record: dict, alerts: list) -> None:
+        """Hand a record to one logger. A logger that fails (a full disk, a user's logger
+        raising) never takes the training loop down: one warning, then that logger is paused."""
+        if id(lg) in self._failed_loggers:
+            return
+        try:
+            lg.log(record)
+            for a in alerts:
+                lg.log_alert(a)
+        except Exception as e:  # noqa: BLE001 - any logger failure is reported, not raised
+            self._failed_loggers.add(id(lg))
+            warnings.warn(f"rnnscope monitor: {type(lg).__name__} failed at step "
+                          f"{record.get('step')} ({type(e).__name__}: {e}); it is paused for "
+                          "the rest of this run, training goes on", GradientFlowWarning,
+                          stacklevel=4)
 
     def _param_stats(self, stats: StatSet) -> None:
         names, grads = [], []
