@@ -20,10 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
-    ap.add_argument("--only", choices=["core", "jacobians", "monitor", "lag"], help="run one group")
+    ap.add_argument("--only", choices=["core", "jacobians", "monitor", "lag", "modern"],
+                    help="run one group")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    groups = ["core", "jacobians", "monitor", "lag"] if args.only is None else [args.only]
+    groups = ["core", "jacobians", "monitor", "lag", "modern"] if args.only is None else [args.only]
     for g in groups:
         mod = __import__(f"bench_{g}")
         mod.run(quick=args.quick)
