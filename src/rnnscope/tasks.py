@@ -1,13 +1,15 @@
 """Synthetic long-memory tasks with their exact memoryless baselines.
 
-Copy task (Hochreiter & Schmidhuber 1997; as defined by Arjovsky, Shah & Bengio 2016):
+Copy task (the variant of Arjovsky, Shah & Bengio 2016):
     input  = 10 symbols from {1..8}, T−1 blanks (0), the marker 9, 10 blanks — length T + 20,
              one-hot over 10 classes;
     target = T + 10 blanks, then the 10 symbols — 9 output classes (0..8).
     A model that outputs blanks until the marker and then guesses uniformly among the 8
     symbols has cross-entropy 10·log 8 / (T + 20) per step (0.173287 at T = 100).
 
-Adding task (Hochreiter & Schmidhuber 1997; Arjovsky et al. 2016):
+Adding task (the variant of Le, Jaitly & Hinton 2015 and Arjovsky et al. 2016; Hochreiter &
+Schmidhuber's 1997 original differs: values in [−1, 1], variable length, target
+0.5 + (X1 + X2)/4):
     input  = (T, 2): channel 0 values U[0, 1]; channel 1 a marker, 1 at exactly one position in
              the first half and one in the second half, 0 elsewhere;
     target = the sum of the two marked values. Always predicting 1 gives MSE Var(U+U) = 1/6.
