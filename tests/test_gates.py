@@ -157,4 +157,4 @@ def test_gate_stats_beyond_torch_quantile_limit(monkeypatch):
 def test_initialisation_errors_name_the_function(fn, module):
     # found by the fuzz: these errors came without the function's name
     with pytest.raises((ValueError, TypeError), match=f"^{fn}: "):
-        getattr(__import__("rnnscope"), fn)(module, 10.0)
+        getattr(rnnscope, fn)(module, 10.0)
