@@ -29,7 +29,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -55,7 +55,7 @@ def _report_counts():
     if not COUNTS:
         return
     keys = ["tried", "clear_error", "correct", "unclear_error", "traceback", "silent_wrong",
-            "touched_model", "outside_out", "hang"]
+            "touched_model", "outside_out", "hang", "oracle_checked"]
     line = ", ".join(f"{k}={COUNTS.get(k, 0)}" for k in keys)
     sys.__stdout__.write(f"\nrnnscope fuzz ({'deep' if DEEP else 'default'}): {line}\n")
     sys.__stdout__.write("  per function: " + ", ".join(
@@ -270,7 +270,7 @@ def touched(model, before) -> str | None:
     return None
 
 
-def run_case(fn: str, model, call, check_result, *, inputs_finite=True, model_untouched=True):
+def run_case(fn: str, model, call, check_result, *, model_untouched=True):
     """Run one drawn call and classify it; fail the test on any broken promise."""
     COUNTS["tried"] += 1
     before = snapshot(model)
@@ -327,6 +327,7 @@ def _profile_check(x, info, loss="last"):
             return f"per_sample {tuple(r.per_sample.shape)} for inputs {tuple(x.shape)}"
         if oracle is not None and x.dim() == 3 and torch.isfinite(x).all():
             want = oracle(x)
+            COUNTS["oracle_checked"] += 1
             if not torch.allclose(r.per_sample, want, rtol=1e-5, atol=1e-10):
                 return (f"per_sample differs from plain autograd by "
                         f"{(r.per_sample - want).abs().max().item():.3g}")
@@ -335,7 +336,7 @@ def _profile_check(x, info, loss="last"):
     if info["wrap"] == "bare" and not info["cell"] and info["dtype"] == torch.float64 and \
             loss in ("last", None) and isinstance(x, torch.Tensor) and x.is_floating_point() \
             and not x.is_meta and info["device"] == "cpu":
-        def oracle(x):
+        def autograd_profile(x):
             """‖∂ sum(out[b, T-1]) / ∂x[b, t]‖ by autograd on a copy of the module, (B, T)."""
             import copy
             m = copy.deepcopy(info["model"]).eval()
@@ -349,6 +350,7 @@ def _profile_check(x, info, loss="last"):
             if not info["batch_first"]:
                 g = g.transpose(0, 1)
             return g.norm(dim=-1)
+        oracle = autograd_profile
     return check
 
 
@@ -452,12 +454,7 @@ def test_module_functions(data, fn):
     x = data.draw(inputs_for(info))
     opts = data.draw(options(MODULE_OPTIONS[fn]))
     f = getattr(rnnscope, fn)
-    finite = not (x.is_floating_point() and not x.is_meta and not torch.isfinite(x).all())
-    result = run_case(fn, model, lambda: f(model, x, **opts), _module_check(fn, x, info),
-                      inputs_finite=finite)
-    if fn == "lyapunov_spectrum" and result is not None and finite and info["dtype"] == torch.float64:
-        # the largest exponent cannot exceed log of the largest one-step spectral norm
-        assert result.numel() >= 1
+    run_case(fn, model, lambda: f(model, x, **opts), _module_check(fn, x, info))
 
 
 @FUZZ
