@@ -295,7 +295,12 @@ def run_case(fn: str, model, call, check_result, *, model_untouched=True):
     if model_untouched and (what := touched(model, before)):
         fail("touched_model", f"{fn}: {what}")
     problem = check_result(result)
-    if problem is None and _has_nonfinite(_to_dict(result)) and not nonfinite_reported(result, caught):
+    payload = _to_dict(result)
+    if fn == "lyapunov_spectrum" and isinstance(result, torch.Tensor):
+        # -inf is a true exponent: a saturated gate (σ' = 0 exactly, from a huge or infinite
+        # input alike) makes the one-step Jacobian exactly singular, log 0 = -inf
+        payload = result[result != -math.inf].tolist()
+    if problem is None and _has_nonfinite(payload) and not nonfinite_reported(result, caught):
         problem = "non-finite numbers in the result that the result does not report"
     if problem:
         fail("silent_wrong", f"{fn}: {problem}")
@@ -787,3 +792,15 @@ def test_cli_replot_and_plot_log(data, command, tmp_path_factory):
     argv = [command, path, "--quiet", "--out", out]
     argv += data.draw(st.lists(st.sampled_from(["--json", "--overwrite"]), unique=True))
     run_cli(argv, root, out)
+
+
+def test_saturated_cell_has_minus_infinite_exponents_not_nan():
+    # the case the deep fuzz flagged: an LSTMCell driven by -inf (or -1e6) saturates its gates,
+    # its one-step Jacobian is exactly singular, and the exponents are -inf, the same for the
+    # finite and the infinite input (no NaN, no warning needed)
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(1, 4)
+    for x in (torch.tensor([[-math.inf]]), torch.tensor([[-1e6]])):
+        exps = rnnscope.lyapunov_spectrum(cell, x)
+        assert exps.shape == (8,) and not exps.isnan().any() and (exps < math.inf).all()
+        assert (exps == -math.inf).sum() >= 1
