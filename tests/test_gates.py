@@ -149,3 +149,12 @@ def test_gate_stats_beyond_torch_quantile_limit(monkeypatch):
     assert s.mean == pytest.approx(float(flat.mean()), rel=1e-12)
     assert s.saturation[">0.99"] == int((flat > 0.99).sum()) / n
     assert s.hist.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fn", ["init_forget_bias", "chrono_init"])
+@pytest.mark.parametrize("module", [nn.RNN(2, 3), nn.RNNCell(2, 3), nn.LSTM(2, 3, bias=False),
+                                    nn.Linear(2, 3)])
+def test_initialisation_errors_name_the_function(fn, module):
+    # found by the fuzz: these errors came without the function's name
+    with pytest.raises((ValueError, TypeError), match=f"^{fn}: "):
+        getattr(rnnscope, fn)(module, 10.0)

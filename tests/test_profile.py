@@ -179,3 +179,18 @@ def test_no_warning_on_clean_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rnnscope.gradient_profile(nn.GRU(3, 4, batch_first=True), seq_len=5, samples=2)
+
+
+def test_drawn_inputs_with_as_many_samples_as_steps_on_a_time_major_model():
+    # found by the fuzz suite: samples == seq_len made the time-major retry refuse itself and
+    # an internal _TimeMajor exception escaped (message "compare: ")
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 8)
+    prof = rnnscope.gradient_profile(lstm, seq_len=3, samples=3, seed=1)
+    x = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # the drawn (S, T, I) batch is handed to the time-major LSTM as (T, S, I)
+    given = rnnscope.gradient_profile(lstm, x.float().transpose(0, 1))
+    assert prof.per_sample.shape == (3, 3)
+    assert torch.equal(prof.per_sample, given.per_sample)
+    cmp = rnnscope.compare({"lstm": lstm}, seq_len=3, samples=3, seed=1)
+    assert torch.equal(cmp.profiles["lstm"].per_sample, prof.per_sample)

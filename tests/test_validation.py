@@ -428,3 +428,14 @@ def test_a_model_failing_on_its_inputs_is_named_with_what_it_got():
                                            r"on inputs shape \(2, 5, 7\) \(float32\) "
                                            r"\(RuntimeError: mat1 and mat2"):
         rnnscope.gradient_profile(model, torch.randn(2, 5, 7))
+
+
+@pytest.mark.parametrize("fn", ["gradient_profile", "lag_profile"])
+def test_bare_cell_with_2d_inputs_is_refused(fn):
+    # found by the fuzz suite: a GRUCell given (B, I) was profiled with its I features
+    # reported as time steps (per_sample (2, 3) for inputs (2, 3))
+    cell = nn.GRUCell(3, 4)
+    with pytest.raises(ValueError, match=f"^{fn}: a GRUCell given 2-D inputs"):
+        getattr(rnnscope, fn)(cell, torch.randn(2, 3))
+    prof = rnnscope.gradient_profile(cell, torch.randn(2, 5, 3))
+    assert prof.per_sample.shape == (2, 5)

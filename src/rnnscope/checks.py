@@ -357,6 +357,13 @@ def check_recurrent_features(fn: str, model: nn.Module, inputs) -> None:
         return
     cell = isinstance(model, nn.RNNCellBase)
     layout = "(B, T, I)" if cell or model.batch_first else "(T, B, I)"
+    if cell and inputs.dim() == 2:
+        # A cell reads (B, I) as one step of B samples: there is no time axis to profile, and
+        # the profile would report the I features as if they were steps.
+        raise ValueError(f"{fn}: a {type(model).__name__} given 2-D inputs "
+                         f"{tuple(inputs.shape)} would take them as one step (B, I), with no "
+                         f"time dimension; pass a (B, T, I={model.input_size}) sequence "
+                         "(x.unsqueeze(0) for one unbatched (T, I) sequence)")
     if inputs.dim() not in (2, 3) or inputs.shape[-1] != model.input_size:
         bf = "" if cell else f", batch_first={model.batch_first}"
         raise ValueError(f"{fn}: inputs must be {layout} with I={model.input_size} (or "

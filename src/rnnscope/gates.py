@@ -99,17 +99,19 @@ def _gate_slice(kind: str, gate: str, H: int) -> slice:
     return slice(k * H, (k + 1) * H)
 
 
-def _bias_pairs(module: nn.Module):
-    """(bias_ih, bias_hh) for every layer and direction; refuses modules without biases."""
-    given = module if isinstance(module, Trace) else None
-    spec = given.spec if given is not None else describe(module)
-    module = spec.module
+def _bias_pairs(fn: str, module: nn.Module):
+    """(bias_ih, bias_hh) for every layer and direction; refuses modules without biases.
+    Errors name `fn`, the public function called (these are not behind `public`)."""
+    try:
+        spec = describe(module)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{fn}: {e}") from None
     if spec.kind not in RETAIN_GATE:
-        raise ValueError(f"a vanilla {type(module).__name__} has no forget/retain gate to "
-                         "initialise")
+        raise ValueError(f"{fn}: a vanilla {type(module).__name__} has no forget/retain gate to "
+                         "initialise; use an nn.LSTM or nn.GRU (or their cells)")
     if not spec.bias:
-        raise ValueError(f"this {type(module).__name__} was built with bias=False: there is no "
-                         "gate bias to set")
+        raise ValueError(f"{fn}: this {type(module).__name__} was built with bias=False: there "
+                         "is no gate bias to set")
     pairs = [(p.b_ih, p.b_hh) for layer in range(spec.num_layers)
              for d in range(spec.num_directions) for p in [spec.params(layer, d)]]
     return spec, pairs
@@ -131,7 +133,7 @@ def init_forget_bias(module: nn.Module, value: float = 1.0) -> nn.Module:
     check_model("init_forget_bias", module, grad=False, what="module")
     check_number("init_forget_bias", "value", value,
                   hint="an effective forget bias, e.g. 1.0")
-    spec, pairs = _bias_pairs(module)
+    spec, pairs = _bias_pairs("init_forget_bias", module)
     sl = _gate_slice(spec.kind, RETAIN_GATE[spec.kind], spec.hidden_size)
     with torch.no_grad():
         for b_ih, b_hh in pairs:
@@ -155,7 +157,7 @@ def chrono_init(module: nn.Module, t_max: float, *, generator: torch.Generator |
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"chrono_init: generator must be a torch.Generator or None; got "
                         f"{type(generator).__name__}")
-    spec, pairs = _bias_pairs(module)
+    spec, pairs = _bias_pairs("chrono_init", module)
     H = spec.hidden_size
     f_sl = _gate_slice(spec.kind, RETAIN_GATE[spec.kind], H)
     with torch.no_grad():

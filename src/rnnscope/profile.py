@@ -193,8 +193,9 @@ def profile_drawn(call: ModelCall, *, at, time_dim, loss, seed,
                         seed=seed, expect=x.shape[:2])
     except _TimeMajor:
         call = call.replace(x.transpose(0, 1))
+        # S == T reads the same either way round: the retry is the time-major reading
         prof = _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name,
-                        seed=seed, expect=x.shape[:2])
+                        seed=seed, expect=x.shape[:2], transposed=True)
     except (RuntimeError, ValueError, TypeError) as e:
         if sized_by_model and not isinstance(e, _Refused):
             raise ValueError(f"the {type(call.model).__name__} failed on drawn inputs "
@@ -214,7 +215,7 @@ class _Refused(ValueError):
 
 
 def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
-             expect=None) -> GradientProfile:
+             expect=None, transposed: bool = False) -> GradientProfile:
     try:
         fwd, grad = site_gradients(call, at=at, time_dim=time_dim, loss=loss,
                                    drawn=expect is not None)
@@ -222,8 +223,8 @@ def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
         if expect is not None and "batch norm" in str(e):
             raise _Refused(str(e)) from None
         raise
-    if expect is not None and fwd.site == "input" and fwd.axes.layout == "tb" and \
-            time_dim is None and (fwd.axes.B, fwd.axes.T) == (expect[1], expect[0]):
+    if expect is not None and not transposed and fwd.site == "input" and \
+            fwd.axes.layout == "tb" and time_dim is None and (fwd.axes.B, fwd.axes.T) == (expect[1], expect[0]):
         raise _TimeMajor()
     return _as_profile(fwd, grad, loss_name, seed)
 
