@@ -99,10 +99,11 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
       sort): e/4 · 16·(G + 1) bytes per sample, step, layer, direction and unit (measured:
       ≤ 60 for an LSTM, where this gives 80), plus the drawn inputs in float64, the model's
       dtype and their gradient: S·T·I·(8 + 3e);
-    - step Jacobians on J samples, all T steps at once, one layer at a time: the (J, T, M, M)
-      one-step Jacobians of the running state (M = H_out + H for an LSTM, else H) and the
-      (J, T, N, N) reported ones (N = H), their float64 copies and norms:
-      J·T·(e·M² + 10·e·N²) (measured 35–47 bytes per J·T·N², this gives 44–56).
+    - step and span Jacobians on J samples stream over time: at most 64 steps of (J, ·, M, M)
+      one-step Jacobians of the running state (M = H_out + H for an LSTM, else H) and of the
+      reported ones (N = H) are held at once with their float64 copies,
+      J·min(T, 64)·(e·M² + 10·e·N²), plus the per-step results kept for every step (direct
+      diagonals, norms, shares in float64): J·T·8·(2·N + 8).
     """
     G, H, L, D, S, T = BLOCKS[kind], hidden_size, num_layers, directions, samples, seq_len
     H_out = proj_size or H
@@ -112,7 +113,8 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
         params += D * (G * H * (i_l + H_out + 2) + (proj_size * H if proj_size else 0))
     seq = S * T * L * D * H * 16 * (G + 1) * elem / 4 + S * T * input_size * (8 + 3 * elem)
     M = H_out + H if kind == "lstm" else H
-    jac = jac_samples * T * (elem * M * M + 10 * elem * H * H)
+    jac = (jac_samples * min(T, 64) * (elem * M * M + 10 * elem * H * H)
+           + jac_samples * T * 8 * (2 * H + 8))
     return (2 * elem * params, seq + jac) if split else 2 * elem * params + seq + jac
 
 
