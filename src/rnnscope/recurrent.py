@@ -1,6 +1,6 @@
 """What a supported recurrent module is: its kind, sizes and per-layer parameter views.
 
-This is the one dispatch table of the package (DESIGN habit 5): every function that accepts a
+This is the one dispatch table of the package: every function that accepts a
 recurrent module asks `describe(module)` and gets either a `RecurrentSpec` or a clear error.
 
 Shape legend: B batch, T time, I input features, H hidden units, P projection size (H_out = P

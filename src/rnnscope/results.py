@@ -123,8 +123,9 @@ def half_life_from_rate(rate: float) -> float:
 def effective_memory(norms, threshold: float = 0.01) -> int:
     """How many timesteps carry a gradient norm above `threshold` × the largest one.
 
-    The seed's definition of effective memory length. Raises ValueError on non-finite norms
-    (they cannot be ranked against a maximum) and on a threshold outside (0, 1].
+    The classic LSTM gradient-flow analysis's definition of effective memory length. Raises
+    ValueError on non-finite norms (they cannot be ranked against a maximum) and on a threshold
+    outside (0, 1].
 
     Example:
         >>> effective_memory(torch.tensor([1.0, 0.5, 0.001]), threshold=0.01)
@@ -429,7 +430,8 @@ class Comparison:
         return cls({k: GradientProfile.from_dict(v) for k, v in d["profiles"].items()})
 
     def plot(self, log: bool | None = None, axes=None):
-        """The seed's figure done right: linear and log panels, x = distance from the output.
+        """The classic analysis's gradient-decay figure done right: linear and log panels, x =
+        distance from the output.
 
         log=None draws both panels side by side; True or False draws one.
         """
@@ -542,7 +544,7 @@ class GateStats:
 
 @dataclass(frozen=True)
 class DecayTable:
-    """The seed's gradient-decay table: f^L for each forget value f and length L.
+    """The classic analysis's gradient-decay table: f^L for each forget value f and length L.
 
     rows: dicts with forget, length, factor = f**L (exact, in float64) and memory_time
     1 / (1 − f).

@@ -15,8 +15,9 @@ def memory_time(f: float) -> float:
 
 
 def decay_table(forget_values=(0.9, 0.95, 0.99, 0.999), lengths=(100, 500, 1000)) -> DecayTable:
-    """The seed's table: the factor f^L by which a constant forget gate f scales the gradient
-    through the cell state over L steps (the direct path alone; exact in float64).
+    """The classic LSTM gradient-flow analysis's table: the factor f^L by which a constant forget
+    gate f scales the gradient through the cell state over L steps (the direct path alone; exact in
+    float64).
 
     Example:
         >>> t = decay_table((0.5,), (3,))
