@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from . import __version__
 from .budget import check_memory, compare_bytes, model_bytes
@@ -25,7 +24,8 @@ from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_
 from .models import DISPLAY, build_model
 from .lag import lag_profile
 from .profile import compare, gradient_profile, profile_drawn, random_inputs
-from .site import Capture, ModelCall, capturing, model_call, recurrent_axes, unwrap_model
+from .site import (Capture, ModelCall, _as_leaf, capturing, model_call, recurrent_axes,
+                   unwrap_model)
 from .recurrent import RETAIN_GATE, describe, is_recurrent
 from .replay import replay
 from .results import Comparison, json_list, json_number
@@ -84,7 +84,7 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
                                                               if finite.any() else math.nan),
                                   "lyapunov_samples": int(finite.sum())})
     with torch.enable_grad():
-        tr = replay(module, _differentiable_copy(x), hx)
+        tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
         out["gates"] = gate_stats(tr).to_dict()
@@ -123,14 +123,6 @@ def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, 
                  f"I={input_size}, {samples} samples, {num_layers} layer(s)",
                  "lower --seq-len, --samples, --hidden-size, --layers or --jacobian-samples, "
                  "or drop models (--models)")
-
-
-def _differentiable_copy(x):
-    """x as a fresh leaf that requires grad (a graph exists even if no parameter needs one)."""
-    if isinstance(x, PackedSequence):
-        return PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
-                              x.sorted_indices, x.unsorted_indices)
-    return x.detach().requires_grad_(True)
 
 
 def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int = 100,
