@@ -264,7 +264,7 @@ def sample(mutants: list[Mutant], cap: int, seed: int) -> list[Mutant]:
     total = sum(len(v) for v in by_file.values())
     budget = cap - len(chosen)
     weight = {1: 3.0, 2: 2.0, 3: 1.0}
-    for f, ms in by_file.items():
+    for _file, ms in by_file.items():
         k = min(len(ms), max(3, round(budget * len(ms) / total)))
         keyed = sorted(ms, key=lambda m: -rng.random() ** (1 / weight[m.priority]))
         chosen += keyed[:k]  # weighted sampling without replacement (Efraimidis–Spirakis)

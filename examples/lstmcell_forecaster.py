@@ -52,7 +52,7 @@ class Sequence(nn.Module):
             h_t2, c_t2 = self.lstm2(h_t, (h_t2, c_t2))
             output = self.linear(h_t2)
             outputs += [output]
-        for i in range(future):  # if we should predict the future
+        for _ in range(future):  # if we should predict the future
             h_t, c_t = self.lstm1(output, (h_t, c_t))
             h_t2, c_t2 = self.lstm2(h_t, (h_t2, c_t2))
             output = self.linear(h_t2)
@@ -113,7 +113,7 @@ def main() -> dict:
 
     after = rnnscope.gradient_profile(model, xt, at="lstm1", loss=last_step_sq_err)
     bd = after.by_distance()
-    print(f"trained: ‖∂err_last/∂x_(T-1-k)‖ at k = 0, 1, 5, 10, 20, 40: "
+    print("trained: ‖∂err_last/∂x_(T-1-k)‖ at k = 0, 1, 5, 10, 20, 40: "
           + ", ".join(f"{float(bd[k]):.1e}" for k in (0, 1, 5, 10, 20, 40) if k < T))
     print(f"  decay rate {after.decay_rate():.3f}/step, half-life {after.half_life():.2f} steps, "
           f"effective memory {after.effective_memory()} of {T}")

@@ -147,7 +147,7 @@ def main() -> dict:
 
     lag = rnnscope.lag_profile(model, tokens, forward_args=(lengths,), loss=per_word_nll)
     by_lag = lag.by_lag()
-    print(f"lag_profile: mean ‖∂ℓ_t/∂x_(t-k)‖ at k = 0, 1, 2, 4: "
+    print("lag_profile: mean ‖∂ℓ_t/∂x_(t-k)‖ at k = 0, 1, 2, 4: "
           + ", ".join(f"{float(by_lag[k]):.2e}" for k in (0, 1, 2, 4) if k < len(by_lag))
           + f"; half-life {lag.half_life():.2f}, effective memory {lag.effective_memory()}")
     seconds = time.perf_counter() - t0

@@ -133,7 +133,7 @@ def main() -> dict:
     bd = prof.by_distance()
     print(f"gradient_profile measured at {prof.site!r} (the LSTM's input), per_sample "
           f"{tuple(prof.per_sample.shape)}")
-    print(f"  ‖∂NLL_last/∂x‖ at distance 0, 1, 5, 20: "
+    print("  ‖∂NLL_last/∂x‖ at distance 0, 1, 5, 20: "
           + ", ".join(f"{float(bd[k]):.2e}" for k in (0, 1, 5, 20)))
     print(f"  decay rate {prof.decay_rate():.3f}/step, half-life {prof.half_life():.2f} steps, "
           f"effective memory {prof.effective_memory()} of {T} steps")

@@ -718,7 +718,7 @@ def seed_file(kind: str, tmp_path_factory) -> str:
             torch.manual_seed(0)
             model = First(nn.LSTM(3, 4, batch_first=True))
             with GradientMonitor(model, loggers=[JSONLLogger(d / "run.jsonl")]) as mon:
-                for step in range(3):
+                for _ in range(3):
                     model.zero_grad()
                     model(torch.randn(2, 5, 3)).pow(2).mean().backward()
                     mon.step()

@@ -163,7 +163,7 @@ def test_packed_step_jacobians_and_lyapunov_use_each_sequence_alone(c):
                                atol=1e-14)
     assert sj_norms.indirect is None
     with pytest.raises(ValueError, match="keep='norms'"):
-        sj_norms.total
+        sj_norms.total  # noqa: B018 (the property access itself raises)
 
 
 def test_packed_lyapunov_warmup_counts_each_sequences_own_steps():

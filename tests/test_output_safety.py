@@ -6,7 +6,6 @@ HTML."""
 import copy
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest

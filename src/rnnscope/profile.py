@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

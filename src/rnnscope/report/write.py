@@ -102,7 +102,7 @@ def check_results_layout(results: dict, source: str) -> None:
     need(("config",), dict, "an object")
     need(("versions",), dict, "an object")
     if command == "experiment":
-        for name, v in need(("variants",), dict, "an object of variants").items():
+        for name, _v in need(("variants",), dict, "an object of variants").items():
             need(("variants", name), dict, "an object")
         rows = need(("table",), list, "a list of rows")
         need(("baseline",), (int, float), "a number")
