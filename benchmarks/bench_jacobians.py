@@ -142,10 +142,10 @@ def run(quick: bool = False):
     t0 = time.perf_counter()
     ref = autograd_cell_jacobians(lstm, x)
     t_ref = time.perf_counter() - t0
-    got = rnnscope.cell_jacobians(lstm, x)
+    got = rnnscope.cell_jacobians(lstm, x, keep="full")
     err = (got.total - ref).abs().max().item()
     times = compare_times({"cell_jacobians (closed form, one sweep)":
-                           lambda: rnnscope.cell_jacobians(lstm, x)}, rounds=3)
+                           lambda: rnnscope.cell_jacobians(lstm, x, keep="full")}, rounds=3)
     times["autograd.functional.jacobian per t"] = t_ref
     rows.append(report(f"(d) cell_jacobians vs autograd jacobian per t (LSTM B={B} T={T} H={H};"
                        f" max |diff| {err:.1e})", times,

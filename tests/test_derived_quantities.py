@@ -130,7 +130,7 @@ def test_cell_jacobians_without_highway_have_no_share_and_match_oracle_norms():
     assert "share" not in got.by_distance() and "direct" not in got.by_distance()
     # LSTM "h": no diagonal highway either
     lstm = _model("lstm", seed=5)
-    got_h = rnnscope.cell_jacobians(lstm, x, state="h")
+    got_h = rnnscope.cell_jacobians(lstm, x, state="h", keep="full")
     assert got_h.direct is None and got_h.share is None
     torch.testing.assert_close(got_h.total, oracle_cell_jacobians(lstm, x, None, 0, 0, "h"))
 
@@ -143,7 +143,7 @@ def test_highway_share_of_tiny_jacobians_is_not_nan():
     with torch.no_grad():
         m.bias_ih_l0[2:4] = -5.0
     x = torch.randn(1, 120, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    got = rnnscope.cell_jacobians(m, x, state="c")
+    got = rnnscope.cell_jacobians(m, x, state="c", keep="full")
     tiny = got.spectral < 1e-162
     assert tiny.sum() > 10 and (got.spectral > 0).all() and (got.direct > 0).all()
     want = _share(got.total, got.direct)  # rescaled before squaring
@@ -164,7 +164,7 @@ def test_highway_share_of_tiny_jacobians_is_not_nan():
 def test_step_jacobian_direct_is_the_reference_gate(kind):
     m = _model(kind, seed=9)
     x = torch.randn(2, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    sj = rnnscope.step_jacobians(m, x)
+    sj = rnnscope.step_jacobians(m, x, keep="full")
     gate = _gates(m, x)["f" if kind == "lstm" else "z"]
     torch.testing.assert_close(sj.direct, gate, rtol=1e-12, atol=1e-14)
     s = sj.summary()

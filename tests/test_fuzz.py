@@ -365,9 +365,9 @@ MODEL_OPTIONS = {
 }
 MODULE_OPTIONS = {
     "state_gradients": ["loss", "keep"],
-    "cell_jacobians": ["layer", "direction", "state", "keep", "method"],
-    "step_jacobians": ["layer", "direction", "state", "keep", "method"],
-    "lyapunov_spectrum": ["layer", "direction", "k", "warmup", "method"],
+    "cell_jacobians": ["layer", "direction", "state", "keep", "method", "chunk_size"],
+    "step_jacobians": ["layer", "direction", "state", "keep", "method", "chunk_size"],
+    "lyapunov_spectrum": ["layer", "direction", "k", "warmup", "method", "chunk_size"],
     "gate_stats": ["bins"],
     "replay": [],
 }
@@ -379,7 +379,8 @@ VALID = {"loss": st.sampled_from(["last", "all"]), "seq_len": st.integers(1, 5),
          "input_size": st.none(), "positions": st.integers(1, 4), "keep": st.sampled_from(
              ["norms", "full"]), "layer": st.just(0), "direction": st.just(0),
          "state": st.none(), "method": st.just("auto"), "k": st.sampled_from([None, 1]),
-         "warmup": st.integers(0, 2), "bins": st.integers(1, 8)}
+         "warmup": st.integers(0, 2), "bins": st.integers(1, 8),
+         "chunk_size": st.sampled_from([None, 1, 3])}
 
 
 @st.composite

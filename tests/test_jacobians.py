@@ -47,7 +47,8 @@ def test_cell_jacobians_equal_autograd_on_the_reference_loop(config):
     kind, cfg, state, layer, direction, B, T, seed, with_hx = config
     m, x, hx = _build(kind, cfg, B, T, seed, with_hx)
     want = oracle_cell_jacobians(m, x, hx, layer, direction, state)
-    got = rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state)
+    got = rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state,
+                                  keep="full")
     torch.testing.assert_close(got.total, want, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(got.spectral,
                                torch.linalg.matrix_norm(want, ord=2), rtol=1e-8, atol=1e-12)
@@ -97,7 +98,7 @@ def test_closed_form_a_zero_weights_constant_forget_gate():
             p.zero_()
         m.bias_ih_l0[4:8] = b
     x = torch.randn(2, 9, 3, dtype=torch.float64)
-    cj = rnnscope.cell_jacobians(m, x)
+    cj = rnnscope.cell_jacobians(m, x, keep="full")
     f = 1 / (1 + math.exp(-b))
     for t in range(9):
         torch.testing.assert_close(cj.total[:, t],
@@ -112,7 +113,7 @@ def test_closed_form_bc_no_recurrent_weights_gives_the_gate_product(kind):
     with torch.no_grad():
         m.weight_hh_l0.zero_()
     x = torch.randn(3, 11, 3, dtype=torch.float64)
-    cj = rnnscope.cell_jacobians(m, x)
+    cj = rnnscope.cell_jacobians(m, x, keep="full")
     gate = rnnscope.replay(m, x).layers[0][0].gates["f" if kind == "lstm" else "z"].detach()
     for t in range(11):
         prod = gate[:, t + 1:].prod(1)
@@ -130,7 +131,7 @@ def test_closed_form_d_relu_rnn_scaled_identity():
         m.bias_ih_l0.zero_()
         m.bias_hh_l0.zero_()
     x = torch.rand(2, 10, 2, dtype=torch.float64) + 0.1
-    cj = rnnscope.cell_jacobians(m, x)
+    cj = rnnscope.cell_jacobians(m, x, keep="full")
     for t in range(10):
         torch.testing.assert_close(cj.total[:, t],
                                    a ** (9 - t) * torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
@@ -176,7 +177,7 @@ def test_lyapunov_uses_the_full_lstm_state():
     lyap = rnnscope.lyapunov_spectrum(m, x)
     assert lyap.shape == (2, 5)  # N = P + H
     # oracle: QR over autograd Jacobians of the full state
-    sj = rnnscope.step_jacobians(m, x, state="full").total
+    sj = rnnscope.step_jacobians(m, x, state="full", keep="full").total
     Q = torch.eye(5, dtype=torch.float64).expand(2, 5, 5)
     acc = torch.zeros(2, 5, dtype=torch.float64)
     for n in range(50):
@@ -260,11 +261,11 @@ def test_autograd_path_equals_closed_form_on_builtin_cells(cell_cls):
     cell = cell_cls(3, 4).double()
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     state = "full" if cell_cls is nn.LSTMCell else "h"
-    closed = rnnscope.step_jacobians(cell, x, state=state)
-    auto = rnnscope.step_jacobians(cell, x, method="autograd")
+    closed = rnnscope.step_jacobians(cell, x, state=state, keep="full")
+    auto = rnnscope.step_jacobians(cell, x, method="autograd", keep="full")
     torch.testing.assert_close(auto.total, closed.total, rtol=1e-10, atol=1e-13)
-    cj_closed = rnnscope.cell_jacobians(cell, x, state=state)
-    cj_auto = rnnscope.cell_jacobians(cell, x, method="autograd")
+    cj_closed = rnnscope.cell_jacobians(cell, x, state=state, keep="full")
+    cj_auto = rnnscope.cell_jacobians(cell, x, method="autograd", keep="full")
     torch.testing.assert_close(cj_auto.total, cj_closed.total, rtol=1e-10, atol=1e-13)
 
 
@@ -273,7 +274,7 @@ def test_custom_cells_everywhere():
     cell = ScaledTanhCell(3, 4).double()
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     hx = (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
-    cj = rnnscope.cell_jacobians(cell, x, hx)
+    cj = rnnscope.cell_jacobians(cell, x, hx, keep="full")
     assert cj.total.shape == (2, 6, 8, 8) and cj.direct is None and cj.kind == "custom"
     # chain rule against torch.autograd.functional.jacobian of the unrolled cell
     def from_step(n):
@@ -371,7 +372,7 @@ def test_step_jacobians_stream_across_chunks():
     T = 40
     assert T > 2 * CHUNK
     x = torch.randn(2, T, 2, dtype=torch.float64)
-    sj = rnnscope.step_jacobians(m, x)
+    sj = rnnscope.step_jacobians(m, x, keep="full")
     for n in (CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK):
         want = oracle_cell_jacobians(m, x[:, :n + 1], state="c")[:, n - 1]  # ∂c_n/∂c_{n−1}
         torch.testing.assert_close(sj.total[:, n], want, rtol=1e-9, atol=1e-12)

@@ -83,7 +83,8 @@ def test_packed_cell_jacobians_equal_the_oracle_on_each_cut_sequence(c):
     m, x, packed, hx, lengths = _packed_case(c)
     layer, d, state = c["layer"], c["direction"], c["state"]
     B, T = x.shape[:2]
-    got = rnnscope.cell_jacobians(m, packed, hx, layer=layer, direction=d, state=state)
+    got = rnnscope.cell_jacobians(m, packed, hx, layer=layer, direction=d, state=state,
+                                  keep="full")
     norms = rnnscope.cell_jacobians(m, packed, hx, layer=layer, direction=d, state=state,
                                     keep="norms")
     assert got.valid is not None and got.valid.shape == (B, T)
@@ -122,7 +123,8 @@ def test_packed_step_jacobians_and_lyapunov_use_each_sequence_alone(c):
     kind = c["kind"]
     state = "full" if kind == "lstm" else "h"  # a Markov state: J_n = J_{n+1} A_{n+1}
     B, T = x.shape[:2]
-    sj = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state=state)
+    sj = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state=state,
+                                 keep="full")
     sj_norms = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state=state,
                                        keep="norms")
     lyap = rnnscope.lyapunov_spectrum(m, packed, hx, layer=layer, direction=d)
@@ -150,11 +152,12 @@ def test_packed_step_jacobians_and_lyapunov_use_each_sequence_alone(c):
                                        rtol=1e-9, atol=1e-12)
     if kind == "lstm":  # the reduced "c" view: at a sequence's first step E_{n−1} = 0 (its
         # h0 is an input), also for direction 1, whose first step is T − length
-        c_view = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state="c")
+        c_view = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state="c",
+                                         keep="full")
         for b, n in enumerate(lengths):
             xb = x[b:b + 1, :n] if c["cfg"]["batch_first"] else x[b:b + 1, :n].transpose(0, 1)
             alone = rnnscope.step_jacobians(m, xb, _sample_hx(hx, b), layer=layer, direction=d,
-                                            state="c")
+                                            state="c", keep="full")
             torch.testing.assert_close(c_view.total[b, _steps_of(d, T, n)], alone.total[0],
                                        rtol=1e-10, atol=1e-13)
     want_mean = torch.stack([per[:, t][~per[:, t].isnan()].mean() for t in range(T)])
@@ -193,8 +196,8 @@ def test_nan_in_one_sample_leaves_the_others_exact(kind):
     bad[1, 4, 0] = math.nan
     state = "c" if kind == "lstm" else "h"
     with pytest.warns(RuntimeWarning, match="1 of 3 sample"):
-        cj = rnnscope.cell_jacobians(m, bad, state=state)
-    clean = rnnscope.cell_jacobians(m, x[[0, 2]], state=state)
+        cj = rnnscope.cell_jacobians(m, bad, state=state, keep="full")
+    clean = rnnscope.cell_jacobians(m, x[[0, 2]], state=state, keep="full")
     assert cj.nonfinite.tolist() == [False, True, False] and cj.nonfinite_samples == 1
     for name in ("total", "spectral", "frobenius", "direct", "share"):
         got, want = getattr(cj, name), getattr(clean, name)
@@ -209,8 +212,9 @@ def test_nan_in_one_sample_leaves_the_others_exact(kind):
         if key in by_clean:
             torch.testing.assert_close(by[key], by_clean[key], rtol=1e-13, atol=0)
     with pytest.warns(RuntimeWarning, match="1 of 3 sample"):
-        sj = rnnscope.step_jacobians(m, bad, state=state)
-    s, s_clean = sj.summary(), rnnscope.step_jacobians(m, x[[0, 2]], state=state).summary()
+        sj = rnnscope.step_jacobians(m, bad, state=state, keep="full")
+    s = sj.summary()
+    s_clean = rnnscope.step_jacobians(m, x[[0, 2]], state=state, keep="full").summary()
     assert s["nonfinite_samples"] == 1 and s["samples"] == 3
     torch.testing.assert_close(s["indirect_spectral"], s_clean["indirect_spectral"], rtol=1e-13,
                                atol=0)
@@ -226,7 +230,8 @@ def test_nan_in_one_sample_leaves_the_others_exact(kind):
     # the same holds bit for bit for the Jacobians against the clean batch
     full = rnnscope.cell_jacobians(m, x, state=state)
     assert torch.equal(cj.spectral[[0, 2]], full.spectral[[0, 2]])
-    assert torch.equal(sj.indirect[[0, 2]], rnnscope.step_jacobians(m, x, state=state).indirect[[0, 2]])
+    assert torch.equal(sj.indirect[[0, 2]],
+                       rnnscope.step_jacobians(m, x, state=state, keep="full").indirect[[0, 2]])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

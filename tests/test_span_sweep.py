@@ -68,7 +68,8 @@ def _dense(m, x, hx, layer=0, direction=0, state=None):
 
     jacobians._recurrence = no_adjoint
     try:
-        return rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state)
+        return rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state,
+                                       keep="full")
     finally:
         jacobians._recurrence = real
 
@@ -245,7 +246,7 @@ def test_certified_spectral_norm_of_zero_and_non_finite_matrices():
 
 def test_cell_jacobians_dispatches_to_the_adjoint_sweep():
     m, x, hx = _build("lstm", {"proj_size": 2}, 2, 9, 4, True)
-    cj = rnnscope.cell_jacobians(m, x, hx, state="full")
+    cj = rnnscope.cell_jacobians(m, x, hx, state="full", keep="full")
     sw = _sweep(m, x, hx, 0, 0, "full")
     assert torch.equal(cj.total, sw.total) and torch.equal(cj.spectral, sw.spectral)
     dense = _dense(m, x, hx, state="full")

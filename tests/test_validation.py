@@ -238,7 +238,8 @@ def test_memory_estimate_bounds_a_measured_run():
     from rnnscope.budget import recurrent_bytes
 
     J, T, H = 4, 64, 16
-    sj = rnnscope.step_jacobians(nn.LSTM(3, H, batch_first=True), torch.randn(J, T, 3))
+    sj = rnnscope.step_jacobians(nn.LSTM(3, H, batch_first=True), torch.randn(J, T, 3),
+                                 keep="full")
     held = sj.indirect.numel() * sj.indirect.element_size()
     assert recurrent_bytes("lstm", input_size=3, hidden_size=H, samples=J, seq_len=T,
                            jac_samples=J) > 4 * held

@@ -429,7 +429,7 @@ def check_model_call(fn: str, model, inputs, forward_args=(), forward_kwargs=Non
                      grad: bool = True) -> None:
     """Everything about `model(inputs, *forward_args, **forward_kwargs)` that can be checked
     without running it. inputs None means rnnscope draws them (checked by `budget`)."""
-    check_model(fn, model, grad=grad)
+    check_model(fn, model, grad=grad, what="module")  # the public functions' first argument
     inner = unwrap_model(model)
     check_model(fn, inner, grad=grad)
     args = forward_args if isinstance(forward_args, (tuple, list)) else ()
@@ -533,7 +533,7 @@ def public(fn: str, *, grad: bool = False, call: bool = False, module: bool = Fa
     """Decorator of a public entry point: the validation layer.
 
     grad: the function differentiates; inference_mode is refused and grad is enabled around
-    the call (so torch.no_grad() around it is fine). call: arguments (model, inputs,
+    the call (so torch.no_grad() around it is fine). call: arguments (module, inputs,
     forward_args, forward_kwargs, at) are checked with `check_model_call`; module: (module,
     inputs, hx) with `check_module_call`. ints: option name -> minimum, for int options (bool
     refused). Errors that escape name the function (only the outermost public call renames).
@@ -559,7 +559,7 @@ def public(fn: str, *, grad: bool = False, call: bool = False, module: bool = Fa
                     if ints:
                         _check_int_options(fn, a, ints)
                     if call:
-                        check_model_call(fn, a.get("model"), a.get("inputs"),
+                        check_model_call(fn, a.get("module"), a.get("inputs"),
                                          a.get("forward_args", ()), a.get("forward_kwargs"),
                                          a.get("at"), grad=grad)
                     if module and _is_trace(a.get("module")):

@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import cells
 from .cells import custom
 from .checks import check_initial_state, check_inputs, count_nonfinite, public
+from .options import Keep, Loss, Method, State
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import Trace, replay
@@ -45,7 +46,12 @@ from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJac
                       highway_energy_share, spectral_norm)
 from .span_sweep import span_jacobians
 
-CHUNK = 16  # steps of one-step Jacobians built at once in a sweep: bounds memory to O(CHUNK·B·N²)
+CHUNK = 16  # default chunk_size: steps of one-step Jacobians built at once, memory O(chunk·B·N²)
+
+
+def _chunk(chunk_size: int | None) -> int:
+    """The chunk_size= option of the public functions: None means the default, CHUNK."""
+    return CHUNK if chunk_size is None else chunk_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,10 +301,10 @@ def _unmeasured(valid: torch.Tensor | None, bad: torch.Tensor, T: int) -> torch.
     return out
 
 
-@public("step_jacobians", module=True, ints={"layer": 0, "direction": 0})
+@public("step_jacobians", module=True, ints={"layer": 0, "direction": 0, "chunk_size": 1})
 def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
-                   direction: int = 0, state: str | None = None, keep: str = "full",
-                   method: str = "auto") -> StepJacobians:
+                   direction: int = 0, state: State | None = None, keep: Keep = "norms",
+                   method: Method = "auto", chunk_size: int | None = None) -> StepJacobians:
     """The exact one-step Jacobians ∂s_n/∂s_{n−1}, split into the highway and the rest.
 
     `.direct` (B, T, N) is the diagonal highway — f_n for the LSTM cell state, z_n for the GRU,
@@ -314,10 +320,20 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             end are not measured (nan, `.valid` False) and left out of `summary()`.
         state: LSTM "c" (default; h_{n−1} = o_{n−1}·tanh(c_{n−1}) moves with c_{n−1}), "h"
             (∂h_n/∂h_{n−1} with c_{n−1} held fixed) or "full" ((h, c) stacked); RNN/GRU "h".
-        keep: "full" keeps `.indirect` (B, T, N, N); "norms" keeps only `.direct` and the
-            per-step ‖indirect‖₂ (B, T), streaming over time in chunks with memory
-            O(B·T·N + CHUNK·B·N²).
+        keep: "norms" (default) keeps only `.direct` and the per-step ‖indirect‖₂ (B, T),
+            streaming over time in chunks with memory O(B·T·N + chunk_size·B·N²); "full" also
+            keeps `.indirect` (B, T, N, N), so that `.total` can be formed.
         method: "auto", "closed" (analytic) or "autograd" (torch.func; cells only).
+        chunk_size: steps whose one-step Jacobians are built at once (None: 16). Results agree
+            whatever its value (to rounding); memory grows with it.
+
+    Example:
+        >>> lstm, x = nn.LSTM(3, 4, batch_first=True), torch.randn(2, 5, 3)
+        >>> sj = step_jacobians(lstm, x, keep="full")
+        >>> sj.direct.shape, sj.indirect.shape  # f_n (B, T, H) and the rest (B, T, H, H)
+        (torch.Size([2, 5, 4]), torch.Size([2, 5, 4, 4]))
+        >>> f = rnnscope.replay(lstm, x).layers[0][0].gates["f"]
+        >>> assert torch.allclose(sj.direct, f.detach().to(sj.direct.dtype))
 
     A sample whose Jacobians hold a NaN/Inf (non-finite inputs, states or weights) is flagged
     in `.nonfinite` (B,), all its values are nan, and a RuntimeWarning gives the count; the
@@ -327,11 +343,11 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
-    T = rec.T
+    T, chunk = rec.T, _chunk(chunk_size)
     directs, kept, norms, finite = [], [], [], []
     e_last = None
-    for start in range(0, T, CHUNK):
-        sl = slice(start, min(start + CHUNK, T))
+    for start in range(0, T, chunk):
+        sl = slice(start, min(start + chunk, T))
         direct, total, e_last = _reported_steps(rec, sl, e_last)
         indirect = total - torch.diag_embed(direct) if direct is not None else total
         if keep == "full":
@@ -358,15 +374,15 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
                          rec.positions, valid=valid, nonfinite=bad, indirect_spectral=spec)
 
 
-def _sweep(rec: _Recurrence):
+def _sweep(rec: _Recurrence, chunk: int):
     """Yield (n, J_n, d_n) for n = T−1 down to 0: J_n = ∂s_{T−1}/∂s_n in the reported state
     (B, N, N) and d_n the one-step highway diagonal (B, N) or None.
 
     Holds only the running product R (B, rows, M) and one chunk of one-step Jacobians.
     """
     R = None
-    for start in range(((rec.T - 1) // CHUNK) * CHUNK, -1, -CHUNK):
-        sl = slice(start, min(start + CHUNK, rec.T))
+    for start in range(((rec.T - 1) // chunk) * chunk, -1, -chunk):
+        sl = slice(start, min(start + chunk, rec.T))
         d_chunk, a_chunk = rec.step(sl)
         e_chunk = rec.entry(sl) if rec.entry is not None else None
         if R is None:
@@ -384,10 +400,10 @@ def _sweep(rec: _Recurrence):
             R = R @ a_chunk[:, j]  # now ∂s_{T−1}/∂(running state)_{n−1}
 
 
-@public("cell_jacobians", module=True, ints={"layer": 0, "direction": 0})
+@public("cell_jacobians", module=True, ints={"layer": 0, "direction": 0, "chunk_size": 1})
 def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
-                   direction: int = 0, state: str | None = None, keep: str = "full",
-                   method: str = "auto") -> CellJacobians:
+                   direction: int = 0, state: State | None = None, keep: Keep = "norms",
+                   method: Method = "auto", chunk_size: int | None = None) -> CellJacobians:
     """Exact Jacobians of the final state with respect to every earlier state.
 
     J[b, n] = ∂s_{end}/∂s_n for n = 0..T−1 (J[:, end] = I), accumulated in one reverse sweep
@@ -401,8 +417,12 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             have are not measured (nan, `.valid` False) and never count as decay.
         state: as in `step_jacobians`. For the LSTM cell state, J holds the direct path (the
             product of forget gates) AND every indirect path through h and the next gates.
-        keep: "full" keeps `.total` (B, T, N, N); "norms" keeps only per-step norms, shares and
-            the direct path, holding O(B·N²) memory for the running product.
+        keep: "norms" (default) keeps only per-step norms, shares and the direct path,
+            holding O(B·N²) memory for the running product; "full" also keeps `.total`
+            (B, T, N, N).
+        method: as in `step_jacobians`.
+        chunk_size: steps whose Jacobians are built or reduced at once (None: 16). Results agree
+            whatever its value (to rounding); memory grows with it.
 
     Returns:
         `CellJacobians` with `.direct` (B, T, N) = ∏_{m=n+1}^{end} f_m (LSTM "c") or z_m
@@ -410,24 +430,33 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
         A sample whose Jacobians hold a NaN/Inf is flagged in `.nonfinite` (B,), all its
         values are nan, and a RuntimeWarning gives the count; the other samples are computed
         exactly as without it.
+
+    Example:
+        >>> lstm = nn.LSTM(3, 4, batch_first=True)
+        >>> cj = cell_jacobians(lstm, torch.randn(2, 6, 3))  # ∂c_5/∂c_n, n = 0..5
+        >>> cj.spectral_norm().shape, cj.total is None
+        (torch.Size([2, 6]), True)
+        >>> full = cell_jacobians(lstm, torch.randn(2, 6, 3), keep="full")
+        >>> assert torch.allclose(full.total[:, -1], torch.eye(4, dtype=full.total.dtype))
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
+    chunk = _chunk(chunk_size)
     if rec.closed is not None:  # the closed-form adjoint sweep (unpacked traces)
         lt, p, nonlinearity = rec.closed
         sw = span_jacobians(lt, p, kind=rec.kind, state=rec.state, nonlinearity=nonlinearity,
-                            keep=keep)
+                            keep=keep, chunk_size=chunk)
         total, spectral, frob, direct, share = (sw.total, sw.spectral, sw.frobenius, sw.direct,
                                                 sw.share)
     else:
-        total, spectral, frob, direct, share = _dense_span_jacobians(rec, keep)
+        total, spectral, frob, direct, share = _dense_span_jacobians(rec, keep, chunk)
     return _finish_cell_jacobians(rec, total, spectral, frob, direct, share, layer=layer,
                                   direction=direction)
 
 
-def _dense_span_jacobians(rec: _Recurrence, keep: str):
+def _dense_span_jacobians(rec: _Recurrence, keep: str, chunk: int):
     """The span Jacobians by multiplying dense one-step Jacobians (packed traces, custom and
     autograd cells): (total (B, T, N, N) or None, spectral, frobenius, direct, share)."""
     B, T = rec.B, rec.T
@@ -435,7 +464,7 @@ def _dense_span_jacobians(rec: _Recurrence, keep: str):
     spectral = torch.empty(B, T, dtype=torch.float64)
     frob = torch.empty(B, T, dtype=torch.float64)
     direct = share = running = None
-    batch: list = []  # (n, J, ∏ d) of up to CHUNK steps, reduced together
+    batch: list = []  # (n, J, ∏ d) of up to `chunk` steps, reduced together
 
     def reduce():
         idx = [n for n, _, _ in batch]
@@ -448,7 +477,7 @@ def _dense_span_jacobians(rec: _Recurrence, keep: str):
             share[:, idx] = highway_energy_share(Js, run).cpu()
         batch.clear()
 
-    for n, J, d in _sweep(rec):
+    for n, J, d in _sweep(rec, chunk):
         if totals is not None:
             totals[n] = J.detach().cpu()
         if d is not None and running is None:
@@ -458,7 +487,7 @@ def _dense_span_jacobians(rec: _Recurrence, keep: str):
         batch.append((n, J, running))
         if d is not None:
             running = running * d.to(torch.float64)
-        if len(batch) == CHUNK:
+        if len(batch) == chunk:
             reduce()
     if batch:
         reduce()
@@ -491,10 +520,10 @@ def _finish_cell_jacobians(rec: _Recurrence, total, spectral, frob, direct, shar
 
 
 @public("lyapunov_spectrum", module=True,
-        ints={"layer": 0, "direction": 0, "k": 1, "warmup": 0})
+        ints={"layer": 0, "direction": 0, "k": 1, "warmup": 0, "chunk_size": 1})
 def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
                       direction: int = 0, k: int | None = None, warmup: int = 0,
-                      method: str = "auto") -> torch.Tensor:
+                      method: Method = "auto", chunk_size: int | None = None) -> torch.Tensor:
     """The k largest Lyapunov exponents of the state recurrence along the input-driven
     trajectory, by the QR method on the one-step Jacobians.
 
@@ -507,7 +536,8 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     For a PackedSequence each sample's exponents average over its own steps only (those past
     its end are skipped); a sample with no more than `warmup` steps gets nan. A sample whose
     Jacobians hold a NaN/Inf gets a row of nan (a RuntimeWarning gives the count); the others
-    are computed exactly as without it.
+    are computed exactly as without it. `chunk_size` (None: 16) steps of one-step Jacobians
+    are built at once; the exponents agree whatever its value (to rounding).
 
     Returns:
         (B, k) float64, sorted descending per sample ((k,) for unbatched inputs).
@@ -528,8 +558,9 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     Q = None
     logs = torch.zeros(B, k, dtype=torch.float64)
     bad = torch.zeros(B, dtype=torch.bool)
-    for start in range(0, T, CHUNK):
-        sl = slice(start, min(start + CHUNK, T))
+    chunk = _chunk(chunk_size)
+    for start in range(0, T, chunk):
+        sl = slice(start, min(start + chunk, T))
         _, a_chunk = rec.step(sl)
         a_chunk = a_chunk.to(torch.float64)
         if Q is None:
@@ -555,8 +586,8 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
 
 
 @public("state_gradients", grad=True, module=True)
-def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss="last",
-                    keep: str = "norms") -> StateGradients:
+def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Loss = "last",
+                    keep: Keep = "norms") -> StateGradients:
     """Exact total gradients ∂L/∂h_t and (LSTM) ∂L/∂c_t for every layer, direction and step.
 
     "Total" means everything that reaches the state: the gradient injected at its own output
@@ -569,7 +600,7 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss="la
             (its graph is kept, so the trace serves again); then inputs and hx are not given.
         loss: as in `gradient_profile`: "last", "all" or a callable(outputs (B, T, F)) -> (B,).
             Outputs are the module's output sequence, batch-major.
-        keep: "norms" keeps (B, T) norms; "full" also keeps the gradient tensors.
+        keep: "norms" (default) keeps (B, T) norms; "full" also keeps the gradient tensors.
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")

@@ -20,6 +20,8 @@ Shape legend: S samples (B), P loss positions, T steps of the measured site, F f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,13 +66,14 @@ def _positions(positions, T: int, seed: int) -> torch.Tensor:
 
 
 @public("lag_profile", grad=True, call=True)
-def lag_profile(model: nn.Module, inputs, *, positions=16, at=None, loss=None,
+def lag_profile(module: nn.Module, inputs, *, positions: int | Sequence[int] = 16, at=None,
+                loss: Callable[[Any], torch.Tensor] | None = None,
                 forward_args=(), forward_kwargs=None, time_dim: int | None = None,
                 seed: int = 0) -> LagProfile:
     """Exact lag-resolved gradient flow ‖∂ℓ_t/∂x_s‖ per sample, for loss positions t.
 
     Args:
-        model, inputs, at, forward_args, forward_kwargs, time_dim: as in `gradient_profile`
+        module, inputs, at, forward_args, forward_kwargs, time_dim: as in `gradient_profile`
             (token ids, PackedSequences, seq-first wrappers, step-wise decoders).
         positions: an int draws that many loss positions (seeded with `seed`; all steps if
             it is ≥ T), a list gives them exactly.
@@ -93,7 +96,7 @@ def lag_profile(model: nn.Module, inputs, *, positions=16, at=None, loss=None,
     if loss == "last":
         raise ValueError("lag_profile needs a loss at every step: loss=None (the sum of the "
                          "output features at each step) or a callable returning (B, T) losses")
-    call = model_call(model, inputs, forward_args, forward_kwargs)
+    call = model_call(module, inputs, forward_args, forward_kwargs)
     _refuse_sample_mixing(call.model)
     with cudnn_guard(call.model, call.inputs):
         with lag_sweep.raw_outputs(call.model) as raw:

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .budget import check_memory, model_bytes
 from .checks import check_model_call, check_number, count_nonfinite, current_entry, public
 from .losses import LOSS_CHOICES, check_loss_option, sample_losses
+from .options import Loss
 from .results import Comparison, GradientProfile
 from .site import ModelCall, SiteForward, forward_at_site, model_call, unwrap_model
 
@@ -130,14 +131,15 @@ def site_gradients(call: ModelCall, *, at, time_dim, loss, drawn: bool = False):
 
 
 @public("gradient_profile", grad=True, call=True)
-def gradient_profile(model: nn.Module, inputs=None, *, at=None, forward_args=(),
-                     forward_kwargs=None, time_dim: int | None = None, loss="last",
+def gradient_profile(module: nn.Module, inputs=None, *, at=None, forward_args=(),
+                     forward_kwargs=None, time_dim: int | None = None, loss: Loss = "last",
                      seq_len: int = 100, samples: int = 50, seed: int = 0,
                      input_size: int | None = None) -> GradientProfile:
     """Per-sample, per-timestep gradient norms ‖∂L_s/∂x_{s,t}‖ in one batched pass.
 
     Args:
-        model: any nn.Module, called as `model(inputs, *forward_args, **forward_kwargs)`;
+        module: any nn.Module (the whole model), called as
+            `module(inputs, *forward_args, **forward_kwargs)`;
             `torch.compile`, `nn.DataParallel` and DDP wrappers are measured through the module
             they wrap.
         inputs: the model's first forward argument as it takes it: features in its own layout,
@@ -170,14 +172,14 @@ def gradient_profile(model: nn.Module, inputs=None, *, at=None, forward_args=(),
     """
     loss_name = check_loss_option(loss)
     if inputs is None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        x = random_inputs(model, seq_len=seq_len, samples=samples, seed=seed,
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+        x = random_inputs(module, seq_len=seq_len, samples=samples, seed=seed,
                           input_size=input_size)
-        call = model_call(model, x, forward_args, forward_kwargs)
+        call = model_call(module, x, forward_args, forward_kwargs)
         return profile_drawn(call, at=at, time_dim=time_dim, loss=loss, seed=seed,
                              sized_by_model=input_size is None)[0]
-    call = model_call(model, inputs, forward_args, forward_kwargs)
+    call = model_call(module, inputs, forward_args, forward_kwargs)
     return _profile(call, at=at, time_dim=time_dim, loss=loss, loss_name=loss_name, seed=None)
 
 
@@ -247,14 +249,14 @@ def _as_profile(fwd: SiteForward, grad: torch.Tensor, loss_name: str, seed) -> G
 
 
 @public("compare", grad=True)
-def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None, *,
-            seq_len: int = 100, samples: int = 50, loss="last", seed: int = 0,
+def compare(modules: Mapping[str, nn.Module], inputs: torch.Tensor | None = None, *,
+            seq_len: int = 100, samples: int = 50, loss: Loss = "last", seed: int = 0,
             at=None, forward_args=(), forward_kwargs=None,
             time_dim: int | None = None) -> Comparison:
     """Gradient profiles of several models on the same inputs.
 
     Args:
-        models: name -> model (any model `gradient_profile` accepts), all taking the same
+        modules: name -> model (any module `gradient_profile` accepts), all taking the same
             inputs.
         inputs: batch-major (B, T, I) features shared by every model (a model whose recurrent
             submodule reads dimension 0 as time is given them transposed), or token ids /
@@ -268,14 +270,14 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
         >>> [row["model"] for row in cmp.table()]
         ['RNN', 'LSTM']
     """
-    if not isinstance(models, Mapping) or not models:
-        raise TypeError("models must be a non-empty mapping name -> nn.Module; got "
-                        f"{type(models).__name__}")
+    if not isinstance(modules, Mapping) or not modules:
+        raise TypeError("modules must be a non-empty mapping name -> nn.Module; got "
+                        f"{type(modules).__name__}")
     loss_name = check_loss_option(loss)
-    for name, m in models.items():
+    for name, m in modules.items():
         if not isinstance(m, nn.Module):
-            raise TypeError(f"models[{name!r}] must be an nn.Module; got {type(m).__name__}")
-    for name, m in models.items():  # every model checked before any work, as gradient_profile
+            raise TypeError(f"modules[{name!r}] must be an nn.Module; got {type(m).__name__}")
+    for name, m in modules.items():  # every model checked before any work, as gradient_profile
         x = inputs
         dtype, device = model_dtype_device(m)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_meta \
@@ -284,17 +286,17 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
         try:
             check_model_call("compare", m, x, forward_args, forward_kwargs, at)
         except (TypeError, ValueError, RuntimeError) as e:
-            e.args = (str(e).replace("compare: ", f"compare: models[{name!r}]: ", 1),)
+            e.args = (str(e).replace("compare: ", f"compare: modules[{name!r}]: ", 1),)
             raise
     if inputs is None:
-        sizes = {name: model_input_size(m) for name, m in models.items()}
+        sizes = {name: model_input_size(m) for name, m in modules.items()}
         known = {v for v in sizes.values() if v is not None}
         if len(known) > 1:
             raise ValueError(f"all models must take the same input size to share inputs; got "
                              f"{sizes}")
         if not known:
             raise ValueError("cannot tell the models' input size; pass inputs")
-        first = next(iter(models.values()))
+        first = next(iter(modules.values()))
         base = random_inputs(first, seq_len=seq_len, samples=samples, seed=seed,
                              input_size=known.pop())
     else:
@@ -303,7 +305,7 @@ def compare(models: Mapping[str, nn.Module], inputs: torch.Tensor | None = None,
                             f"{type(inputs).__name__}")
         base = inputs
     profiles = {}
-    for name, model in models.items():
+    for name, model in modules.items():
         x = base
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             dtype, device = model_dtype_device(model)

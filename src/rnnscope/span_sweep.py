@@ -43,7 +43,7 @@ from .cells.rnn import act_derivative
 from .recurrent import LayerParams
 from .results import highway_energy_share
 
-CHUNK = 16  # steps whose Jacobians are reduced to norms at once (keep="norms" holds one chunk)
+CHUNK = 16  # default chunk_size: steps whose Jacobians are reduced to norms at once
 
 STATES = {"lstm": ("c", "h", "full"), "gru": ("h",), "rnn": ("h",)}
 
@@ -67,7 +67,8 @@ class SpanSweep:
 
 
 def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
-                   nonlinearity: str = "tanh", keep: str = "full") -> SpanSweep:
+                   nonlinearity: str = "tanh", keep: str = "full",
+                   chunk_size: int | None = None) -> SpanSweep:
     """J_n = ∂s_{T−1}/∂s_n for n = 0..T−1 of one replayed layer/direction, with their norms.
 
     Args:
@@ -77,8 +78,9 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
         kind: "lstm", "gru" or "rnn".
         state: LSTM "c", "h" or "full"; "h" for GRU and RNN (as in `cell_jacobians`).
         nonlinearity: "tanh" or "relu" (vanilla RNN).
-        keep: "full" also returns `.total` (B, T, N, N); "norms" holds O(CHUNK·B·N²) of
+        keep: "full" also returns `.total` (B, T, N, N); "norms" holds O(chunk_size·B·N²) of
             Jacobians at a time.
+        chunk_size: steps reduced to norms at once (None: CHUNK).
 
     Example:
         >>> m = torch.nn.LSTM(3, 4, batch_first=True)
@@ -103,6 +105,7 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
     with torch.no_grad():
         steps, N, direct_steps = _STEPPERS[kind](lt, p, state, nonlinearity)
         return _collect(steps, lt.h.shape[0], lt.h.shape[1], N, direct_steps, keep,
+                        CHUNK if chunk_size is None else chunk_size,
                         lt.h.dtype, lt.h.device)
 
 
@@ -220,9 +223,10 @@ _STEPPERS = {"lstm": _lstm_steps, "gru": _gru_steps, "rnn": _rnn_steps}
 # Collecting Jacobians and reducing them to norms chunk by chunk
 
 
-def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, dtype, device) -> SpanSweep:
+def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, chunk: int, dtype,
+             device) -> SpanSweep:
     total = torch.empty(B, T, N, N, dtype=dtype, device=device) if keep == "full" else None
-    buf = None if total is not None else torch.empty(B, min(CHUNK, T), N, N, dtype=dtype,
+    buf = None if total is not None else torch.empty(B, min(chunk, T), N, N, dtype=dtype,
                                                      device=device)
     direct = None
     if direct_steps is not None:  # ∏_{m=n+1}^{T−1} d_m: exclusive reverse cumulative product
@@ -235,7 +239,7 @@ def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, dtype, devi
     chunk_stop = T
     q = None  # (B, N, k) top left singular subspace of the last Jacobian reduced: a warm start
     for n, J in zip(range(T - 1, -1, -1), steps):
-        chunk_start = max(0, chunk_stop - CHUNK)
+        chunk_start = max(0, chunk_stop - chunk)
         if total is not None:
             total[:, n].copy_(J)
         else:

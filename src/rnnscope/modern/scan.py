@@ -127,6 +127,13 @@ class _LinearScan(torch.autograd.Function):
         return _blocked_scan(a, tangent_b, tangent_h0)
 
 
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """All states of h_t = a_t ⊙ h_{t−1} + b_t, by a parallel (blocked) scan over dim 1.
 
@@ -143,8 +150,14 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         >>> linear_scan(a, b)[0, :, 0].tolist()
         [1.0, 1.5, 1.75]
     """
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"linear_scan: a and b must be tensors; got {type(a).__name__} and "
+                        f"{type(b).__name__}")
     if b.dim() < 2:
-        raise ValueError(f"linear_scan needs b shaped (B, T, ...); got {tuple(b.shape)}")
+        raise ValueError(f"linear_scan: b must be (B, T, *S); got {tuple(b.shape)}")
+    if a.shape != b.shape and not _broadcasts_to(a.shape, b.shape):
+        raise ValueError(f"linear_scan: a must be (B, T, *S) like b {tuple(b.shape)} or "
+                         f"broadcastable to it; got {tuple(a.shape)}")
     dtype = torch.promote_types(a.dtype, b.dtype)
     a = a.to(dtype).expand_as(b) if a.shape != b.shape else a.to(dtype)
     b = b.to(dtype)
@@ -153,8 +166,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     else:
         h0 = h0.to(dtype)
         if h0.shape != b[:, 0].shape:
-            raise ValueError(f"h0 must be {tuple(b[:, 0].shape)} (b without its time axis); "
-                             f"got {tuple(h0.shape)}")
+            raise ValueError(f"linear_scan: h0 must be {tuple(b[:, 0].shape)} (b without its "
+                             f"time axis); got {tuple(h0.shape)}")
     if b.shape[1] == 0:
         return b
     return _LinearScan.apply(a, b, h0)

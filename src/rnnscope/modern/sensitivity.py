@@ -36,16 +36,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..checks import public
+
 INPUT_SCALES = ("none", "gamma_fixed", "gamma_tied")
 WRTS = ("lambda", "nu_log")
+CHUNK = 32  # default chunk_size of parameter_sensitivity: tangents per vmapped pass
 
 
-def linear_recurrence_sensitivity(lam, t: int | None = None, *, input_scale: str = "none",
-                                  wrt: str = "lambda", sigma2: float = 1.0) -> torch.Tensor:
+@public("linear_recurrence_sensitivity")
+def linear_recurrence_sensitivity(
+        lam, t: int | None = None, *,
+        input_scale: Literal["none", "gamma_fixed", "gamma_tied"] = "none",
+        wrt: Literal["lambda", "nu_log"] = "lambda", sigma2: float = 1.0) -> torch.Tensor:
     """E(∂h_t/∂θ)² for h_t = λ h_{t−1} + γ x_t with white-noise x (module docstring).
 
     Args:
@@ -165,8 +172,10 @@ def _resolve_groups(module: nn.Module, groups) -> dict[str, tuple[str, ...]]:
     return out
 
 
+@public("parameter_sensitivity", ints={"chunk_size": 1})
 def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, groups=None,
-                          outputs: bool = True, chunk_size: int = 32) -> ParameterSensitivity:
+                          outputs: bool = True,
+                          chunk_size: int | None = None) -> ParameterSensitivity:
     """Exact mean_b ‖∂h_t[b, u]/∂θ_G‖² for every step t, state unit u and parameter group G.
 
     Args:
@@ -179,7 +188,8 @@ def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, g
         groups: group name -> parameter names or submodule prefixes; default the module's
             `parameter_groups` (recurrence / input / output), else one group "all".
         outputs: also measure the output units (output_sq); False skips the readout.
-        chunk_size: tangents per vmapped forward-mode pass (memory ~ chunk · B · T · U).
+        chunk_size: tangents per vmapped forward-mode pass (memory ~ chunk · B · T · U;
+            None: 32).
 
     Returns:
         ParameterSensitivity. The module is left exactly as found (functional call on
@@ -187,6 +197,7 @@ def parameter_sensitivity(module: nn.Module, inputs: torch.Tensor, hx=None, *, g
     """
     from torch.func import functional_call, jvp, vmap
 
+    chunk_size = CHUNK if chunk_size is None else chunk_size
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be ≥ 1; got {chunk_size}")
     group_names = _resolve_groups(module, groups)
