@@ -94,16 +94,16 @@ def test_chunk_size_is_a_keyword_with_none_default():
 def _lstm_case():
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 5, batch_first=True).double()
-    return lstm, torch.randn(3, 23, 3, dtype=torch.float64)
+    return lstm, torch.randn(3, 11, 3, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 23, 100])
+@pytest.mark.parametrize("chunk_size", [1, 4, 11, 50])
 def test_chunk_size_changes_memory_not_results(chunk_size):
-    """T = 23 with chunks of 1, 5 (a short last chunk), T and more than T, against the default:
+    """T = 11 with chunks of 1, 4 (a short last chunk), T and more than T, against the default:
     the LSTM "c" step Jacobians carry an entry term across chunk boundaries, the dense sweep
     (packed input) and the closed-form sweep chunk differently, the QR method runs on."""
     lstm, x = _lstm_case()
-    packed = pack_padded_sequence(x, torch.tensor([23, 17, 9]), batch_first=True)
+    packed = pack_padded_sequence(x, torch.tensor([11, 8, 5]), batch_first=True)
     for fn, args, kw in [
         (rnnscope.step_jacobians, (lstm, x), {"keep": "full"}),
         (rnnscope.step_jacobians, (lstm, x), {"state": "h"}),
@@ -127,15 +127,38 @@ def test_chunk_size_changes_memory_not_results(chunk_size):
                                            msg=f"{fn.__name__} {kw} .{field}")
 
 
+def test_chunk_size_is_used(monkeypatch):
+    """The equality above would also hold if chunk_size were ignored: count the chunks."""
+    from rnnscope import jacobians, span_sweep
+
+    lstm, x = _lstm_case()  # T = 11
+    calls = {"steps": 0, "reduce": 0}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(jacobians, "_reported_steps",
+                        counted("steps", jacobians._reported_steps))
+    monkeypatch.setattr(span_sweep, "_reduce", counted("reduce", span_sweep._reduce))
+    for chunk_size, n in ((None, 1), (4, 3), (1, 11)):
+        calls.update(steps=0, reduce=0)
+        rnnscope.step_jacobians(lstm, x, chunk_size=chunk_size)
+        rnnscope.cell_jacobians(lstm, x, chunk_size=chunk_size)  # the closed-form sweep
+        assert calls == {"steps": n, "reduce": n}, (chunk_size, calls)
+
+
 def test_keep_norms_default_holds_no_matrices():
     lstm, x = _lstm_case()
     assert rnnscope.cell_jacobians(lstm, x).total is None
     sj = rnnscope.step_jacobians(lstm, x)
-    assert sj.indirect is None and sj.indirect_spectral.shape == (3, 23)
+    assert sj.indirect is None and sj.indirect_spectral.shape == (3, 11)
     with pytest.raises(ValueError, match="keep='full'"):
         _ = sj.total
     sg = rnnscope.state_gradients(lstm, x)
-    assert sg.layers[0][0].h_full is None and sg.layers[0][0].h.shape == (3, 23)
+    assert sg.layers[0][0].h_full is None and sg.layers[0][0].h.shape == (3, 11)
 
 
 def test_positional_and_keyword_first_argument_agree():
@@ -143,9 +166,9 @@ def test_positional_and_keyword_first_argument_agree():
     a = rnnscope.gradient_profile(lstm, x)
     b = rnnscope.gradient_profile(module=lstm, inputs=x)
     torch.testing.assert_close(a.per_sample, b.per_sample)
-    c = rnnscope.lag_profile(module=lstm, inputs=x, positions=[4, 22])
+    c = rnnscope.lag_profile(module=lstm, inputs=x, positions=[4, 10])
     torch.testing.assert_close(c.per_sample, rnnscope.lag_profile(lstm, x,
-                                                                  positions=[4, 22]).per_sample)
+                                                                  positions=[4, 10]).per_sample)
     cmp = rnnscope.compare(modules={"LSTM": lstm}, inputs=x)
     torch.testing.assert_close(cmp.profiles["LSTM"].per_sample, a.per_sample)
 
