@@ -184,3 +184,53 @@ def test_non_finite_floats_only_as_codec_tokens():
         codec.loads('{"a": NaN}')
     with pytest.raises(ValueError):
         codec.dumps({"a": math.nan})
+
+
+# ---- hypothesis-drawn results --------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@st.composite
+def _profiles(draw):
+    S, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    vals = draw(st.lists(_floats, min_size=S * T, max_size=S * T))
+    lengths = draw(st.one_of(st.none(), st.lists(st.integers(1, T), min_size=S, max_size=S)))
+    return rnnscope.GradientProfile(
+        torch.tensor(vals, dtype=torch.float64).reshape(S, T),
+        draw(st.sampled_from(["last", "all", "custom"])), draw(st.integers(0, 9)),
+        draw(st.integers(0, 9)), {"seed": draw(st.integers(0, 5)), "note": draw(st.text())},
+        None if lengths is None else torch.tensor(lengths), draw(st.text()))
+
+
+@st.composite
+def _lyapunov(draw):
+    B, k = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    vals = draw(st.lists(_floats, min_size=B * k, max_size=B * k))
+    return rnnscope.LyapunovSpectrum(torch.tensor(vals, dtype=torch.float64).reshape(B, k),
+                                     draw(st.integers(0, 2)), draw(st.integers(0, 1)),
+                                     draw(st.integers(0, 4)), draw(st.integers(k, 9)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.one_of(_profiles(), _lyapunov()))
+def test_drawn_results_round_trip_exactly(r):
+    text = json.dumps(r.to_dict(), allow_nan=False)
+    assert type(r).from_dict(json.loads(text)) == r
+
+
+@settings(max_examples=60, deadline=None)
+@given(vals=st.lists(_floats, min_size=1, max_size=12),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_drawn_tensors_round_trip_bit_for_bit(vals, dtype):
+    t = torch.tensor(vals, dtype=torch.float64).to(dtype)
+    back = codec.decode_tensor(json.loads(json.dumps(codec.encode_tensor(t), allow_nan=False)),
+                               "x", dtype=torch.float64, dim=1)
+    assert back.dtype == dtype and same_value(back, t)
+    finite = torch.isfinite(t)
+    assert torch.equal(back[finite].view(torch.int64 if dtype == torch.float64 else torch.int32),
+                       t[finite].view(torch.int64 if dtype == torch.float64 else torch.int32))
