@@ -508,3 +508,16 @@ def test_overwrite_removes_figures_this_report_does_not_draw(tmp_path, monkeypat
     write_report(copy.deepcopy(compare_results), out, overwrite=True)
     assert sorted(listing(out)) == ["figures", "figures/decay.png", "figures/decay.svg",
                                     "notes.txt", "report.html", "results.json"]
+
+
+def test_markup_in_names_never_reaches_an_svg_raw(tmp_path, compare_results):
+    """Module names are drawn into the SVG figures (legends, titles): as escaped text."""
+    crafted = study_from_dict(json.loads(json.dumps(compare_results.to_dict())
+                                         .replace('"LSTM"', json.dumps(SCRIPT))))
+    assert SCRIPT in crafted.recurrent
+    write_report(crafted, tmp_path / "rep")
+    svgs = list((tmp_path / "rep" / "figures").glob("*.svg"))
+    assert svgs
+    for svg in svgs:
+        assert "<script" not in svg.read_text().lower(), svg.name
+    assert "<script" not in (tmp_path / "rep" / "report.html").read_text().lower()

@@ -51,6 +51,7 @@ def test_compare_study_is_reproducible_and_json_safe():
     assert json.loads(text)["schema"] == rnnscope.codec.SCHEMA
     assert StudyResult.from_dict(json.loads(text)) == a  # results.json reads back exactly
     assert a.comparison == b.comparison
-    assert a.recurrent["GRU"].layers[0].cell_jacobians == b.recurrent["GRU"].layers[0].cell_jacobians
+    gru_a, gru_b = a.recurrent["GRU"], b.recurrent["GRU"]
+    assert gru_a.layers[0].cell_jacobians == gru_b.layers[0].cell_jacobians
     assert set(a.recurrent) == {"RNN", "GRU"} and a.recurrent["RNN"].gates is None
     assert a.recurrent["GRU"].gates is not None

@@ -270,12 +270,11 @@ class Fields:
         v = self._get(key, "an object", optional)
         return None if v is None else Fields(v, self.at(key))
 
-    def plain(self, key: str, *, default=None) -> dict:
-        """A free-form object (a configuration), copied; floats decoded where written as
-        tokens is not attempted: configuration values are shown, never computed with."""
+    def plain(self, key: str) -> dict:
+        """A free-form object (a configuration, versions), copied as it is: its values are
+        shown in the report (escaped), never computed with; the entries a reader computes
+        with are checked through `obj(key)` as well."""
         if key not in self.d:
-            if default is not None:
-                return dict(default)
             raise SchemaError(f"{self.at(key)} is missing; expected an object")
         v = self.d[key]
         if not isinstance(v, dict):
@@ -292,8 +291,7 @@ class Fields:
         """A list of objects."""
         return [Fields(x, f"{self.at(key)}[{i}]") for i, x in enumerate(self.list(key))]
 
-    def mapping(self, key: str) -> dict[str, Fields | None]:
-        """An object of objects, by name (a null entry stays None)."""
+    def mapping(self, key: str) -> dict[str, Fields]:
+        """An object of objects, by name."""
         sub = self.obj(key)
-        return {name: (None if v is None else Fields(v, sub.at(name)))
-                for name, v in sub.d.items()}
+        return {name: Fields(v, sub.at(name)) for name, v in sub.d.items()}

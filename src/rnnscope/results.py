@@ -352,7 +352,8 @@ class GradientProfile(Result):
                 "nonfinite_grads": self.nonfinite_grads, "config": encode_value(self.config),
                 "lengths": None if self.lengths is None else encode_tensor(self.lengths),
                 "site": self.site,
-                "norms": encode_tensor(self.norms), "by_distance": encode_tensor(self.by_distance()),
+                "norms": encode_tensor(self.norms),
+                "by_distance": encode_tensor(self.by_distance()),
                 **{k: encode_value(v) for k, v in s.items()}}
 
     @classmethod
@@ -360,8 +361,7 @@ class GradientProfile(Result):
         f = d if isinstance(d, Fields) else Fields(d, where)
         per_sample = f.tensor("per_sample", F64, 2)
         lengths = f.tensor("lengths", I64, 1, optional=True)
-        if lengths is not None and lengths.shape != per_sample.shape[:1]:
-            raise _shape_error(f, "lengths", f"({per_sample.shape[0]},)", lengths)
+        _check_lengths(f, lengths, per_sample.shape[0], per_sample.shape[1])
         return cls(per_sample, f.str("loss"), f.int("nonfinite_inputs", low=0),
                    f.int("nonfinite_grads", low=0), f.plain("config"), lengths,
                    f.str("site"))
@@ -469,8 +469,7 @@ class LagProfile(Result):
                 or int(positions.max()) >= T:
             raise _shape_error(f, "positions", f"{P} steps in [0, {T})", positions)
         lengths = f.tensor("lengths", I64, 1, optional=True)
-        if lengths is not None and lengths.shape != (S,):
-            raise _shape_error(f, "lengths", f"({S},)", lengths)
+        _check_lengths(f, lengths, S, T)
         return cls(per_sample, positions, lengths, f.str("site"), f.int("nonfinite", low=0),
                    f.plain("config"))
 
@@ -532,6 +531,19 @@ def _shape_error(f: Fields, key: str, expected: str, got: torch.Tensor):
     from .codec import SchemaError
 
     return SchemaError(f"{f.at(key)} must be {expected}; got shape {tuple(got.shape)}")
+
+
+def _check_lengths(f: Fields, lengths, S: int, T: int) -> None:
+    """(S,) sequence lengths, each in [1, T], or None."""
+    from .codec import SchemaError
+
+    if lengths is None:
+        return
+    if lengths.shape != (S,):
+        raise _shape_error(f, "lengths", f"({S},)", lengths)
+    if S and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise SchemaError(f"{f.at('lengths')} must hold lengths in [1, {T}]; got "
+                          f"{int(lengths.min())}..{int(lengths.max())}")
 
 
 def format_number(v) -> str:

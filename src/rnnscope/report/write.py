@@ -16,7 +16,7 @@ from . import figures as figure_makers
 from .safe_write import OutputFolder
 
 from ..codec import SchemaError, dumps, loads
-from ..study_results import COMMANDS, ExperimentResult, StudyResult, study_from_dict
+from ..study_results import ExperimentResult, StudyResult, study_from_dict
 
 
 class ResultsError(ValueError):
