@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from rnnscope.experiments import ExperimentConfig, run_experiment, summarise
 
@@ -27,11 +28,13 @@ def test_miniature_training_run_learns_and_the_monitor_saw_every_step():
 
 
 def test_summary_definitions():
+    from rnnscope import GradientProfile
+
+    def prof(rows):  # a saved profile, as train_variant stores it (every field: strict reader)
+        return GradientProfile(torch.tensor(rows, dtype=torch.float64), "custom").to_dict()
+
     v = {"variant": "x", "eval_loss": [[10, 0.2], [20, 0.07], [30, 0.05]],
-         "profile_init": {"per_sample": [[0.001, 1.0]], "loss": "custom",
-                          "nonfinite_inputs": 0, "nonfinite_grads": 0},
-         "profile_end": {"per_sample": [[0.5, 1.0]], "loss": "custom",
-                         "nonfinite_inputs": 0, "nonfinite_grads": 0}}
+         "profile_init": prof([[0.001, 1.0]]), "profile_end": prof([[0.5, 1.0]])}
     s = summarise(v, 1 / 6)
     assert s["final_over_baseline"] == pytest.approx(0.3)
     assert s["beats_half_baseline_at"] == 20  # 0.07 < 0.0833

@@ -296,10 +296,11 @@ def run_case(fn: str, model, call, check_result, *, model_untouched=True):
         fail("touched_model", f"{fn}: {what}")
     problem = check_result(result)
     payload = _to_dict(result)
-    if fn == "lyapunov_spectrum" and isinstance(result, torch.Tensor):
+    if fn == "lyapunov_spectrum" and isinstance(result, rnnscope.LyapunovSpectrum):
         # -inf is a true exponent: a saturated gate (σ' = 0 exactly, from a huge or infinite
         # input alike) makes the one-step Jacobian exactly singular, log 0 = -inf
-        payload = result[result != -math.inf].tolist()
+        exps = result.exponents
+        payload = exps[exps != -math.inf].tolist()
     if problem is None and _has_nonfinite(payload) and not nonfinite_reported(result, caught):
         problem = "non-finite numbers in the result that the result does not report"
     if problem:
@@ -440,12 +441,13 @@ def _module_check(fn, x, info):
         expected = {"state_gradients": rnnscope.StateGradients,
                     "cell_jacobians": rnnscope.CellJacobians,
                     "step_jacobians": rnnscope.StepJacobians,
-                    "lyapunov_spectrum": torch.Tensor, "gate_stats": rnnscope.GateStats,
+                    "lyapunov_spectrum": rnnscope.LyapunovSpectrum,
+                    "gate_stats": rnnscope.GateStats,
                     "replay": rnnscope.Trace}[fn]
         if not isinstance(r, expected):
             return f"returned {type(r).__name__}, not {expected.__name__}"
-        if fn == "lyapunov_spectrum" and r.dim() != (1 if x.dim() == 2 else 2):
-            return f"spectrum of shape {tuple(r.shape)}"
+        if fn == "lyapunov_spectrum" and r.exponents.dim() != (1 if x.dim() == 2 else 2):
+            return f"spectrum of shape {tuple(r.exponents.shape)}"
         if fn == "step_jacobians":
             r.summary()  # the summary must not crash either (eigh on NaN once did)
         return None
@@ -802,6 +804,6 @@ def test_saturated_cell_has_minus_infinite_exponents_not_nan():
     torch.manual_seed(0)
     cell = nn.LSTMCell(1, 4)
     for x in (torch.tensor([[-math.inf]]), torch.tensor([[-1e6]])):
-        exps = rnnscope.lyapunov_spectrum(cell, x)
+        exps = rnnscope.lyapunov_spectrum(cell, x).exponents
         assert exps.shape == (8,) and not exps.isnan().any() and (exps < math.inf).all()
         assert (exps == -math.inf).sum() >= 1

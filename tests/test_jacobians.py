@@ -162,11 +162,11 @@ def test_closed_form_f_lyapunov_spectrum_of_a_linear_fixed_point():
         m.bias_ih_l0.zero_()
         m.bias_hh_l0.zero_()
     x = torch.zeros(1, 2000, 2, dtype=torch.float64)  # stays at h = 0: every Jacobian is W
-    lyap = rnnscope.lyapunov_spectrum(m, x)
+    lyap = rnnscope.lyapunov_spectrum(m, x).exponents
     want = eig.abs().log().sort(descending=True).values
     assert lyap.shape == (1, H)
     assert (lyap[0] - want).abs().max().item() < 1e-3
-    top2 = rnnscope.lyapunov_spectrum(m, x[0], k=2, warmup=100)  # unbatched -> (k,)
+    top2 = rnnscope.lyapunov_spectrum(m, x[0], k=2, warmup=100).exponents  # unbatched -> (k,)
     assert top2.shape == (2,) and (top2 - want[:2]).abs().max().item() < 1e-3
 
 
@@ -174,7 +174,7 @@ def test_lyapunov_uses_the_full_lstm_state():
     torch.manual_seed(0)
     m = nn.LSTM(2, 3, proj_size=2, batch_first=True).double()
     x = torch.randn(2, 50, 2, dtype=torch.float64)
-    lyap = rnnscope.lyapunov_spectrum(m, x)
+    lyap = rnnscope.lyapunov_spectrum(m, x).exponents
     assert lyap.shape == (2, 5)  # N = P + H
     # oracle: QR over autograd Jacobians of the full state
     sj = rnnscope.step_jacobians(m, x, state="full", keep="full").total
@@ -295,7 +295,7 @@ def test_custom_cells_everywhere():
         torch.testing.assert_close(cj.total[:, n], want, rtol=1e-9, atol=1e-12)
     sg = rnnscope.state_gradients(cell, x, hx, keep="full")
     assert sg.layers[0][0].h.shape == (2, 6) and sg.layers[0][0].c.shape == (2, 6)
-    assert rnnscope.lyapunov_spectrum(cell, x, hx).shape == (2, 8)
+    assert rnnscope.lyapunov_spectrum(cell, x, hx).exponents.shape == (2, 8)
     with pytest.raises(ValueError, match="pass hx"):
         rnnscope.cell_jacobians(nn.Identity(), x)
 
@@ -339,7 +339,8 @@ def test_jacobian_results_plot_and_serialise():
     fig = cj.plot()
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes) == 2
     d = json.loads(json.dumps(cj.to_dict(), allow_nan=False))
-    curves = rnnscope.CellJacobians.curves_from_dict(d)
+    assert rnnscope.CellJacobians.from_dict(d) == cj
+    curves = rnnscope.JacobianNorms.from_dict(cj.norms().to_dict()).by_distance()
     for k, v in cj.by_distance().items():
         torch.testing.assert_close(curves[k], v)
     sg = rnnscope.state_gradients(m, x)

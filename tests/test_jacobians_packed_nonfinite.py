@@ -127,7 +127,7 @@ def test_packed_step_jacobians_and_lyapunov_use_each_sequence_alone(c):
                                  keep="full")
     sj_norms = rnnscope.step_jacobians(m, packed, hx, layer=layer, direction=d, state=state,
                                        keep="norms")
-    lyap = rnnscope.lyapunov_spectrum(m, packed, hx, layer=layer, direction=d)
+    lyap = rnnscope.lyapunov_spectrum(m, packed, hx, layer=layer, direction=d).exponents
     summary = sj.summary()
     per = torch.full((B, T), math.nan, dtype=torch.float64)
     for b, n in enumerate(lengths):
@@ -174,8 +174,8 @@ def test_packed_lyapunov_warmup_counts_each_sequences_own_steps():
     m = nn.GRU(2, 3, batch_first=True).double()
     x = torch.randn(2, 6, 2, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([6, 2]), batch_first=True)
-    got = rnnscope.lyapunov_spectrum(m, packed, warmup=2)
-    want0 = rnnscope.lyapunov_spectrum(m, x[:1], warmup=2)
+    got = rnnscope.lyapunov_spectrum(m, packed, warmup=2).exponents
+    want0 = rnnscope.lyapunov_spectrum(m, x[:1], warmup=2).exponents
     torch.testing.assert_close(got[0], want0[0], rtol=1e-12, atol=0)
     assert got[1].isnan().all()  # 2 steps, both warmup: nothing counted
 
@@ -220,12 +220,12 @@ def test_nan_in_one_sample_leaves_the_others_exact(kind):
                                atol=0)
     assert sj.indirect[1].isnan().all() and sj.nonfinite.tolist() == [False, True, False]
     with pytest.warns(RuntimeWarning, match="1 of 3 sample"):
-        ly = rnnscope.lyapunov_spectrum(m, bad)
+        ly = rnnscope.lyapunov_spectrum(m, bad).exponents
     assert ly[1].isnan().all()
     # bit for bit what the clean batch gives; the batch without the sample differs only by
     # the rounding of a different batch size (the QR's smallest exponent is ill-conditioned)
-    assert torch.equal(ly[[0, 2]], rnnscope.lyapunov_spectrum(m, x)[[0, 2]])
-    torch.testing.assert_close(ly[[0, 2]], rnnscope.lyapunov_spectrum(m, x[[0, 2]]),
+    assert torch.equal(ly[[0, 2]], rnnscope.lyapunov_spectrum(m, x).exponents[[0, 2]])
+    torch.testing.assert_close(ly[[0, 2]], rnnscope.lyapunov_spectrum(m, x[[0, 2]]).exponents,
                                rtol=1e-10, atol=0)
     # the same holds bit for bit for the Jacobians against the clean batch
     full = rnnscope.cell_jacobians(m, x, state=state)
@@ -244,7 +244,7 @@ def test_nan_in_the_weights_is_reported_not_raised(kind):
         cj = rnnscope.cell_jacobians(m, x, keep="norms")
         sj = rnnscope.step_jacobians(m, x)
         s = sj.summary()
-        ly = rnnscope.lyapunov_spectrum(m, x)
+        ly = rnnscope.lyapunov_spectrum(m, x).exponents
     assert cj.nonfinite.all() and cj.spectral.isnan().all()
     assert cj.by_distance()["spectral"].isnan().all()  # no sample left to average
     assert sj.nonfinite.all() and s["nonfinite_samples"] == 3

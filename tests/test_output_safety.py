@@ -18,7 +18,9 @@ from rnnscope.report.figures import EXPERIMENT_NAMES, NAMES
 from rnnscope.report.html import render_experiment_html, render_html
 from rnnscope.report.safe_write import OutputFolder, OutputFolderError
 from rnnscope.report.write import ResultsError, check_writable, report_targets
+from rnnscope.codec import SCHEMA, SchemaError
 from rnnscope.studies import compare_study, inspect_study
+from rnnscope.study_results import experiment_result, study_from_dict
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -62,16 +64,13 @@ def inspect_results():
                          label="Tagger", source="test")
 
 
-EXPERIMENT = {
-    "command": "experiment",
-    "config": {"task": "adding", "T": 10, "steps": 4, "batch_size": 2, "hidden_size": 3,
-               "lr": 0.01, "clip": 1.0, "variants": ["lstm"], "seed": 0, "device": "cpu",
-               "sequence_length": 10},
-    "versions": {"torch": "x"}, "baseline": 0.1667, "seconds": 1.0,
-    "variants": {"lstm": {}},
-    "table": [{"model": "lstm", "final_over_baseline": 0.5, "beats_half_baseline_at": 3,
-               "effective_memory_init": 4, "effective_memory_end": "never"}],
-}
+@pytest.fixture(scope="module")
+def experiment_results():
+    from rnnscope.experiments import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(task="adding", T=6, steps=3, batch_size=2, hidden_size=3,
+                           variants=("lstm",), seed=0, device="cpu")
+    return experiment_result(run_experiment(cfg))
 
 
 # ---- the output folder ---------------------------------------------------------------------
@@ -132,7 +131,8 @@ def test_symlinks_are_never_followed_out_of_the_folder(tmp_path, compare_results
     assert listing(outside) == before
     # with --overwrite the links themselves are replaced by regular files inside the folder
     # (a `$` pair in a module name draws too: it is escaped for mathtext)
-    results = json.loads(json.dumps(results).replace('"LSTM"', '"cost$\\\\frac$"'))
+    results = study_from_dict(json.loads(json.dumps(results.to_dict())
+                                         .replace('"LSTM"', '"cost$\\\\frac$"')))
     paths = write_report(results, out, overwrite=True)
     assert listing(outside) == before
     for name in ("results.json", "report.html"):
@@ -258,12 +258,16 @@ def _replace(obj, path, value, rename=False):
 
 
 @pytest.mark.parametrize("which", ["compare", "inspect", "experiment"])
-def test_script_anywhere_never_reaches_report_html_raw(which, compare_results, inspect_results):
-    results = {"compare": compare_results, "inspect": inspect_results,
-               "experiment": EXPERIMENT}[which]
+def test_script_anywhere_never_reaches_report_html_raw(which, compare_results, inspect_results,
+                                                        experiment_results):
+    """Every string of a results.json (and every key) replaced by markup: the file is either
+    refused by the schema or drawn with the markup shown as text."""
+    obj = {"compare": compare_results, "inspect": inspect_results,
+           "experiment": experiment_results}[which]
     render = render_experiment_html if which == "experiment" else render_html
     figures = dict.fromkeys(EXPERIMENT_NAMES if which == "experiment" else NAMES, "AAAA")
-    assert "<script" not in render(results, figures)
+    assert "<script" not in render(obj, figures)
+    results = obj.to_dict()
     tried = rendered = 0
     for path, value in list(_all_paths(results)):
         if path and path[0] == "key":
@@ -274,8 +278,8 @@ def test_script_anywhere_never_reaches_report_html_raw(which, compare_results, i
             continue
         tried += 1
         try:
-            page = render(mutated, figures)
-        except Exception:  # noqa: BLE001 - a wrong layout may refuse (write_report words it)
+            page = render(study_from_dict(mutated), figures)
+        except SchemaError:  # a string where a number or a known word belongs is refused
             continue
         rendered += 1
         assert "<script" not in page.lower(), path
@@ -283,34 +287,50 @@ def test_script_anywhere_never_reaches_report_html_raw(which, compare_results, i
 
 
 CRAFTED = [
-    ("missing comparison table", lambda r: r["comparison"].pop("table"),
-     r"results\['comparison'\]\['table'\] is missing"),
+    ("missing comparison profiles", lambda r: r["comparison"].pop("profiles"),
+     r"results\['comparison'\]\['profiles'\] is missing; expected an object"),
     ("recurrent is a list", lambda r: r.__setitem__("recurrent", []),
-     r"results\['recurrent'\] must be an object of modules; got list"),
+     r"results\['recurrent'\] must be an object; got a list"),
     ("seq_len a string", lambda r: r["config"].__setitem__("seq_len", "12"),
-     r"results\['config'\]\['seq_len'\] must be a positive integer; got str"),
-    ("row for an unknown model", lambda r: r["comparison"]["table"][0].__setitem__("model", "X"),
-     r"reading the numbers: missing key 'RNN'"),
+     r"results\['config'\]\['seq_len'\] must be an integer >= 1; got the string '12'"),
+    ("seq_len not the profiles' length", lambda r: r["config"].__setitem__("seq_len", 7),
+     r"results\['comparison'\]\['profiles'\]\['RNN'\]\['per_sample'\] must be \(samples, "
+     r"seq_len=7\); got shape \(3, 6\)"),
     ("spectral rows too short", lambda r: r["recurrent"]["LSTM"]["layers"][0]["cell_jacobians"]
-     .__setitem__("spectral", [[]]), r"ValueError: min\(\) arg is an empty sequence|shorter"),
+     .__setitem__("spectral", [[]]),
+     r"results\['recurrent'\]\['LSTM'\]\['layers'\]\[0\]\['cell_jacobians'\]\['spectral'\] "
+     r"must be \(B=2, T=6, ...\); got shape \(1, 0\)"),
     ("a word where a number belongs", lambda r: r["comparison"]["profiles"]["RNN"]
-     .__setitem__("per_sample", [["big"] * 6] * 3), r"could not convert string to float"),
+     .__setitem__("per_sample", [["big"] * 6] * 3),
+     r"\['per_sample'\] must be a number; got the string 'big'"),
+    ("markup where a number belongs", lambda r: r["recurrent"]["LSTM"]["gates"]["layers"][0]
+     .__setitem__("mean", SCRIPT), r"\['mean'\] must be a number; got the string '<script>"),
     ("ragged per_sample", lambda r: r["comparison"]["profiles"]["RNN"]["per_sample"][0].pop(),
-     r"drawing the 'gradient_flow' figure"),
+     r"\['per_sample'\] has rows of different lengths \(5 and 6\) at depth 1"),
     ("gates without layers", lambda r: r["recurrent"]["LSTM"]["gates"].pop("layers"),
-     r"missing key 'layers'"),
+     r"results\['recurrent'\]\['LSTM'\]\['gates'\]\['layers'\] is missing"),
     ("decay rows wrong", lambda r: r["decay_table"].__setitem__("rows", [1, 2]),
-     r"results\['decay_table'\]\['rows'\]\[0\] must be an object; got int"),
-    ("a list as a number", lambda r: r["comparison"]["table"][0].__setitem__("half_life", [1]),
-     r"expected a number, got list"),
+     r"results\['decay_table'\]\['rows'\]\[0\] must be an object; got an integer"),
+    ("a list as a number", lambda r: r["recurrent"]["LSTM"]["gates"]["layers"][0]
+     .__setitem__("mean", [1]), r"\['mean'\] must be a number; got a list"),
+    ("a boolean as a count", lambda r: r["comparison"]["profiles"]["RNN"]
+     .__setitem__("nonfinite_grads", True), r"\['nonfinite_grads'\] must be an integer >= 0; "
+     r"got a boolean"),
     ("no command", lambda r: r.pop("command"), r"results\['command'\] is missing"),
+    ("unknown command", lambda r: r.__setitem__("command", "train"),
+     r"results\['command'\] must be one of 'compare', 'inspect', 'experiment'; got the "
+     r"string 'train'"),
+    ("no schema (an older rnnscope)", lambda r: r.pop("schema"),
+     r"written by an older rnnscope \(no schema\); rerun the command"),
+    ("another schema", lambda r: r.__setitem__("schema", SCHEMA + 1),
+     rf"results\['schema'\] is {SCHEMA + 1}; this rnnscope reads schema {SCHEMA} only"),
 ]
 
 
 @pytest.mark.parametrize("case, craft, message", CRAFTED, ids=[c[0] for c in CRAFTED])
 def test_crafted_results_give_one_line_and_write_nothing(tmp_path, compare_results, case,
                                                          craft, message):
-    results = copy.deepcopy(compare_results)
+    results = compare_results.to_dict()
     craft(results)
     src = tmp_path / "in" / "results.json"
     src.parent.mkdir()
@@ -340,14 +360,15 @@ def test_replot_of_files_that_are_not_results(tmp_path, capsys, content, message
 
 
 def test_replot_cli_names_the_file_for_a_missing_key(tmp_path, capsys, compare_results):
-    results = copy.deepcopy(compare_results)
+    results = compare_results.to_dict()
     del results["recurrent"]["LSTM"]["layers"][0]["step_paths"]
     src = tmp_path / "results.json"
     src.write_text(json.dumps(results))
     before = listing(tmp_path)
     assert cli.main(["replot", str(src), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("rnnscope replot: error: ") and "missing key 'step_paths'" in err
+    assert err.startswith(f"rnnscope replot: error: {src}: results['recurrent']['LSTM']"
+                          "['layers'][0]['step_paths'] is missing; expected an object"), err
     assert "KeyError" not in err and len(err.splitlines()) == 1
     assert listing(tmp_path) == before
 
@@ -471,7 +492,7 @@ def test_a_drawing_failure_keeps_the_numbers_and_says_how_to_redraw(tmp_path, mo
         write_report(copy.deepcopy(compare_results), out)
     assert sorted(listing(out)) == ["results.json"]  # nothing half-drawn
     saved = json.loads((out / "results.json").read_text())
-    assert saved["comparison"] == json.loads(json.dumps(compare_results["comparison"]))
+    assert study_from_dict(saved) == compare_results
 
 
 def test_overwrite_removes_figures_this_report_does_not_draw(tmp_path, monkeypatch,
@@ -486,3 +507,16 @@ def test_overwrite_removes_figures_this_report_does_not_draw(tmp_path, monkeypat
     write_report(copy.deepcopy(compare_results), out, overwrite=True)
     assert sorted(listing(out)) == ["figures", "figures/decay.png", "figures/decay.svg",
                                     "notes.txt", "report.html", "results.json"]
+
+
+def test_markup_in_names_never_reaches_an_svg_raw(tmp_path, compare_results):
+    """Module names are drawn into the SVG figures (legends, titles): as escaped text."""
+    crafted = study_from_dict(json.loads(json.dumps(compare_results.to_dict())
+                                         .replace('"LSTM"', json.dumps(SCRIPT))))
+    assert SCRIPT in crafted.recurrent
+    write_report(crafted, tmp_path / "rep")
+    svgs = list((tmp_path / "rep" / "figures").glob("*.svg"))
+    assert svgs
+    for svg in svgs:
+        assert "<script" not in svg.read_text().lower(), svg.name
+    assert "<script" not in (tmp_path / "rep" / "report.html").read_text().lower()

@@ -27,9 +27,11 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 def _experiment_results():
     from rnnscope.experiments import ExperimentConfig, run_experiment
 
-    return run_experiment(ExperimentConfig(task="adding", T=8, steps=20, batch_size=8,
-                                           hidden_size=8, variants=("rnn", "lstm"),
-                                           eval_every=10))
+    from rnnscope.study_results import experiment_result
+
+    return experiment_result(run_experiment(ExperimentConfig(
+        task="adding", T=8, steps=20, batch_size=8, hidden_size=8, variants=("rnn", "lstm"),
+        eval_every=10)))
 
 
 @pytest.mark.parametrize("make", [
@@ -53,7 +55,7 @@ def test_report_renders_every_figure_without_console_errors(tmp_path, make):
             images = page.evaluate("""() => Array.from(document.images).map(i => (
                 {id: i.id, ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}))""")
             shot = Path(os.environ.get("RNNSCOPE_SCREENSHOT_DIR", tmp_path)) / \
-                f"report-{results['command']}.png"
+                f"report-{results.command}.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()

@@ -5,6 +5,7 @@ from torch import nn
 
 import rnnscope
 from rnnscope.studies import compare_study, inspect_study
+from rnnscope.study_results import StudyResult
 
 
 class WithState(nn.Module):
@@ -27,15 +28,14 @@ def test_inspect_analyses_submodules_with_the_state_they_received():
     model = WithState().eval()
     x = torch.randn(4, 9, 3)
     res = inspect_study(model, inputs=x, jac_samples=2)
-    rec = res["recurrent"]["lstm"]
-    assert rec["hx_given"] is True and rec["jacobian_samples"] == 2
+    rec = res.recurrent["lstm"]
+    assert rec.hx_given is True and rec.jacobian_samples == 2 and rec.calls == 1
     hx = (model.h0.detach().expand(1, 4, 5), model.c0.detach().expand(1, 4, 5))
     sg = rnnscope.state_gradients(model.lstm, x, hx)
-    torch.testing.assert_close(torch.tensor(rec["state_gradients"]["layers"][0][0]["h"],
-                                            dtype=torch.float64), sg.layers[0][0].h)
+    torch.testing.assert_close(rec.state_gradients.layers[0][0].h, sg.layers[0][0].h)
     cj = rnnscope.cell_jacobians(model.lstm, x[:2], (hx[0][:, :2], hx[1][:, :2]), keep="norms")
-    torch.testing.assert_close(torch.tensor(rec["layers"][0]["cell_jacobians"]["spectral"],
-                                            dtype=torch.float64), cj.spectral)
+    torch.testing.assert_close(rec.layers[0].cell_jacobians.spectral, cj.spectral)
+    assert rec.layers[0].cell_jacobians == cj.norms()
     # and the zero-state analysis would differ: the initial state matters here
     sg0 = rnnscope.state_gradients(model.lstm, x)
     assert not torch.allclose(sg0.layers[0][0].h, sg.layers[0][0].h)
@@ -47,8 +47,11 @@ def test_compare_study_is_reproducible_and_json_safe():
 
     a = compare_study(models=("rnn", "gru"), seq_len=8, hidden_size=6, input_size=3, samples=4)
     b = compare_study(models=("rnn", "gru"), seq_len=8, hidden_size=6, input_size=3, samples=4)
-    json.dumps(a, allow_nan=False)
-    assert a["comparison"]["table"] == b["comparison"]["table"]
-    assert a["recurrent"]["GRU"]["layers"][0]["cell_jacobians"]["spectral"] == \
-        b["recurrent"]["GRU"]["layers"][0]["cell_jacobians"]["spectral"]
-    assert set(a["recurrent"]) == {"RNN", "GRU"} and "gates" not in a["recurrent"]["RNN"]
+    text = json.dumps(a.to_dict(), allow_nan=False)
+    assert json.loads(text)["schema"] == rnnscope.codec.SCHEMA
+    assert StudyResult.from_dict(json.loads(text)) == a  # results.json reads back exactly
+    assert a.comparison == b.comparison
+    gru_a, gru_b = a.recurrent["GRU"], b.recurrent["GRU"]
+    assert gru_a.layers[0].cell_jacobians == gru_b.layers[0].cell_jacobians
+    assert set(a.recurrent) == {"RNN", "GRU"} and a.recurrent["RNN"].gates is None
+    assert a.recurrent["GRU"].gates is not None

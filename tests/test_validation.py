@@ -221,7 +221,7 @@ def test_memory_estimate_uses_the_budget_and_names_it(monkeypatch):
                                           r"RNNSCOPE_MEMORY_LIMIT"):
         compare_study(**opts)
     monkeypatch.setenv("RNNSCOPE_MEMORY_LIMIT", "1G")
-    assert compare_study(**opts)["recurrent"]["LSTM"]["kind"] == "lstm"
+    assert compare_study(**opts).recurrent["LSTM"].kind == "lstm"
 
 
 def test_api_drawn_inputs_beyond_memory_are_refused():

@@ -14,8 +14,8 @@ from .monitor import AlertPolicy, GradientMonitor
 from .profile import compare, gradient_profile
 from .replay import Trace, replay
 from .results import (CellJacobians, Comparison, DecayTable, GateLayerStats, GateStats,
-                      GradientProfile, LagProfile, StateGradientLayer, StateGradients,
-                      StepJacobians, effective_memory)
+                      GradientProfile, JacobianNorms, LagProfile, LyapunovSpectrum,
+                      StateGradientLayer, StateGradients, StepJacobians, effective_memory)
 from .theory import decay_table, memory_time
 from .modern import LRU, RGLRU, SLSTM, MinGRU, MinLSTM, SelectiveSSM, linear_scan
 from .modern.sensitivity import (ParameterSensitivity, linear_recurrence_sensitivity,
@@ -33,6 +33,7 @@ __all__ = [
     "Trace", "GradientProfile", "LagProfile", "Comparison", "StateGradients",
     "StateGradientLayer",
     "CellJacobians", "StepJacobians", "GateStats", "GateLayerStats", "DecayTable",
+    "LyapunovSpectrum", "JacobianNorms",
     # modern recurrences (issue 13): cells, their scan, parameter sensitivity
     "MinGRU", "MinLSTM", "LRU", "RGLRU", "SelectiveSSM", "SLSTM", "linear_scan",
     "parameter_sensitivity", "linear_recurrence_sensitivity", "ParameterSensitivity",

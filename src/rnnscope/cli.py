@@ -136,7 +136,7 @@ def _check_out(args) -> None:
         check_writable(args.out, overwrite=args.overwrite, command=args.command)
 
 
-def _write(args, results: dict) -> dict:
+def _write(args, results) -> dict:
     from .report import write_report
 
     paths = write_report(results, args.out, overwrite=args.overwrite)
@@ -144,24 +144,17 @@ def _write(args, results: dict) -> dict:
     return paths
 
 
-def _summary_table(results: dict) -> str:
-    from .results import format_table, json_number
+def _emit(args, results, paths: dict | None) -> None:
+    """The summary of a `StudyResult`: its table, as text or (--json) JSON."""
+    from .codec import dumps, encode_value
 
-    rows = [{k: (json_number(v) if isinstance(v, str) and k != "model" else v)
-             for k, v in r.items()} for r in results["comparison"]["table"]]
-    return format_table(rows, {"model": "model", "decay_ratio": "decay ratio (first/last)",
-                               "decay_rate": "decay rate /step", "half_life": "half-life (steps)",
-                               "effective_memory": "effective memory"})
-
-
-def _emit(args, results: dict, paths: dict | None) -> None:
     if args.json:
-        out = {"command": results["command"], "config": results["config"],
-               "table": results["comparison"]["table"], "files": paths or {},
-               "seconds": results["seconds"]}
-        print(json.dumps(out, indent=1, allow_nan=False))
+        out = {"command": results.command, "config": encode_value(results.config),
+               "table": encode_value(results.comparison.table()), "files": paths or {},
+               "seconds": results.seconds}
+        print(dumps(out))
     else:
-        _say(args, _summary_table(results))
+        _say(args, str(results.comparison))
 
 
 def _cmd_compare(args) -> int:
@@ -238,8 +231,11 @@ def _cmd_inspect(args) -> int:
                                 progress=progress)
     finally:
         progress.close()
-    results["config"].update({"weights": args.weights, "inputs_file": args.inputs,
-                              "batch": args.batch, "device": device})
+    import dataclasses
+
+    results = dataclasses.replace(results, config={
+        **results.config, "weights": args.weights, "inputs_file": args.inputs,
+        "batch": args.batch, "device": device})
     paths = None if args.no_report else _write(args, results)
     _emit(args, results, paths)
     return 0
@@ -286,8 +282,8 @@ def _cmd_replot(args) -> int:
     from .report import load_results, write_report
     from .report.write import check_writable
 
-    results = load_results(args.results)
-    check_writable(args.out, overwrite=args.overwrite, command=results["command"])
+    results = load_results(args.results)  # validated against the schema, or refused
+    check_writable(args.out, overwrite=args.overwrite, command=results.command)
     # drawn in memory first: a file that cannot be drawn writes nothing and names itself
     paths = write_report(results, args.out, overwrite=args.overwrite, source=args.results)
     if args.json:
@@ -353,8 +349,10 @@ def _heatmap_file_names(layers: list[str]) -> dict[str, str]:
 
 
 def _cmd_experiment(args) -> int:
+    from .codec import dumps, encode_value
     from .experiments import ExperimentConfig, run_experiment
     from .results import format_table
+    from .study_results import EXPERIMENT_HEADERS, experiment_result
 
     device = _resolve_device(args.device)
     _check_out(args)
@@ -367,25 +365,19 @@ def _cmd_experiment(args) -> int:
                          for k, v in cfg.__dict__.items()})
     progress = Progress(20 * len(cfg.variants), not args.quiet)
     try:
-        results = run_experiment(cfg, progress=progress)
+        results = experiment_result(run_experiment(cfg, progress=progress))
     finally:
         progress.close()
     paths = None if args.no_report else _write(args, results)
     if args.json:
-        print(json.dumps({"command": "experiment", "config": results["config"],
-                          "baseline": results["baseline"], "table": results["table"],
-                          "files": paths or {}, "seconds": results["seconds"]}, indent=1,
-                         allow_nan=False))
+        print(dumps({"command": "experiment", "config": encode_value(results.config),
+                     "baseline": results.baseline,
+                     "table": encode_value(results.display_table()),
+                     "files": paths or {}, "seconds": results.seconds}))
     else:
         _say(args, f"\n{args.task} task, T={args.T}: memoryless baseline "
-                   f"{results['baseline']:.6f}; {results['seconds']:.0f} s")
-        _say(args, format_table([{k: (float(v) if isinstance(v, str) and v not in ("never",)
-                                      and k != "model" else v) for k, v in r.items()}
-                                 for r in results["table"]],
-                                {"model": "variant", "final_over_baseline": "final/baseline",
-                                 "beats_half_baseline_at": "step < 50% baseline",
-                                 "effective_memory_init": "eff. memory init",
-                                 "effective_memory_end": "eff. memory end"}))
+                   f"{results.baseline:.6f}; {results.seconds:.0f} s")
+        _say(args, format_table(results.display_table(), EXPERIMENT_HEADERS))
     return 0
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from .gates import chrono_init, gate_stats, init_forget_bias
 from .monitor import AlertPolicy, GradientMonitor
 from .profile import gradient_profile
-from .results import json_number
+from .codec import encode_float
 from .tasks import make_task
 
 VARIANTS = {
@@ -155,9 +155,9 @@ def train_variant(name: str, cfg: ExperimentConfig, *, progress: Callable = None
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             clipped += int(norm > cfg.clip)
             opt.step()
-            curve.append(json_number(loss.item()))
+            curve.append(encode_float(loss.item()))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                eval_curve.append([step + 1, json_number(_evaluate(model, cls, eval_batches))])
+                eval_curve.append([step + 1, encode_float(_evaluate(model, cls, eval_batches))])
             if progress is not None and (step + 1) % max(cfg.steps // 20, 1) == 0:
                 progress(f"{name}: step {step + 1}/{cfg.steps}")
         history = list(mon.history)
@@ -202,7 +202,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: Callable = None) -> dict:
     return {"command": "experiment", "config": {**cfg.__dict__, "variants": list(cfg.variants),
                                                  "sequence_length": task.length},
             "versions": versions(), "baseline": task.baseline, "variants": variants,
-            "table": [{k: (json_number(v) if isinstance(v, float) else v) for k, v in r.items()}
+            "table": [{k: (encode_float(v) if isinstance(v, float) else v) for k, v in r.items()}
                       for r in table],
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -42,8 +42,8 @@ from .options import Keep, Loss, Method, State
 from .profile import per_sample_loss
 from .recurrent import describe, is_recurrent
 from .replay import Trace, replay
-from .results import (CellJacobians, StateGradientLayer, StateGradients, StepJacobians,
-                      highway_energy_share, spectral_norm)
+from .results import (CellJacobians, LyapunovSpectrum, StateGradientLayer, StateGradients,
+                      StepJacobians, highway_energy_share, spectral_norm)
 from .span_sweep import span_jacobians
 
 CHUNK = 16  # default chunk_size: steps of one-step Jacobians built at once, memory O(chunk·B·N²)
@@ -523,7 +523,8 @@ def _finish_cell_jacobians(rec: _Recurrence, total, spectral, frob, direct, shar
         ints={"layer": 0, "direction": 0, "k": 1, "warmup": 0, "chunk_size": 1})
 def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer: int = 0,
                       direction: int = 0, k: int | None = None, warmup: int = 0,
-                      method: Method = "auto", chunk_size: int | None = None) -> torch.Tensor:
+                      method: Method = "auto", chunk_size: int | None = None
+                      ) -> LyapunovSpectrum:
     """The k largest Lyapunov exponents of the state recurrence along the input-driven
     trajectory, by the QR method on the one-step Jacobians.
 
@@ -540,7 +541,8 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     are built at once; the exponents agree whatever its value (to rounding).
 
     Returns:
-        (B, k) float64, sorted descending per sample ((k,) for unbatched inputs).
+        `LyapunovSpectrum` whose `.exponents` is (B, k) float64, sorted descending per sample
+        ((k,) for unbatched inputs).
     """
     spec = module.spec if isinstance(module, Trace) else (
         None if _is_custom_cell(module) else describe(module))
@@ -582,7 +584,8 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     exps = exps.masked_fill(bad.unsqueeze(1), math.nan)
     exps = exps.sort(dim=-1, descending=True).values
     _warn_nonfinite("lyapunov_spectrum", bad)
-    return exps[0] if rec.unbatched else exps
+    return LyapunovSpectrum(exps[0] if rec.unbatched else exps, layer=layer,
+                            direction=direction, warmup=warmup, state_size=N)
 
 
 @public("state_gradients", grad=True, module=True)

@@ -67,6 +67,12 @@ class Trace:
         """True when the inputs were a PackedSequence."""
         return self.lengths is not None
 
+    def __repr__(self) -> str:  # one line: never the tensors themselves
+        h = self.layers[0][0].h  # (B, T, H_out)
+        return (f"Trace(kind={self.kind!r}, layers={len(self.layers)}, "
+                f"directions={len(self.layers[0])}, B={h.shape[0]}, T={h.shape[1]}, "
+                f"H_out={h.shape[2]}, packed={self.packed}, unbatched={self.unbatched})")
+
 
 def _run_layer(spec: RecurrentSpec, layer: int, direction: int, x, h0, c0,
                lengths=None) -> LayerTrace:

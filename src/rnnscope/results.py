@@ -1,42 +1,110 @@
-"""Frozen result objects: detached CPU tensors (float64 for norms), `.to_dict()`, `.plot()`.
+"""Frozen result objects: detached CPU tensors (float64 for norms), `.to_dict()`,
+`.from_dict()`, `.plot()`.
 
 Computing never imports matplotlib: `.plot()` defers to `rnnscope.plotting`, imported lazily.
-JSON-safety: non-finite floats are written as the strings "nan", "inf", "-inf" (strict JSON has
-no such numbers) and read back by `json_number`.
+JSON exists only at the edges and goes through `rnnscope.codec` (non-finite floats, tensors,
+validation); `from_dict(to_dict(r)) == r` holds exactly for every result, NaN for NaN.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .codec import Fields, encode_float, encode_tensor, encode_value
+
+F64, I64, BOOL = torch.float64, torch.int64, torch.bool
+
 
 def json_number(v):
-    """A float for JSON: finite floats as they are, non-finite ones as 'nan'/'inf'/'-inf'."""
-    if isinstance(v, str):
-        return float(v)
-    v = float(v)
-    if math.isfinite(v):
-        return v
-    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    """Transitional alias (the monitor and modern/sensitivity still call it): a float to its
+    JSON form, a JSON token back to a float. New code uses `rnnscope.codec`."""
+    from .codec import decode_float
+
+    return decode_float(v, "value") if isinstance(v, str) else encode_float(v)
 
 
-def json_list(t: torch.Tensor) -> list:
-    """Nested list of JSON numbers from a tensor."""
-    if t.dim() == 0:
-        return json_number(t.item())
-    return [json_list(row) if row.dim() else json_number(row.item()) for row in t]
+def json_list(t: torch.Tensor):
+    """Transitional alias of `codec.encode_tensor` (a bare nested list whatever the dtype)."""
+    return encode_tensor(t, default=t.dtype)
 
 
-def from_json_list(values) -> torch.Tensor:
-    """Inverse of json_list, as a float64 tensor."""
+def same_value(a, b) -> bool:
+    """Exact equality of result fields: tensors by dtype, shape and values (NaN equals NaN,
+    -0.0 equals 0.0), floats likewise, containers element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.is_floating_point():
+            return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return torch.equal(a, b)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_value, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, Result) and isinstance(b, Result):
+        return a == b
+    return type(a) is type(b) and a == b
 
-    def conv(v):
-        return [conv(x) for x in v] if isinstance(v, list) else float(v)
 
-    return torch.tensor(conv(values), dtype=torch.float64)
+def _describe(v) -> str:
+    """A field's value in a repr: tensors by dtype and shape, never their values."""
+    if isinstance(v, torch.Tensor):
+        return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return f"{{{len(v)} entries}}"
+    if isinstance(v, (tuple, list)):
+        return f"[{len(v)} items]"
+    if isinstance(v, Result):
+        return type(v).__name__
+    return repr(v)
+
+
+class Result:
+    """Shared behaviour of result objects: exact `==`, a short repr (class name, shapes and
+    a few headline numbers, never whole tensors) and a notebook `_repr_html_`."""
+
+    __hash__ = None  # mutable-by-content tensors inside: not hashable
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(same_value(getattr(self, f.name), getattr(other, f.name))
+                   for f in dataclasses.fields(self))
+
+    def _headline(self) -> dict:
+        """A few numbers that say what the result found (overridden per class)."""
+        return {}
+
+    def _repr_fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "config" and getattr(self, f.name) is not None}
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={_describe(v)}" for k, v in self._repr_fields().items()]
+        parts += [f"{k}={_describe(v)}" for k, v in self._headline().items()]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _repr_html_(self) -> str:
+        """A small table of the fields and headline numbers, and the main figure inline as a
+        PNG when matplotlib is installed (imported only here)."""
+        from .markup import html_table, inline_figure
+
+        rows = {k: _describe(v) for k, v in self._repr_fields().items()}
+        rows.update({k: _describe(v) for k, v in self._headline().items()})
+        out = html_table(type(self).__name__, rows)
+        if hasattr(self, "plot"):
+            out += inline_figure(self.plot)
+        return out
 
 
 def spectral_norm(x: torch.Tensor) -> torch.Tensor:
@@ -146,8 +214,8 @@ def effective_memory(norms, threshold: float = 0.01) -> int:
     return int((n / top > threshold).sum())
 
 
-@dataclass(frozen=True)
-class GradientProfile:
+@dataclass(frozen=True, eq=False, repr=False)
+class GradientProfile(Result):
     """Per-sample, per-timestep input-gradient norms ‖∂L_s/∂x_{s,t}‖.
 
     Attributes:
@@ -271,23 +339,32 @@ class GradientProfile:
                 "seq_len": int(self.per_sample.shape[1]),
                 "nonfinite_grads": self.nonfinite_grads}
 
+    def _headline(self) -> dict:
+        return {"decay_rate": self.decay_rate(), "half_life": self.half_life(),
+                "effective_memory": self.effective_memory()}
+
     def to_dict(self) -> dict:
+        """JSON-safe fields; `norms`, `by_distance` and the summary numbers are written for a
+        reader of the file and recomputed, not read, by `from_dict`."""
         s = self.summary()
-        return {"loss": self.loss, "config": dict(self.config), "site": self.site,
-                "lengths": None if self.lengths is None else self.lengths.tolist(),
-                "per_sample": json_list(self.per_sample), "norms": json_list(self.norms),
-                "by_distance": json_list(self.by_distance()),
+        return {"per_sample": encode_tensor(self.per_sample), "loss": self.loss,
                 "nonfinite_inputs": self.nonfinite_inputs,
-                "nonfinite_grads": self.nonfinite_grads,
-                **{k: (json_number(v) if isinstance(v, float) else v) for k, v in s.items()}}
+                "nonfinite_grads": self.nonfinite_grads, "config": encode_value(self.config),
+                "lengths": None if self.lengths is None else encode_tensor(self.lengths),
+                "site": self.site,
+                "norms": encode_tensor(self.norms),
+                "by_distance": encode_tensor(self.by_distance()),
+                **{k: encode_value(v) for k, v in s.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GradientProfile":
-        lengths = d.get("lengths")
-        return cls(from_json_list(d["per_sample"]), d["loss"], d["nonfinite_inputs"],
-                   d["nonfinite_grads"], dict(d.get("config", {})),
-                   lengths=None if lengths is None else torch.tensor(lengths, dtype=torch.int64),
-                   site=d.get("site", "input"))
+    def from_dict(cls, d, where: str = "GradientProfile") -> "GradientProfile":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        per_sample = f.tensor("per_sample", F64, 2)
+        lengths = f.tensor("lengths", I64, 1, optional=True)
+        _check_lengths(f, lengths, per_sample.shape[0], per_sample.shape[1])
+        return cls(per_sample, f.str("loss"), f.int("nonfinite_inputs", low=0),
+                   f.int("nonfinite_grads", low=0), f.plain("config"), lengths,
+                   f.str("site"))
 
     def plot(self, ax=None, log: bool = False, label: str | None = None):
         """Mean norm vs distance from the output step (± 1 std band). Returns the figure."""
@@ -296,8 +373,8 @@ class GradientProfile:
         return plotting.plot_profiles({label or "model": self}, ax=ax, log=log)
 
 
-@dataclass(frozen=True)
-class LagProfile:
+@dataclass(frozen=True, eq=False, repr=False)
+class LagProfile(Result):
     """Lag-resolved gradient flow: per-sample norms ‖∂ℓ_t/∂x_s‖ for loss positions t.
 
     Attributes:
@@ -366,30 +443,35 @@ class LagProfile:
                 "max_lag": int(self.positions.max()),
                 "nonfinite": self.nonfinite}
 
-    def __repr__(self) -> str:
-        S, P, T = self.per_sample.shape
+    def _headline(self) -> dict:
         s = self.summary()
-        return (f"LagProfile(site={self.site!r}, samples={S}, positions={P}, T={T}, "
-                f"decay_rate={s['decay_rate']:.4g}, half_life={s['half_life']:.4g}, "
-                f"effective_memory={s['effective_memory']})")
+        return {k: s[k] for k in ("decay_rate", "half_life", "effective_memory")}
 
     def to_dict(self) -> dict:
+        """JSON-safe fields; `by_lag` and the summary numbers are written for a reader of the
+        file and recomputed, not read, by `from_dict`."""
         s = self.summary()
-        return {"site": self.site, "config": dict(self.config),
-                "positions": self.positions.tolist(),
-                "lengths": None if self.lengths is None else self.lengths.tolist(),
-                "per_sample": json_list(self.per_sample), "by_lag": json_list(self.by_lag()),
-                "nonfinite": self.nonfinite,
-                **{k: (json_number(v) if isinstance(v, float) else v) for k, v in s.items()}}
+        return {"per_sample": encode_tensor(self.per_sample),
+                "positions": encode_tensor(self.positions),
+                "lengths": None if self.lengths is None else encode_tensor(self.lengths),
+                "site": self.site, "nonfinite": self.nonfinite,
+                "config": encode_value(self.config),
+                "by_lag": encode_tensor(self.by_lag()),
+                **{k: encode_value(v) for k, v in s.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LagProfile":
-        lengths = d.get("lengths")
-        return cls(from_json_list(d["per_sample"]), torch.tensor(d["positions"],
-                                                                 dtype=torch.int64),
-                   lengths=None if lengths is None else torch.tensor(lengths, dtype=torch.int64),
-                   site=d.get("site", "input"), nonfinite=d.get("nonfinite", 0),
-                   config=dict(d.get("config", {})))
+    def from_dict(cls, d, where: str = "LagProfile") -> "LagProfile":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        per_sample = f.tensor("per_sample", F64, 3)
+        positions = f.tensor("positions", I64, 1)
+        S, P, T = per_sample.shape
+        if positions.shape != (P,) or P == 0 or int(positions.min()) < 0 \
+                or int(positions.max()) >= T:
+            raise _shape_error(f, "positions", f"{P} steps in [0, {T})", positions)
+        lengths = f.tensor("lengths", I64, 1, optional=True)
+        _check_lengths(f, lengths, S, T)
+        return cls(per_sample, positions, lengths, f.str("site"), f.int("nonfinite", low=0),
+                   f.plain("config"))
 
     def plot(self, ax=None, log: bool = True, label: str | None = None):
         """Mean ‖∂ℓ_t/∂x_{t−k}‖ against lag k. Returns the figure."""
@@ -398,36 +480,41 @@ class LagProfile:
         return plotting.plot_lag_profile({label or self.site: self}, ax=ax, log=log)
 
 
-@dataclass(frozen=True)
-class Comparison:
+SUMMARY_HEADERS = {"model": "model", "decay_ratio": "decay ratio (first/last)",
+                   "decay_rate": "decay rate per step", "half_life": "half-life (steps)",
+                   "effective_memory": "effective memory (steps)"}
+"""The summary table's columns and their headers: the terminal, --json and report.html."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Comparison(Result):
     """Gradient profiles of several models measured on the same inputs."""
 
     profiles: dict[str, GradientProfile]
 
     def table(self, threshold: float = 0.01) -> list[dict]:
-        """Rows: model, decay_ratio, decay_rate, half_life, effective_memory."""
+        """Rows: model, decay_ratio, decay_rate, half_life, effective_memory (SUMMARY_HEADERS)."""
         rows = []
         for name, p in self.profiles.items():
             s = p.summary(threshold)
-            rows.append({"model": name, "decay_ratio": s["decay_ratio"],
-                         "decay_rate": s["decay_rate"], "half_life": s["half_life"],
-                         "effective_memory": s["effective_memory"]})
+            rows.append({"model": name, **{k: s[k] for k in SUMMARY_HEADERS if k != "model"}})
         return rows
 
     def __str__(self) -> str:
-        return format_table(self.table(), {
-            "model": "model", "decay_ratio": "decay ratio (first/last)",
-            "decay_rate": "decay rate /step", "half_life": "half-life (steps)",
-            "effective_memory": "effective memory"})
+        return format_table(self.table(), SUMMARY_HEADERS)
+
+    def _headline(self) -> dict:
+        return {f"{name}.half_life": p.half_life() for name, p in self.profiles.items()}
 
     def to_dict(self) -> dict:
+        """The profiles; `table` is written for a reader of the file, not read back."""
         return {"profiles": {k: p.to_dict() for k, p in self.profiles.items()},
-                "table": [{k: (json_number(v) if isinstance(v, float) else v)
-                           for k, v in row.items()} for row in self.table()]}
+                "table": encode_value(self.table())}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Comparison":
-        return cls({k: GradientProfile.from_dict(v) for k, v in d["profiles"].items()})
+    def from_dict(cls, d, where: str = "Comparison") -> "Comparison":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        return cls({k: GradientProfile.from_dict(v) for k, v in f.mapping("profiles").items()})
 
     def plot(self, log: bool | None = None, axes=None):
         """The classic analysis's gradient-decay figure done right: linear and log panels, x =
@@ -438,6 +525,25 @@ class Comparison:
         from . import plotting
 
         return plotting.plot_comparison(self.profiles, log=log, axes=axes)
+
+
+def _shape_error(f: Fields, key: str, expected: str, got: torch.Tensor):
+    from .codec import SchemaError
+
+    return SchemaError(f"{f.at(key)} must be {expected}; got shape {tuple(got.shape)}")
+
+
+def _check_lengths(f: Fields, lengths, S: int, T: int) -> None:
+    """(S,) sequence lengths, each in [1, T], or None."""
+    from .codec import SchemaError
+
+    if lengths is None:
+        return
+    if lengths.shape != (S,):
+        raise _shape_error(f, "lengths", f"({S},)", lengths)
+    if S and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise SchemaError(f"{f.at('lengths')} must hold lengths in [1, {T}]; got "
+                          f"{int(lengths.min())}..{int(lengths.max())}")
 
 
 def format_number(v) -> str:
@@ -468,8 +574,8 @@ def format_table(rows: list[dict], headers: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class GateLayerStats:
+@dataclass(frozen=True, eq=False, repr=False)
+class GateLayerStats(Result):
     """Statistics of the retain gate (LSTM forget f, GRU retain z) of one layer and direction.
 
     Attributes:
@@ -493,27 +599,57 @@ class GateLayerStats:
     memory_time: torch.Tensor
     nonfinite: int = 0
 
+    def _headline(self) -> dict:
+        return {"median_memory_time": float(self.memory_time.median())}
+
+    def _repr_fields(self) -> dict:
+        return {"layer": self.layer, "direction": self.direction, "gate": self.gate,
+                "mean": self.mean, "unit_mean": self.unit_mean}
+
     def to_dict(self) -> dict:
         return {"layer": self.layer, "direction": self.direction, "gate": self.gate,
-                "mean": json_number(self.mean),
-                "quantiles": {str(k): json_number(v) for k, v in self.quantiles.items()},
-                "hist": json_list(self.hist), "edges": json_list(self.edges),
-                "saturation": {k: json_number(v) for k, v in self.saturation.items()},
-                "unit_mean": json_list(self.unit_mean),
-                "memory_time": json_list(self.memory_time), "nonfinite": self.nonfinite}
+                "mean": encode_float(self.mean),
+                "quantiles": {repr(float(k)): encode_float(v) for k, v in self.quantiles.items()},
+                "hist": encode_tensor(self.hist), "edges": encode_tensor(self.edges),
+                "saturation": {k: encode_float(v) for k, v in self.saturation.items()},
+                "unit_mean": encode_tensor(self.unit_mean),
+                "memory_time": encode_tensor(self.memory_time), "nonfinite": self.nonfinite}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GateLayerStats":
-        return cls(d["layer"], d["direction"], d["gate"], json_number(d["mean"]),
-                   {float(k): float(v) for k, v in d["quantiles"].items()},
-                   from_json_list(d["hist"]), from_json_list(d["edges"]),
-                   {k: float(v) for k, v in d["saturation"].items()},
-                   from_json_list(d["unit_mean"]), from_json_list(d["memory_time"]),
-                   d.get("nonfinite", 0))
+    def from_dict(cls, d, where: str = "GateLayerStats") -> "GateLayerStats":
+        from .codec import SchemaError, decode_float
+
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        q = f.obj("quantiles")
+        quantiles = {}
+        for k, v in q.d.items():
+            try:
+                key = float(k)
+            except ValueError:
+                raise SchemaError(f"{q.where} keys must be quantile levels such as '0.5'; "
+                                  f"got {k[:40]!r}") from None
+            quantiles[key] = decode_float(v, q.at(k))
+        sat = f.obj("saturation")
+        saturation = {k: decode_float(v, sat.at(k)) for k, v in sat.d.items()}
+        for need, what in ((0.5, quantiles), ("<0.1", saturation), (">0.9", saturation),
+                           (">0.99", saturation)):
+            if need not in what:
+                owner = q if what is quantiles else sat
+                raise SchemaError(f"{owner.at(str(need))} is missing; expected a number")
+        hist, edges = f.tensor("hist", F64, 1), f.tensor("edges", F64, 1)
+        if edges.shape[0] != hist.shape[0] + 1:
+            raise _shape_error(f, "edges", f"{hist.shape[0] + 1} bin edges", edges)
+        unit_mean, memory_time = f.tensor("unit_mean", F64, 1), f.tensor("memory_time", F64, 1)
+        if memory_time.shape != unit_mean.shape or memory_time.numel() == 0:
+            raise _shape_error(f, "memory_time", f"one value per unit ({unit_mean.shape[0]})",
+                               memory_time)
+        return cls(f.int("layer", low=0), f.int("direction", low=0), f.str("gate"),
+                   f.float("mean"), quantiles, hist, edges, saturation, unit_mean, memory_time,
+                   f.int("nonfinite", low=0))
 
 
-@dataclass(frozen=True)
-class GateStats:
+@dataclass(frozen=True, eq=False, repr=False)
+class GateStats(Result):
     """Retain-gate statistics for every layer and direction of a module."""
 
     kind: str
@@ -528,12 +664,17 @@ class GateStats:
                                    "lt01": "<0.1", "gt09": ">0.9", "gt099": ">0.99",
                                    "tau": "median memory time"})
 
+    def _headline(self) -> dict:
+        return {f"l{s.layer}d{s.direction}.mean_{s.gate}": s.mean for s in self.layers[:3]}
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layers": [s.to_dict() for s in self.layers]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GateStats":
-        return cls(d["kind"], tuple(GateLayerStats.from_dict(x) for x in d["layers"]))
+    def from_dict(cls, d, where: str = "GateStats") -> "GateStats":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        return cls(f.str("kind"), tuple(GateLayerStats.from_dict(x)
+                                        for x in f.objects("layers")))
 
     def plot(self, axes=None, label: str = ""):
         """Gate-value histograms and memory-time distributions. Returns the figure."""
@@ -542,8 +683,8 @@ class GateStats:
         return plotting.plot_gate_stats(self, axes=axes, label=label)
 
 
-@dataclass(frozen=True)
-class DecayTable:
+@dataclass(frozen=True, eq=False, repr=False)
+class DecayTable(Result):
     """The classic analysis's gradient-decay table: f^L for each forget value f and length L.
 
     rows: dicts with forget, length, factor = f**L (exact, in float64) and memory_time
@@ -556,13 +697,23 @@ class DecayTable:
         return format_table(list(self.rows), {"forget": "forget f", "length": "length L",
                                               "factor": "f^L", "memory_time": "1/(1-f)"})
 
+    def _repr_fields(self) -> dict:
+        return {"rows": self.rows}
+
     def to_dict(self) -> dict:
-        return {"rows": [{k: (json_number(v) if isinstance(v, float) else v)
-                          for k, v in r.items()} for r in self.rows]}
+        return {"rows": [{k: encode_value(v) for k, v in r.items()} for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "DecayTable") -> "DecayTable":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        rows = tuple({"forget": r.float("forget"), "length": r.int("length", low=0),
+                      "factor": r.float("factor"), "memory_time": r.float("memory_time")}
+                     for r in f.objects("rows"))
+        return cls(rows)
 
 
-@dataclass(frozen=True)
-class StateGradientLayer:
+@dataclass(frozen=True, eq=False, repr=False)
+class StateGradientLayer(Result):
     """Total state gradients of one layer and direction, in input-position order.
 
     h: (B, T) ‖∂L/∂h_t‖; c: (B, T) ‖∂L/∂c_t‖ (LSTM) or None; h_full (B, T, H_out) and c_full
@@ -575,21 +726,55 @@ class StateGradientLayer:
     c_full: torch.Tensor | None = None
     nonfinite: int = 0
 
+    def _headline(self) -> dict:
+        return {"mean_h_first": float(self.h[:, 0].mean()),
+                "mean_h_last": float(self.h[:, -1].mean())} if self.h.numel() else {}
+
     def to_dict(self) -> dict:
-        return {"h": json_list(self.h), "c": json_list(self.c) if self.c is not None else None,
-                "nonfinite": self.nonfinite}
+        opt = lambda t: None if t is None else encode_tensor(t)  # noqa: E731
+        return {"h": encode_tensor(self.h), "c": opt(self.c), "h_full": opt(self.h_full),
+                "c_full": opt(self.c_full), "nonfinite": self.nonfinite}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "StateGradientLayer") -> "StateGradientLayer":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        h = f.tensor("h", F64, 2)
+        c = f.tensor("c", F64, 2, optional=True)
+        if c is not None and c.shape != h.shape:
+            raise _shape_error(f, "c", f"shaped like h {tuple(h.shape)}", c)
+        return cls(h, c, f.tensor("h_full", F64, 3, optional=True),
+                   f.tensor("c_full", F64, 3, optional=True), f.int("nonfinite", low=0))
 
 
-@dataclass(frozen=True)
-class StateGradients:
+@dataclass(frozen=True, eq=False, repr=False)
+class StateGradients(Result):
     """layers[l][d]: `StateGradientLayer` for layer l, direction d."""
 
     layers: tuple[tuple[StateGradientLayer, ...], ...]
     loss: str = "last"
 
+    def _repr_fields(self) -> dict:
+        first = self.layers[0][0] if self.layers and self.layers[0] else None
+        return {"loss": self.loss, "layers": len(self.layers),
+                "directions": len(self.layers[0]) if self.layers else 0,
+                **({"h": first.h} if first is not None else {})}
+
     def to_dict(self) -> dict:
         return {"loss": self.loss,
                 "layers": [[d.to_dict() for d in dirs] for dirs in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "StateGradients") -> "StateGradients":
+        from .codec import SchemaError
+
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        layers = []
+        for i, dirs in enumerate(f.list("layers")):
+            if not isinstance(dirs, list):
+                raise SchemaError(f"{f.at('layers')}[{i}] must be a list of directions")
+            layers.append(tuple(StateGradientLayer.from_dict(x, f"{f.at('layers')}[{i}][{j}]")
+                                for j, x in enumerate(dirs)))
+        return cls(tuple(layers), f.str("loss"))
 
     def plot(self, ax=None, log: bool = True):
         from . import plotting
@@ -597,8 +782,8 @@ class StateGradients:
         return plotting.plot_state_gradients(self, ax=ax, log=log)
 
 
-@dataclass(frozen=True)
-class StepJacobians:
+@dataclass(frozen=True, eq=False, repr=False)
+class StepJacobians(Result):
     """One-step Jacobians ∂s_n/∂s_{n−1} for processing steps n = 0..T−1.
 
     Attributes:
@@ -662,6 +847,59 @@ class StepJacobians:
         out["nonfinite_samples"] = 0 if self.nonfinite is None else int(self.nonfinite.sum())
         return out
 
+    def _repr_fields(self) -> dict:
+        return {k: v for k, v in super()._repr_fields().items() if k != "positions"}
+
+    def to_dict(self) -> dict:
+        return _jacobian_fields_to_dict(self, ("direct", "indirect", "indirect_spectral"))
+
+    @classmethod
+    def from_dict(cls, d, where: str = "StepJacobians") -> "StepJacobians":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        common = _jacobian_common(f)
+        B, T = common.pop("_BT")
+        direct = f.tensor("direct", F64, 3, optional=True)
+        indirect = f.tensor("indirect", F64, 4, optional=True)
+        spec = f.tensor("indirect_spectral", F64, 2, optional=True)
+        _check_lead(f, "direct", direct, B, T)
+        _check_lead(f, "indirect", indirect, B, T)
+        _check_lead(f, "indirect_spectral", spec, B, T)
+        return cls(direct, indirect, indirect_spectral=spec, **common)
+
+
+def _jacobian_fields_to_dict(r, tensors: tuple) -> dict:
+    """The fields StepJacobians, CellJacobians and JacobianNorms share, plus `tensors`."""
+    opt = lambda t: None if t is None else encode_tensor(t)  # noqa: E731
+    return {"state": r.state, "kind": r.kind, "layer": r.layer, "direction": r.direction,
+            "positions": encode_tensor(r.positions), "valid": opt(r.valid),
+            "nonfinite": opt(r.nonfinite), **{k: opt(getattr(r, k)) for k in tensors}}
+
+
+def _jacobian_common(f: Fields) -> dict:
+    """state, kind, layer, direction, positions, valid, nonfinite, checked against each other;
+    "_BT" is (B, T) when `valid` or `nonfinite` tells B (else B is None)."""
+    positions = f.tensor("positions", I64, 1)
+    T = positions.shape[0]
+    valid = f.tensor("valid", BOOL, 2, optional=True)
+    nonfinite = f.tensor("nonfinite", BOOL, 1, optional=True)
+    B = valid.shape[0] if valid is not None else (
+        nonfinite.shape[0] if nonfinite is not None else None)
+    if valid is not None and valid.shape[1] != T:
+        raise _shape_error(f, "valid", f"(B, T={T})", valid)
+    if nonfinite is not None and nonfinite.shape != (B,):
+        raise _shape_error(f, "nonfinite", f"({B},)", nonfinite)
+    return {"state": f.str("state"), "kind": f.str("kind"), "layer": f.int("layer", low=0),
+            "direction": f.int("direction", low=0), "positions": positions, "valid": valid,
+            "nonfinite": nonfinite, "_BT": (B, T)}
+
+
+def _check_lead(f: Fields, key: str, t, B, T) -> None:
+    """t's leading (B, T) dims agree with the other fields (B None: any)."""
+    if t is None:
+        return
+    if t.shape[1] != T or (B is not None and t.shape[0] != B):
+        raise _shape_error(f, key, f"(B={B if B is not None else 'B'}, T={T}, ...)", t)
+
 
 def masked_batch_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(T,) mean over dim 0 of (B, T) values where `mask`; nan where no entry is counted."""
@@ -670,8 +908,8 @@ def masked_batch_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
 
 
-@dataclass(frozen=True)
-class CellJacobians:
+@dataclass(frozen=True, eq=False, repr=False)
+class CellJacobians(Result):
     """J[b, n] = ∂s_{end}/∂s_n, n = 0..T−1 in processing order, with `end` the last step of
     sample b's recurrence (T−1, or its own last step for a packed sequence; J = I there).
 
@@ -733,29 +971,41 @@ class CellJacobians:
         return jacobian_curves(self.spectral, d.mean(-1), d.amax(-1), self.share,
                                valid=self.valid, nonfinite=self.nonfinite)
 
-    @staticmethod
-    def curves_from_dict(d: dict) -> dict:
-        """`by_distance()` rebuilt from `to_dict()` output (for re-plotting saved results)."""
-        get = lambda k: from_json_list(d[k]) if d.get(k) is not None else None  # noqa: E731
-        valid = torch.tensor(d["valid"], dtype=torch.bool) if d.get("valid") is not None else None
-        bad = d.get("nonfinite")
-        bad = torch.tensor(bad, dtype=torch.bool) if isinstance(bad, list) else None
-        return jacobian_curves(get("spectral"), get("direct_mean"), get("direct_max"),
-                               get("share"), valid=valid, nonfinite=bad)
+    def norms(self) -> "JacobianNorms":
+        """The per-sample norms and highway summaries alone (what a report draws), without
+        the (B, T, N, N) and (B, T, N) tensors."""
+        d = None if self.direct is None else self.direct.abs()
+        return JacobianNorms(
+            spectral=self.spectral, frobenius=self.frobenius,
+            direct_mean=None if d is None else d.mean(-1).to(F64),
+            direct_max=None if d is None else d.amax(-1).to(F64), share=self.share,
+            state=self.state, kind=self.kind, layer=self.layer, direction=self.direction,
+            positions=self.positions, valid=self.valid, nonfinite=self.nonfinite)
+
+    def _headline(self) -> dict:
+        return _jacobian_headline(self.by_distance())
+
+    def _repr_fields(self) -> dict:
+        return {k: v for k, v in super()._repr_fields().items() if k != "positions"}
 
     def to_dict(self) -> dict:
-        B = self.spectral.shape[0]
-        bad = self.nonfinite if self.nonfinite is not None else torch.zeros(B, dtype=torch.bool)
-        return {"state": self.state, "kind": self.kind, "layer": self.layer,
-                "direction": self.direction, "positions": self.positions.tolist(),
-                "spectral": json_list(self.spectral), "frobenius": json_list(self.frobenius),
-                "direct_mean": (json_list(self.direct.abs().mean(-1))
-                                if self.direct is not None else None),
-                "direct_max": (json_list(self.direct.abs().amax(-1))
-                               if self.direct is not None else None),
-                "share": json_list(self.share) if self.share is not None else None,
-                "valid": self.valid.tolist() if self.valid is not None else None,
-                "nonfinite": bad.tolist(), "nonfinite_samples": self.nonfinite_samples}
+        return _jacobian_fields_to_dict(self, ("total", "direct", "spectral", "frobenius",
+                                               "share"))
+
+    @classmethod
+    def from_dict(cls, d, where: str = "CellJacobians") -> "CellJacobians":
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        common = _jacobian_common(f)
+        B, T = common.pop("_BT")
+        spectral = f.tensor("spectral", F64, 2)
+        B = spectral.shape[0] if B is None else B
+        out = {"spectral": spectral, "frobenius": f.tensor("frobenius", F64, 2),
+               "share": f.tensor("share", F64, 2, optional=True),
+               "total": f.tensor("total", F64, 4, optional=True),
+               "direct": f.tensor("direct", F64, 3, optional=True)}
+        for k, t in out.items():
+            _check_lead(f, k, t, B, T)
+        return cls(**out, **common)
 
     def plot(self, ax=None):
         from . import plotting
@@ -796,3 +1046,154 @@ def jacobian_curves(spectral, direct_mean=None, direct_max=None, share=None, *, 
     out["samples"] = B
     out["nonfinite_samples"] = int((~keep).sum())
     return out
+
+
+def _jacobian_headline(curves: dict) -> dict:
+    """‖J‖₂ one step back and at the farthest distance, and the highway share one step back."""
+    spec = curves["spectral"]
+    out = {}
+    if spec.numel() > 1:
+        out["spectral_k1"] = float(spec[1])
+    if spec.numel():
+        out[f"spectral_k{spec.numel() - 1}"] = float(spec[-1])
+    if "share" in curves and curves["share"].numel() > 1:
+        out["share_k1"] = float(curves["share"][1])
+    return out
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class JacobianNorms(Result):
+    """What a report keeps of `CellJacobians`: per-sample norms of J[b, n] = ∂s_end/∂s_n and
+    the highway's summaries, without the matrices (`CellJacobians.norms()`).
+
+    Attributes:
+        spectral, frobenius: (B, T) float64 ‖J‖₂ and ‖J‖_F in processing order.
+        direct_mean, direct_max: (B, T) float64 mean and largest |highway| over units, or None
+            without a highway.
+        share: (B, T) float64 highway energy share, or None.
+        state, kind, layer, direction, positions, valid, nonfinite: as in `CellJacobians`.
+    """
+
+    spectral: torch.Tensor
+    frobenius: torch.Tensor
+    direct_mean: torch.Tensor | None
+    direct_max: torch.Tensor | None
+    share: torch.Tensor | None
+    state: str
+    kind: str
+    layer: int
+    direction: int
+    positions: torch.Tensor
+    valid: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+
+    def by_distance(self) -> dict:
+        """As `CellJacobians.by_distance`."""
+        if self.direct_mean is None:
+            return jacobian_curves(self.spectral, valid=self.valid, nonfinite=self.nonfinite)
+        return jacobian_curves(self.spectral, self.direct_mean, self.direct_max, self.share,
+                               valid=self.valid, nonfinite=self.nonfinite)
+
+    def _headline(self) -> dict:
+        return _jacobian_headline(self.by_distance())
+
+    def _repr_fields(self) -> dict:
+        return {k: v for k, v in super()._repr_fields().items() if k != "positions"}
+
+    def to_dict(self) -> dict:
+        return _jacobian_fields_to_dict(self, ("spectral", "frobenius", "direct_mean",
+                                               "direct_max", "share"))
+
+    @classmethod
+    def from_dict(cls, d, where: str = "JacobianNorms") -> "JacobianNorms":
+        from .codec import SchemaError
+
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        common = _jacobian_common(f)
+        B, T = common.pop("_BT")
+        spectral = f.tensor("spectral", F64, 2)
+        B = spectral.shape[0] if B is None else B
+        out = {"spectral": spectral, "frobenius": f.tensor("frobenius", F64, 2),
+               "direct_mean": f.tensor("direct_mean", F64, 2, optional=True),
+               "direct_max": f.tensor("direct_max", F64, 2, optional=True),
+               "share": f.tensor("share", F64, 2, optional=True)}
+        for k, t in out.items():
+            _check_lead(f, k, t, B, T)
+            if t is not None and t.shape != spectral.shape:
+                raise _shape_error(f, k, f"shaped like spectral {tuple(spectral.shape)}", t)
+        if T == 0 or B == 0:
+            raise SchemaError(f"{f.at('spectral')} must hold at least one sample and step")
+        highway = [out[k] is None for k in ("direct_mean", "direct_max", "share")]
+        if any(highway) and not all(highway):
+            raise SchemaError(f"{f.where}: direct_mean, direct_max and share must be given "
+                              "together (a highway) or all be null")
+        return cls(**out, **common)
+
+    def plot(self, ax=None, share_ax=None, label: str = "", color: str | None = None):
+        """Spectral norm (and the highway) against distance. Returns the figure."""
+        from . import plotting
+
+        if ax is None:
+            fig, (ax, share_ax) = plotting._new_axes(2)
+        plotting.plot_jacobian_curves(self.by_distance(), self.state, ax=ax, share_ax=share_ax,
+                                      label=label or self.kind, color=color)
+        return ax.figure
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LyapunovSpectrum(Result):
+    """The k largest Lyapunov exponents of a recurrence (natural log per step).
+
+    Attributes:
+        exponents: (B, k) float64 sorted descending per sample ((k,) for unbatched inputs);
+            a row of nan for a sample whose Jacobians were non-finite or that has no more
+            than `warmup` steps.
+        layer, direction: which recurrence.
+        warmup: steps evolved without being counted.
+        state_size: N, the size of the state the exponents describe.
+    """
+
+    exponents: torch.Tensor
+    layer: int = 0
+    direction: int = 0
+    warmup: int = 0
+    state_size: int = 0
+
+    @property
+    def k(self) -> int:
+        return int(self.exponents.shape[-1])
+
+    def largest(self) -> torch.Tensor:
+        """(B,) (or 0-d) the largest exponent of each sample."""
+        return self.exponents[..., 0]
+
+    def finite_samples(self) -> int:
+        """Samples whose exponents are finite (counted by `mean_largest`)."""
+        return int(torch.isfinite(self.exponents.reshape(-1, self.k)[:, 0]).sum())
+
+    def mean_largest(self) -> float:
+        """Mean largest exponent over the samples where it is finite (nan if none is)."""
+        top = self.exponents.reshape(-1, self.k)[:, 0]
+        ok = torch.isfinite(top)
+        return float(top[ok].mean()) if bool(ok.any()) else math.nan
+
+    def _headline(self) -> dict:
+        return {"mean_largest": self.mean_largest()}
+
+    def to_dict(self) -> dict:
+        return {"exponents": encode_tensor(self.exponents), "layer": self.layer,
+                "direction": self.direction, "warmup": self.warmup,
+                "state_size": self.state_size}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "LyapunovSpectrum") -> "LyapunovSpectrum":
+        from .codec import SchemaError
+
+        f = d if isinstance(d, Fields) else Fields(d, where)
+        v = f.d.get("exponents")
+        dim = 1 if isinstance(v, list) and (not v or not isinstance(v[0], list)) else 2
+        exps = f.tensor("exponents", F64, dim)
+        if exps.shape[-1] == 0:
+            raise SchemaError(f"{f.at('exponents')} must hold at least one exponent")
+        return cls(exps, f.int("layer", low=0), f.int("direction", low=0),
+                   f.int("warmup", low=0), f.int("state_size", low=0))

@@ -1,14 +1,14 @@
-"""End-to-end analyses behind the command line: each returns one JSON-safe results dict.
+"""End-to-end analyses behind the command line: each returns one typed `StudyResult`.
 
 Everything a report shows is computed here, through the same public functions a user calls
 (gradient_profile/compare, cell_jacobians, step_jacobians, lyapunov_spectrum, gate_stats,
-state_gradients, decay_table), and stored as plain numbers; figures and HTML are drawn from the
-dict alone, so a saved results.json re-plots to the same figures.
+state_gradients, decay_table), and kept as their result objects; figures and HTML are drawn
+from the `StudyResult` alone, and `StudyResult.from_dict` reads a saved results.json back into
+the same objects, so it re-plots to the same figures.
 """
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -28,7 +28,8 @@ from .site import (Capture, ModelCall, _as_leaf, capturing, model_call, recurren
                    unwrap_model)
 from .recurrent import RETAIN_GATE, describe, is_recurrent
 from .replay import replay
-from .results import Comparison, json_list, json_number
+from .results import Comparison
+from .study_results import LayerAnalysis, RecurrentAnalysis, Skipped, StepPaths, StudyResult
 from .theory import decay_table
 
 Progress = Callable[[str], None]
@@ -38,7 +39,7 @@ DECAY_LENGTHS = (100, 500, 1000)
 
 
 def versions() -> dict:
-    return {"rnnscope": __version__, "torch": torch.__version__,
+    return {"rnnscope": __version__, "torch": str(torch.__version__),
             "python": platform.python_version()}
 
 
@@ -46,27 +47,19 @@ def _noop(stage: str) -> None:
     pass
 
 
-def _step_paths(sj) -> dict:
-    s = sj.summary()
-    return {"direct_mean": json_list(s["direct_mean"]) if "direct_mean" in s else None,
-            "indirect_spectral": json_list(s["indirect_spectral"])}
-
-
 def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_samples: int,
-                       progress: Progress = _noop, name: str = "") -> dict:
+                       progress: Progress = _noop, name: str = "",
+                       calls: int | None = None) -> RecurrentAnalysis:
     """Per layer and direction: highway vs total Jacobians, one-step paths, largest Lyapunov
-    exponent, gate statistics, total state gradients. x and hx in the module's own layout."""
+    exponent, gate statistics, total state gradients. x and hx in the module's own layout;
+    `calls` (inspect) is how many forward calls x was joined from."""
     spec = describe(module)
     batch_dim = 0 if (spec.batch_first or spec.is_cell) else 1
     n = min(jac_samples, x.shape[batch_dim])
     xj = x.narrow(batch_dim, 0, n)  # Jacobians on the first n samples, same layout
     hj = narrow_state(hx, n)
     state = "c" if spec.kind == "lstm" else "h"
-    out = {"kind": spec.kind, "nonlinearity": spec.nonlinearity, "input_size": spec.input_size,
-           "hidden_size": spec.hidden_size, "proj_size": spec.proj_size,
-           "num_layers": spec.num_layers, "num_directions": spec.num_directions,
-           "state": state, "jacobian_samples": n,
-           "layers": []}
+    layers = []
     # One replay per purpose, shared by the analyses: a graph-free one of the Jacobian samples,
     # one with a graph of the whole batch (gates and state gradients).
     with torch.no_grad():
@@ -76,22 +69,21 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
             progress(f"{name} layer {layer} dir {d}: Jacobians")
             cj = cell_jacobians(tr_j, layer=layer, direction=d, state=state, keep="norms")
             sj = step_jacobians(tr_j, layer=layer, direction=d, state=state, keep="norms")
-            lyap = lyapunov_spectrum(tr_j, layer=layer, direction=d, k=1)[..., 0]
-            finite = torch.isfinite(lyap)  # a non-finite sample is reported, not averaged
-            out["layers"].append({"layer": layer, "direction": d,
-                                  "cell_jacobians": cj.to_dict(), "step_paths": _step_paths(sj),
-                                  "max_lyapunov": json_number(lyap[finite].mean().item()
-                                                              if finite.any() else math.nan),
-                                  "lyapunov_samples": int(finite.sum())})
+            # a non-finite sample's exponent is reported, not averaged (mean_largest)
+            lyap = lyapunov_spectrum(tr_j, layer=layer, direction=d, k=1)
+            layers.append(LayerAnalysis(layer, d, cj.norms(), StepPaths.of(sj), lyap))
     with torch.enable_grad():
         tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
+    gates = None
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
-        out["gates"] = gate_stats(tr).to_dict()
+        gates = gate_stats(tr)
     progress(f"{name}: state gradients")
     sg = state_gradients(tr)
-    out["state_gradients"] = sg.to_dict()
-    return out
+    return RecurrentAnalysis(spec.kind, spec.nonlinearity, spec.input_size, spec.hidden_size,
+                             spec.proj_size, spec.num_layers, spec.num_directions, state, n,
+                             tuple(layers), gates, sg,
+                             hx_given=None if calls is None else hx is not None, calls=calls)
 
 
 def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, num_layers,
@@ -129,7 +121,7 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
                   hidden_size: int = 128, input_size: int = 64, samples: int = 50,
                   num_layers: int = 1, forget_init: str = "default", seed: int = 0,
                   device: str = "cpu", jac_samples: int = 4,
-                  progress: Progress = _noop) -> dict:
+                  progress: Progress = _noop) -> StudyResult:
     """RNN vs LSTM vs GRU vs Transformer on the same seeded inputs."""
     t0 = time.perf_counter()
     config = {"models": list(models), "seq_len": seq_len, "hidden_size": hidden_size,
@@ -155,10 +147,8 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
             recurrent[name] = recurrent_analysis(m, x, jac_samples=jac_samples,
                                                  progress=progress, name=name)
     table = decay_table(DECAY_FORGET, DECAY_LENGTHS)
-    return {"command": "compare", "config": config, "versions": versions(),
-            "comparison": cmp.to_dict(), "recurrent": recurrent,
-            "decay_table": table.to_dict(),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return StudyResult("compare", config, versions(), cmp, recurrent, table,
+                       round(time.perf_counter() - t0, 3))
 
 
 def capture_recurrent_calls(call: ModelCall) -> dict:
@@ -225,7 +215,7 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
                   time_dim: int | None = None, seq_len: int = 100, samples: int = 16,
                   seed: int = 0, jac_samples: int = 4, label: str = "model", source: str = "",
                   input_size: int | None = None, lag_positions: int = 16,
-                  progress: Progress = _noop) -> dict:
+                  progress: Progress = _noop) -> StudyResult:
     """The same analysis for a user's model: its gradient profile (lag-resolved too when the
     loss is per step) and, for every recurrent submodule, per layer and direction, Jacobians,
     gates and state gradients on the inputs that submodule actually receives inside the model.
@@ -261,7 +251,7 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
                               loss=None if loss == "all" else loss, positions=lag_positions,
                               seed=seed)
         except ValueError as e:  # e.g. a custom loss that returns per-sample losses only
-            lag = {"skipped": str(e)}
+            lag = Skipped(str(e))
     captured = capture_recurrent_calls(call)
     modules = {}
     for name, m in unwrap_model(model).named_modules():
@@ -269,32 +259,26 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
             continue
         key = name or type(m).__name__
         if key not in captured:
-            modules[key] = {"skipped": "not called by the model's forward"}
+            modules[key] = Skipped("not called by the model's forward")
             continue
         try:
             x_m, hx = recurrent_sequence(key, *captured[key])
             modules[key] = recurrent_analysis(m, x_m, hx, jac_samples=jac_samples,
-                                              progress=progress, name=key)
+                                              progress=progress, name=key,
+                                              calls=len(captured[key][1]))
         except (ValueError, TypeError) as e:
-            modules[key] = {"skipped": str(e)}
-            continue
-        modules[key]["hx_given"] = hx is not None
-        modules[key]["calls"] = len(captured[key][1])
+            modules[key] = Skipped(str(e))
     if not modules:
-        modules["(none)"] = {"skipped": f"{type(model).__name__} has no nn.RNN/LSTM/GRU "
-                             "submodule (a TorchScript model hides them): only the input-"
-                             "gradient profile was measured"}
+        modules["(none)"] = Skipped(f"{type(model).__name__} has no nn.RNN/LSTM/GRU "
+                                    "submodule (a TorchScript model hides them): only the "
+                                    "input-gradient profile was measured")
     config = {"model": label, "source": source, "seq_len": int(prof.per_sample.shape[1]),
               "samples": int(prof.per_sample.shape[0]), "seed": None if given else seed,
               "inputs": "given" if given else "seeded standard normal",
               "measured_at": prof.site, "jacobian_samples": jac_samples,
               "loss": loss if isinstance(loss, str) else "custom"}
-    out = {"command": "inspect", "config": config, "versions": versions(),
-           "comparison": Comparison({label: prof}).to_dict(),
-           "recurrent": modules,
-           "decay_table": decay_table(DECAY_FORGET, DECAY_LENGTHS).to_dict(),
-           "seconds": round(time.perf_counter() - t0, 3)}
-    if lag is not None:
-        out["lag"] = {label: lag if isinstance(lag, dict) else lag.to_dict()}
-    return out
+    return StudyResult("inspect", config, versions(), Comparison({label: prof}), modules,
+                       decay_table(DECAY_FORGET, DECAY_LENGTHS),
+                       round(time.perf_counter() - t0, 3),
+                       lag={} if lag is None else {label: lag})
 

@@ -1,27 +1,18 @@
-"""Figures drawn from a results dict alone (never from models), so saved results re-plot
-identically. Every function returns {figure name: matplotlib Figure}."""
+"""Figures drawn from a study result alone (never from models), so a saved results.json
+re-plots identically. Every function takes a `StudyResult` (or, for the experiment figures, an
+`ExperimentResult`) and returns {figure name: matplotlib Figure}."""
 
 from __future__ import annotations
 
 from .. import plotting
-from ..results import CellJacobians, Comparison, GateStats, from_json_list
 
 
-def _first_layer(rec: dict) -> dict:
-    return rec["layers"][0]
+def gradient_flow(results) -> dict:
+    return {"gradient_flow": results.comparison.plot()}
 
 
-def gradient_flow(results: dict) -> dict:
-    cmp = Comparison.from_dict(results["comparison"])
-    fig = cmp.plot()
-    return {"gradient_flow": fig}
-
-
-def lag(results: dict) -> dict:
-    from ..results import LagProfile
-
-    lags = {n: LagProfile.from_dict(d) for n, d in results.get("lag", {}).items()
-            if "skipped" not in d}
+def lag(results) -> dict:
+    lags = results.lag_profiles()
     if not lags:
         return {}
     fig, (ax,) = plotting._new_axes(1, width=7.5)
@@ -30,18 +21,18 @@ def lag(results: dict) -> dict:
     return {"lag": fig}
 
 
-def highway(results: dict) -> dict:
-    rec = {k: v for k, v in results["recurrent"].items() if "layers" in v}
+def highway(results) -> dict:
+    rec = results.analysed()
     if not rec:
         return {}
     fig, axes = plotting._new_axes(2, height=4.8)
-    n_curves = sum(len(r["layers"]) for r in rec.values())
+    n_curves = sum(len(r.layers) for r in rec.values())
     i = 0
     for name, r in rec.items():
-        for lay in r["layers"]:
-            tag = name if len(r["layers"]) == 1 else f"{name} l{lay['layer']}d{lay['direction']}"
-            curves = CellJacobians.curves_from_dict(lay["cell_jacobians"])
-            plotting.plot_jacobian_curves(curves, lay["cell_jacobians"]["state"], ax=axes[0],
+        for lay in r.layers:
+            tag = name if len(r.layers) == 1 else f"{name} l{lay.layer}d{lay.direction}"
+            cj = lay.cell_jacobians
+            plotting.plot_jacobian_curves(cj.by_distance(), cj.state, ax=axes[0],
                                           share_ax=axes[1], label=tag, color=f"C{i % 10}",
                                           mean_unit=n_curves <= 3)
             i += 1
@@ -53,34 +44,31 @@ def highway(results: dict) -> dict:
     return {"highway": fig}
 
 
-def step_paths(results: dict) -> dict:
-    rec = {k: v for k, v in results["recurrent"].items()
-           if "layers" in v and v["kind"] == "lstm"}
+def step_paths(results) -> dict:
+    rec = {k: r for k, r in results.analysed().items() if r.kind == "lstm"}
     if not rec:
         return {}
     fig, (ax,) = plotting._new_axes(1, width=7.5)
     for name, r in rec.items():
-        lay = _first_layer(r)
-        sp = lay["step_paths"]
-        plotting.plot_step_paths(from_json_list(sp["direct_mean"]).numpy(),
-                                 from_json_list(sp["indirect_spectral"]).numpy(), ax=ax,
+        sp = r.layers[0].step_paths
+        plotting.plot_step_paths(sp.direct_mean.numpy(), sp.indirect_spectral.numpy(), ax=ax,
                                  label=name)
     fig.tight_layout()
     return {"step_paths": fig}
 
 
-def gates(results: dict) -> dict:
-    rec = {k: v for k, v in results["recurrent"].items() if "gates" in v}
+def gates(results) -> dict:
+    rec = {k: r for k, r in results.analysed().items() if r.gates is not None}
     if not rec:
         return {}
     fig, axes = plotting._new_axes(2)
     for name, r in rec.items():
-        GateStats.from_dict(r["gates"]).plot(axes=axes, label=name)
+        r.gates.plot(axes=axes, label=name)
     return {"gates": fig}
 
 
-def decay(results: dict) -> dict:
-    rows = results["decay_table"]["rows"]
+def decay(results) -> dict:
+    rows = results.decay_table.rows
     forgets = sorted({r["forget"] for r in rows})
     longest = max(r["length"] for r in rows)
     return {"decay": plotting.plot_decay_curves(forgets, longest)}
@@ -94,21 +82,18 @@ NAMES = ("gradient_flow", "lag", "highway", "step_paths", "gates", "decay")
 # ---- experiment ------------------------------------------------------------------------------
 
 
-def learning_curves(results: dict) -> dict:
-    v = results["variants"]
-    fig = plotting.plot_learning_curves({n: d["eval_loss"] for n, d in v.items()},
-                                        results["baseline"],
-                                        train={n: d["train_loss"] for n, d in v.items()})
+def learning_curves(results) -> dict:
+    v = results.variants
+    fig = plotting.plot_learning_curves({n: d.eval_loss.tolist() for n, d in v.items()},
+                                        results.baseline,
+                                        train={n: d.train_loss.tolist() for n, d in v.items()})
     return {"learning_curves": fig}
 
 
-def profiles_before_after(results: dict) -> dict:
-    from ..results import GradientProfile
-
+def profiles_before_after(results) -> dict:
     fig, axes = plotting._new_axes(2)
     for ax, when in zip(axes, ("init", "end")):
-        profs = {n: GradientProfile.from_dict(d[f"profile_{when}"])
-                 for n, d in results["variants"].items()}
+        profs = {n: getattr(d, f"profile_{when}") for n, d in results.variants.items()}
         plotting.plot_profiles(profs, ax=ax, log=True)
         ax.set_title(("At initialisation" if when == "init" else "After training") +
                      ": gradient of the task loss reaching each step")
@@ -116,21 +101,23 @@ def profiles_before_after(results: dict) -> dict:
     return {"profiles": fig}
 
 
-def heatmaps(results: dict) -> dict:
-    v = results["variants"]
-    fig = plotting.plot_heatmap_grid({n: d["heatmap"] for n, d in v.items()},
-                                     {n: d["monitor_steps"] for n, d in v.items()})
+def heatmaps(results) -> dict:
+    v = results.variants
+    fig = plotting.plot_heatmap_grid(
+        {n: [None if r is None else r.tolist() for r in d.heatmap] for n, d in v.items()},
+        {n: d.monitor_steps.tolist() for n, d in v.items()})
     return {"heatmaps": fig} if fig is not None else {}
 
 
-def memory_times(results: dict) -> dict:
-    v = {n: d for n, d in results["variants"].items() if d.get("gates_init")}
+def memory_times(results) -> dict:
+    v = {n: d for n, d in results.variants.items()
+         if d.gates_init is not None and d.gates_end is not None}
     if not v:
         return {}
-    order = list(results["variants"])  # the colours the other figures give each variant
+    order = list(results.variants)  # the colours the other figures give each variant
     fig = plotting.plot_memory_time_shift(
-        {n: GateStats.from_dict(d["gates_init"]) for n, d in v.items()},
-        {n: GateStats.from_dict(d["gates_end"]) for n, d in v.items()},
+        {n: d.gates_init for n, d in v.items()},
+        {n: d.gates_end for n, d in v.items()},
         colors={n: f"C{order.index(n)}" for n in v})
     return {"memory_times": fig}
 

@@ -1,149 +1,115 @@
 """report.html: one self-contained page (figures embedded as PNG data URIs, no network), with
-plain-language readings generated from the numbers in the results dict.
+plain-language readings generated from the numbers of a `StudyResult` or `ExperimentResult`.
 
-Every value taken from the results dict reaches the page through `_e` or `_num`, which escape
-it: a results.json holding markup (a module named "<script>") is shown as text, never run.
+Every value taken from the results reaches the page through `markup.text` (via `_e` and
+`_num`), which escapes it: a results.json holding markup (a module named "<script>") is shown
+as text, never run.
 """
 
 from __future__ import annotations
 
-import html
 import math
 
-from ..results import format_number
-
-
-def _e(v) -> str:
-    """Any value as escaped HTML text."""
-    return html.escape(str(v))
-
-
-def _f(v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
-        raise TypeError(f"expected a number, got {type(v).__name__}")
-    return float(v) if v is not None else math.nan
+from ..markup import text as _e
+from ..results import SUMMARY_HEADERS, format_number
+from ..study_results import EXPERIMENT_HEADERS
 
 
 def _num(v) -> str:
-    """A number (or a word such as "never") as escaped HTML text."""
-    if isinstance(v, str) and v not in ("nan", "inf", "-inf"):
-        return _e(v)  # a word such as "never"
-    if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
-        raise TypeError(f"expected a number, got {type(v).__name__}")
-    return _e(format_number(_f(v) if isinstance(v, (str, float)) else v))
-
-
-def _seq_len(results: dict) -> int:
-    T = results["config"]["seq_len"]
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise TypeError(f"config seq_len must be a positive integer, got {T!r:.40}")
-    return T
+    """A number (int, float or None) as escaped HTML text."""
+    return _e(format_number(v))
 
 
 def _table(rows: list[dict], headers: dict) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers.values())
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers.values())
     body = "".join("<tr>" + "".join(
-        f"<td>{_num(r.get(k)) if k != 'model' else _e(r.get(k))}</td>"
+        f"<td>{_e(r[k]) if k == 'model' else _num(r[k])}</td>"
         for k in headers) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _norms_by_distance(profile: dict) -> list[float]:
-    if "by_distance" in profile:
-        return [_f(v) for v in profile["by_distance"]]
-    return [_f(v) for v in profile["norms"]][::-1]
+def _paragraphs(out: list[str]) -> str:
+    return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
 
 
 # ---- readings --------------------------------------------------------------------------------
 
 
-def reading_gradient_flow(results: dict) -> str:
+def reading_gradient_flow(results) -> str:
     out = []
-    profiles = results["comparison"]["profiles"]
-    rows = {r["model"]: r for r in results["comparison"]["table"]}
-    T = _seq_len(results)
+    T = results.seq_len
     k = min(10, T - 1)
-    for name, p in profiles.items():
-        r = rows[name]
-        nd = _norms_by_distance(p)
-        frac = nd[k] / nd[0] if nd[0] > 0 else math.nan
-        em = r["effective_memory"]
+    rows = {}
+    for name, p in results.comparison.profiles.items():
+        nd = p.by_distance()
+        frac = float(nd[k] / nd[0]) if nd[0] > 0 else math.nan
+        r = rows[name] = p.summary()
+        em, rate = r["effective_memory"], r["decay_rate"]
         s = (f"<b>{_e(name)}</b>: the gradient reaching {k} steps before the output is "
              f"{_num(frac)} of the gradient at the output step; fitted over all {T} steps it "
-             f"halves every {_num(r['half_life'])} steps (decay rate {_num(r['decay_rate'])} "
+             f"halves every {_num(r['half_life'])} steps (decay rate {_num(rate)} "
              f"per step), and {_num(em)} of {T} timesteps receive more "
              f"than 1% of the largest gradient.")
-        rate = _f(r["decay_rate"])
-        if em is not None and _f(em) <= 2 and rate < 0.01:
+        if em is not None and em <= 2 and rate < 0.01:
             s += (" Its profile is nearly flat beyond the output step: one very large gradient "
                   "at the output step itself (a residual path) sets the 1% bar, so the "
                   "effective memory looks short although distant steps keep a steady share.")
         out.append(s)
-    if results["command"] == "compare" and len(rows) > 1:
-        fastest = max(rows.values(), key=lambda r: _f(r["decay_rate"]))
-        out.append(f"Steepest decay: <b>{_e(fastest['model'])}</b>. The additive "
+    if results.command == "compare" and len(rows) > 1:
+        fastest = max(rows, key=lambda n: rows[n]["decay_rate"])
+        out.append(f"Steepest decay: <b>{_e(fastest)}</b>. The additive "
                    "cell-state update gives LSTM and GRU a path whose decay is set by the "
                    "gates; a vanilla RNN multiplies by diag(tanh′)·W_hh at every step; "
                    "attention connects every step to the output directly.")
-    return "<p>" + "</p><p>".join(out) + "</p>"
+    return _paragraphs(out)
 
 
-def reading_lag(results: dict) -> str:
+def reading_lag(results) -> str:
     out = []
-    for name, d in results.get("lag", {}).items():
-        if "skipped" in d:
-            continue
-        bl = [_f(v) for v in d["by_lag"]]
+    for name, lp in results.lag_profiles().items():
+        bl = lp.by_lag()
         k = min(10, len(bl) - 1)
-        frac = bl[k] / bl[0] if bl and bl[0] > 0 else math.nan
-        em = d["effective_memory"]
-        out.append(f"<b>{_e(name)}</b>, measured at <code>{_e(d['site'])}"
-                   f"</code> over {len(d['positions'])} loss steps: the loss at step t reaches the "
+        frac = float(bl[k] / bl[0]) if len(bl) and bl[0] > 0 else math.nan
+        out.append(f"<b>{_e(name)}</b>, measured at <code>{_e(lp.site)}"
+                   f"</code> over {len(lp.positions)} loss steps: the loss at step t reaches the "
                    f"input {k} steps earlier with {_num(frac)} of the gradient it sends to its "
-                   f"own step; it halves every {_num(d['half_life'])} steps, and "
-                   f"{_num(em)} lags carry more than 1% of the largest. "
+                   f"own step; it halves every {_num(lp.half_life())} steps, and "
+                   f"{_num(lp.effective_memory())} lags carry more than 1% of the largest. "
                    "This is the memory a per-step loss actually uses; the profile above sums all "
                    "steps' losses and hides it.")
-    return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
+    return _paragraphs(out)
 
 
-def reading_highway(results: dict) -> str:
+def reading_highway(results) -> str:
     out = []
-    for name, rec in results["recurrent"].items():
-        if "layers" not in rec:
-            continue
-        cj = rec["layers"][0]["cell_jacobians"]
-        # distances count back from each row's own last step (its length is the module's T)
-        steps = min(len(row) for row in cj["spectral"])
+    for name, rec in results.analysed().items():
+        cj = rec.layers[0].cell_jacobians
+        curves = cj.by_distance()  # by distance from each sample's own last step
+        steps = cj.spectral.shape[1]
         k = min(10, steps - 1)
-        spec = [sum(_f(row[-1 - k]) for row in cj["spectral"]) / len(cj["spectral"])]
         s = (f"<b>{_e(name)}</b> (layer 0): ‖∂s<sub>T−1</sub>/∂s<sub>t</sub>‖₂ at "
-             f"distance {k} is {_num(spec[0])}")
-        if cj.get("direct_max") is not None:
-            dmax = sum(_f(row[-1 - k]) for row in cj["direct_max"]) / len(cj["direct_max"])
-            share1 = (sum(_f(row[-2]) for row in cj["share"]) / len(cj["share"])
-                      if steps > 1 else 1)
-            sharek = sum(_f(row[-1 - k]) for row in cj["share"]) / len(cj["share"])
-            gate = "forget gates f" if rec["kind"] == "lstm" else "retain gates z"
+             f"distance {k} is {_num(float(curves['spectral'][k]))}")
+        if "direct_spectral" in curves:
+            share1 = float(curves["share"][1]) if steps > 1 else 1.0
+            gate = "forget gates f" if rec.kind == "lstm" else "retain gates z"
             s += (f"; the highway alone (the product of the {gate}, largest unit) is "
-                  f"{_num(dmax)}. The direct path carries {_num(100 * share1)}% of the "
-                  f"Jacobian's energy over one step and {_num(100 * sharek)}% over {k} steps; "
+                  f"{_num(float(curves['direct_spectral'][k]))}. The direct path carries "
+                  f"{_num(100 * share1)}% of the Jacobian's energy over one step and "
+                  f"{_num(100 * float(curves['share'][k]))}% over {k} steps; "
                   "the rest flows through h and the next step's gates (the indirect paths).")
         else:
             s += "; a vanilla RNN has no highway: every path goes through W_hh and tanh′."
         out.append(s)
-    return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
+    return _paragraphs(out)
 
 
-def reading_step_paths(results: dict) -> str:
+def reading_step_paths(results) -> str:
     out = []
-    for name, rec in results["recurrent"].items():
-        if rec.get("kind") != "lstm" or "layers" not in rec:
+    for name, rec in results.analysed().items():
+        sp = rec.layers[0].step_paths
+        if rec.kind != "lstm" or sp.direct_mean is None:
             continue
-        sp = rec["layers"][0]["step_paths"]
-        d = [_f(v) for v in sp["direct_mean"]]
-        ind = [_f(v) for v in sp["indirect_spectral"]]
-        md, mi = sum(d) / len(d), sum(ind) / len(ind)
+        md, mi = float(sp.direct_mean.mean()), float(sp.indirect_spectral.mean())
         out.append(f"<b>{_e(name)}</b>: per step the direct term diag(f<sub>t</sub>) "
                    "averages "
                    f"{_num(md)} and the indirect term ‖∂c<sub>t</sub>/∂c<sub>t−1</sub> − "
@@ -151,26 +117,26 @@ def reading_step_paths(results: dict) -> str:
                    f"{_num(mi)}: the classic LSTM gradient-flow analysis's “f_t is the dominant "
                    f"term” holds "
                    f"{'here' if md > mi else 'not here — the indirect paths are larger'}.")
-    return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
+    return _paragraphs(out)
 
 
-def reading_gates(results: dict) -> str:
+def reading_gates(results) -> str:
     out = []
-    T = _seq_len(results)
-    for name, rec in results["recurrent"].items():
-        if "gates" not in rec:
+    T = results.seq_len
+    for name, rec in results.analysed().items():
+        if rec.gates is None:
             continue
-        for s in rec["gates"]["layers"]:
-            mt = sorted(_f(v) for v in s["memory_time"])
+        for s in rec.gates.layers:
+            mt = sorted(s.memory_time.tolist())
             med = mt[len(mt) // 2]
-            gate = "forget gate f" if s["gate"] == "f" else "retain gate z"
-            txt = (f"<b>{_e(name)}</b> layer {_num(s['layer'])}"
-                   f"{' dir 1' if s['direction'] else ''}: mean {gate} {_num(s['mean'])}, median "
+            gate = "forget gate f" if s.gate == "f" else "retain gate z"
+            txt = (f"<b>{_e(name)}</b> layer {_num(s.layer)}"
+                   f"{' dir 1' if s.direction else ''}: mean {gate} {_num(s.mean)}, median "
                    f"memory time 1/(1−f̄) {_num(med)} steps for a sequence of {T}; "
-                   f"{_num(100 * _f(s['saturation']['>0.99']))}% of gate values exceed 0.99 "
-                   f"and {_num(100 * _f(s['saturation']['<0.1']))}% are below 0.1.")
+                   f"{_num(100 * s.saturation['>0.99'])}% of gate values exceed 0.99 "
+                   f"and {_num(100 * s.saturation['<0.1'])}% are below 0.1.")
             if med < T / 10:
-                if results["command"] == "compare":
+                if results.command == "compare":
                     fix_one, fix_chrono = "--forget-bias 1.0", "--forget-bias chrono"
                 else:  # inspect analyses the user's model: the fix is in their code
                     fix_one = "rnnscope.init_forget_bias(m, 1.0) on this module m"
@@ -180,13 +146,13 @@ def reading_gates(results: dict) -> str:
                         "initialisation (memory times spread up to the sequence length, "
                         f"{fix_chrono}) keeps it open longer.")
             out.append(txt)
-    return "<p>" + "</p><p>".join(out) + "</p>" if out else ""
+    return _paragraphs(out)
 
 
-def reading_decay(results: dict) -> str:
-    rows = results["decay_table"]["rows"]
+def reading_decay(results) -> str:
+    rows = results.decay_table.rows
     longest = max(r["length"] for r in rows)
-    at = {r["forget"]: _f(r["factor"]) for r in rows if r["length"] == longest}
+    at = {r["forget"]: r["factor"] for r in rows if r["length"] == longest}
     parts = ", ".join(f"f = {_num(f)}: {_num(v)}" for f, v in sorted(at.items()))
     return (f"<p>With a constant forget gate the direct path scales the gradient by "
             f"f<sup>L</sup>. Over "
@@ -248,13 +214,13 @@ def _head(title: str) -> str:
             f"<title>{title}</title><style>{CSS}</style></head><body><h1>{title}</h1>")
 
 
-def _figure_sections(results: dict, figures_b64: dict, titles: dict, extra=None) -> list[str]:
+def _figure_sections(results, figures_b64: dict, titles: dict, extra=None) -> list[str]:
     parts = []
     for name, (head, caption, reading) in titles.items():
         if name not in figures_b64:
             continue
         parts.append(f"<h2>{head}</h2>")
-        parts.append(f"<figure><img id='fig-{name}' alt='{html.escape(head)}' "
+        parts.append(f"<figure><img id='fig-{_e(name)}' alt='{_e(head)}' "
                      f"src='data:image/png;base64,{figures_b64[name]}'>"
                      f"<figcaption>{caption}</figcaption></figure>")
         text = reading(results) if reading else ""
@@ -265,44 +231,40 @@ def _figure_sections(results: dict, figures_b64: dict, titles: dict, extra=None)
     return parts
 
 
-def _config_table(results: dict) -> str:
-    rows = {**results["config"], **results["versions"], "wall time (s)": results.get("seconds")}
+def _config_table(results) -> str:
+    rows = {**results.config, **results.versions, "wall time (s)": results.seconds}
     return ("<h2>Run configuration</h2><table><tbody>" + "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>"
         for k, v in rows.items()) + "</tbody></table>"
         "<p class='muted'>Every number behind these figures is in results.json next to this "
         "page; <code>rnnscope replot results.json</code> redraws them.</p>")
 
 
-def render_html(results: dict, figures_b64: dict) -> str:
-    cfg = results["config"]
+def render_html(results, figures_b64: dict) -> str:
+    """The page of a `StudyResult` (compare or inspect)."""
     title = ("rnnscope: RNN vs LSTM vs GRU vs Transformer gradient flow"
-             if results["command"] == "compare"
-             else f"rnnscope: gradient flow in {_e(cfg.get('model', 'model'))}")
+             if results.command == "compare"
+             else f"rnnscope: gradient flow in {_e(results.config.get('model', 'model'))}")
     parts = [_head(title),
              "<p class='muted'>How much gradient reaches each earlier timestep, how fast it "
              "decays, and whether the gates keep the cell-state highway open. All numbers are "
              "exact measurements on the models and inputs described at the bottom.</p>",
              "<h2>Summary</h2>",
-             _table(results["comparison"]["table"],
-                    {"model": "model", "decay_ratio": "decay ratio (first/last)",
-                     "decay_rate": "decay rate per step", "half_life": "half-life (steps)",
-                     "effective_memory": "effective memory (steps)"}),
+             _table(results.comparison.table(), SUMMARY_HEADERS),
              "<p class='muted'>Decay ratio: mean norm at the first timestep over the last (≪ 1: "
              "early steps get little gradient). Decay rate r: least-squares fit of "
              "norm ≈ A·e^(−r·k) over distance k; half-life ln 2 / r. Effective memory: timesteps "
              "with more than 1% of the largest norm.</p>"]
-    lyap = {n: r["layers"][0]["max_lyapunov"] for n, r in results["recurrent"].items()
-            if "layers" in r}
+    lyap = {n: r.layers[0].max_lyapunov for n, r in results.analysed().items()}
     if lyap:
         parts.append("<p class='muted'>Largest Lyapunov exponent of each recurrence (layer 0, "
                      "natural log per step; &lt; 0 contracts): " + ", ".join(
                          f"{_e(n)} {_num(v)}" for n, v in lyap.items()) + ".</p>")
-    decay_rows = lambda r: _table(r["decay_table"]["rows"], {  # noqa: E731
+    decay_rows = lambda r: _table(list(r.decay_table.rows), {  # noqa: E731
         "forget": "forget f", "length": "length L", "factor": "f^L",
         "memory_time": "memory time 1/(1−f)"})
     parts += _figure_sections(results, figures_b64, TITLES, extra={"decay": decay_rows})
-    skipped = {n: r["skipped"] for n, r in results["recurrent"].items() if "skipped" in r}
+    skipped = results.skipped()
     if skipped:
         parts.append("<h2>Not analysed</h2><ul>" + "".join(
             f"<li><code>{_e(n)}</code>: {_e(why)}</li>"
@@ -315,23 +277,23 @@ def render_html(results: dict, figures_b64: dict) -> str:
 # ---- experiment page ---------------------------------------------------------------------------
 
 
-def reading_learning(results: dict) -> str:
+def reading_learning(results) -> str:
     out = []
-    for row in results["table"]:
+    for row in results.table():
         at = row["beats_half_baseline_at"]
         out.append(f"<b>{_e(row['model'])}</b>: final held-out loss "
                    f"{_num(row['final_over_baseline'])}× the memoryless baseline; "
-                   + (f"first below 50% of the baseline at step {_num(at)}." if at != "never"
+                   + (f"first below 50% of the baseline at step {_num(at)}." if at is not None
                       else "never below 50% of the baseline in this run."))
     return "<p>" + "</p><p>".join(out) + "</p>"
 
 
-def reading_profiles(results: dict) -> str:
+def reading_profiles(results) -> str:
     out = []
-    for row in results["table"]:
+    for row in results.table():
         out.append(f"<b>{_e(row['model'])}</b>: effective memory "
                    f"{_num(row['effective_memory_init'])} → {_num(row['effective_memory_end'])} "
-                   f"steps (of {_num(results['config']['sequence_length'])}).")
+                   f"steps (of {_num(results.config['sequence_length'])}).")
     return ("<p>Effective memory: timesteps whose gradient of the task loss exceeds 1% of the "
             "largest. " + " ".join(out) + "</p>")
 
@@ -354,21 +316,18 @@ EXPERIMENT_TITLES = {
 }
 
 
-def render_experiment_html(results: dict, figures_b64: dict) -> str:
-    cfg = results["config"]
+def render_experiment_html(results, figures_b64: dict) -> str:
+    """The page of an `ExperimentResult`."""
+    cfg = results.config  # the fields read here are checked by ExperimentResult.from_dict
     title = f"rnnscope experiment: {_e(cfg['task'])} task, T = {_num(cfg['T'])}"
     parts = [_head(title),
-             f"<p class='muted'>{len(results['variants'])} variants trained with Adam "
+             f"<p class='muted'>{len(results.variants)} variants trained with Adam "
              f"(lr {_num(cfg['lr'])}, gradient-norm clipping at {_num(cfg['clip'])}, batch "
              f"{_num(cfg['batch_size'])}, {_num(cfg['steps'])} steps, same seed and batches for "
              f"all); the "
              "GradientMonitor recorded gradient flow at every step.</p>",
              "<h2>Summary</h2>",
-             _table(results["table"], {"model": "variant",
-                                       "final_over_baseline": "final loss / baseline",
-                                       "beats_half_baseline_at": "first step < 50% of baseline",
-                                       "effective_memory_init": "effective memory at init",
-                                       "effective_memory_end": "effective memory at end"})]
+             _table(results.display_table(), EXPERIMENT_HEADERS)]
     parts += _figure_sections(results, figures_b64, EXPERIMENT_TITLES)
     parts.append(_config_table(results))
     parts.append("</body></html>")

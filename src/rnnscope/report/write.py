@@ -15,11 +15,12 @@ from pathlib import Path
 from . import figures as figure_makers
 from .safe_write import OutputFolder
 
-COMMANDS = ("compare", "inspect", "experiment")
+from ..codec import SchemaError, dumps, loads
+from ..study_results import ExperimentResult, StudyResult, study_from_dict
 
 
 class ResultsError(ValueError):
-    """A results.json (or results dict read from a file) that rnnscope cannot draw."""
+    """A results.json that rnnscope cannot read (one line naming the file and the field)."""
 
 
 def report_targets(command: str) -> list[str]:
@@ -30,101 +31,48 @@ def report_targets(command: str) -> list[str]:
             + [f"figures/{n}.{ext}" for n in names for ext in ("png", "svg")])
 
 
-def figures_from_results(results: dict) -> dict:
-    """{name: Figure} for every figure the results support, drawn from the dict alone."""
-    makers = figure_makers.EXPERIMENT if results.get("command") == "experiment" else \
-        figure_makers.ALL
+def _makers(results):
+    return figure_makers.EXPERIMENT if results.command == "experiment" else figure_makers.ALL
+
+
+def figures_from_results(results: StudyResult | ExperimentResult) -> dict:
+    """{name: Figure} for every figure the results support, drawn from the results alone."""
     out = {}
-    for make in makers:
+    for make in _makers(results):
         out.update(make(results))
     return out
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"it holds the bare literal {name}; rnnscope writes non-finite numbers "
-                     f"as the strings \"nan\", \"inf\", \"-inf\"")
+def load_results(path) -> StudyResult | ExperimentResult:
+    """Read a results.json written by `write_report` (plain JSON, nothing executed) into its
+    result object, validated field by field against the schema (`codec.SCHEMA`).
 
-
-def load_results(path) -> dict:
-    """Read a results.json written by `write_report` (plain JSON, nothing executed).
+    A file without a schema number was written by an rnnscope before the schema existed; it
+    is refused with a message saying to rerun the command (its layout differs in places that
+    cannot be read back exactly).
 
     Raises:
-        ResultsError: the file is not JSON, or not laid out as rnnscope writes results (the
-            first wrong part is named: its key path, what was expected and what was found).
+        ResultsError: the file is not UTF-8 JSON, has another schema, or a field is missing,
+            of the wrong type or shape (the first one is named).
     """
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh, parse_constant=_reject_constant)
+            data = loads(fh.read())
     except UnicodeDecodeError:
         raise ResultsError(f"{path} is not a results.json: it is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path} is not a results.json: invalid JSON at line {e.lineno} "
                            f"column {e.colno} ({e.msg})") from None
-    except ValueError as e:  # from _reject_constant
+    except SchemaError as e:  # a bare NaN/Infinity literal
         raise ResultsError(f"{path} is not a results.json rnnscope wrote: {e}") from None
-    if not isinstance(data, dict) or not ("comparison" in data or "variants" in data):
+    if not isinstance(data, dict) or not ("comparison" in data or "variants" in data
+                                          or "schema" in data):
         raise ResultsError(f"{path} is not an rnnscope results.json (expected a JSON object "
-                           f"with 'comparison' or 'variants')")
-    check_results_layout(data, str(path))
-    return data
-
-
-def _type_name(v) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def check_results_layout(results: dict, source: str) -> None:
-    """The sections the report reads must be there with the right JSON types.
-
-    Deeper entries are checked where they are read: an error while drawing a results dict read
-    from a file becomes a ResultsError naming the file and the figure (see write_report).
-    """
-    def need(path: tuple, kind: type, what: str):
-        node = results
-        for i, key in enumerate(path):
-            if isinstance(node, list) and isinstance(key, int) and key < len(node):
-                node = node[key]
-                continue
-            if not isinstance(node, dict) or key not in node:
-                where = "".join(f"[{k!r}]" for k in path[:i + 1])
-                raise ResultsError(f"{source}: results{where} is missing; expected {what}")
-            node = node[key]
-        if not isinstance(node, kind) or isinstance(node, bool) and kind is not bool:
-            where = "".join(f"[{k!r}]" for k in path)
-            raise ResultsError(f"{source}: results{where} must be {what}; got "
-                               f"{_type_name(node)}")
-        return node
-
-    command = need(("command",), str, "one of " + ", ".join(COMMANDS))
-    if command not in COMMANDS:
-        raise ResultsError(f"{source}: results['command'] must be one of {', '.join(COMMANDS)};"
-                           f" got {command[:40]!r}")
-    need(("config",), dict, "an object")
-    need(("versions",), dict, "an object")
-    if command == "experiment":
-        for name, _v in need(("variants",), dict, "an object of variants").items():
-            need(("variants", name), dict, "an object")
-        rows = need(("table",), list, "a list of rows")
-        need(("baseline",), (int, float), "a number")
-    else:
-        for name in need(("comparison", "profiles"), dict, "an object of profiles"):
-            need(("comparison", "profiles", name), dict, "an object")
-        rows = need(("comparison", "table"), list, "a list of rows")
-        for name in need(("recurrent",), dict, "an object of modules"):
-            need(("recurrent", name), dict, "an object")
-        for i, _ in enumerate(need(("decay_table", "rows"), list, "a list of rows")):
-            need(("decay_table", "rows", i), dict, "an object")
-        if "lag" in results:
-            for name in need(("lag",), dict, "an object"):
-                need(("lag", name), dict, "an object")
-        seq_len = need(("config", "seq_len"), int, "a positive integer")
-        if seq_len < 1:
-            raise ResultsError(f"{source}: results['config']['seq_len'] must be a positive "
-                               f"integer; got {seq_len}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ResultsError(f"{source}: row {i} of the summary table must be an object; got "
-                               f"{_type_name(row)}")
+                           f"with 'schema', 'command' and the results)")
+    try:
+        return study_from_dict(data, "results")
+    except SchemaError as e:
+        raise ResultsError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def _png_bytes(fig) -> bytes:
@@ -148,11 +96,12 @@ def check_writable(out_dir, *, overwrite: bool, command: str = "compare") -> Non
     OutputFolder(out_dir, overwrite=overwrite).check(report_targets(command))
 
 
-def render_report(results: dict, *, source: str | None = None) -> dict[str, bytes]:
+def render_report(results: StudyResult | ExperimentResult, *,
+                  source: str | None = None) -> dict[str, bytes]:
     """Every file of the report as bytes, by relative path, drawn in memory (nothing written).
 
     Args:
-        results: the results dict.
+        results: the study's result object.
         source: where the dict was read from (a results.json); errors while drawing it become
             ResultsError naming it, since a wrong file, not rnnscope, is then the likely cause.
     """
@@ -160,13 +109,13 @@ def render_report(results: dict, *, source: str | None = None) -> dict[str, byte
 
     from .html import render_experiment_html, render_html
 
-    command = results.get("command")
-    makers = figure_makers.EXPERIMENT if command == "experiment" else figure_makers.ALL
+    command = results.command
+    makers = _makers(results)
     allowed = set(figure_makers.EXPERIMENT_NAMES if command == "experiment"
                   else figure_makers.NAMES)
     render = render_experiment_html if command == "experiment" else render_html
     try:
-        files = {"results.json": json.dumps(results, indent=1, allow_nan=False).encode("utf-8")}
+        files = {"results.json": dumps(results.to_dict()).encode("utf-8")}
         # the page's readings use most of the numbers and take milliseconds: a dry run with
         # every figure present finds a broken file before seconds of drawing
         render(results, dict.fromkeys(allowed, ""))
@@ -217,7 +166,7 @@ def _results_error(e: Exception, source: str | None, doing: str) -> None:
         from e
 
 
-def write_report(results: dict, out_dir, *, overwrite: bool = False,
+def write_report(results: StudyResult | ExperimentResult, out_dir, *, overwrite: bool = False,
                  source: str | None = None) -> dict:
     """Write results.json, figures and report.html into out_dir; return {kind: path}.
 
@@ -231,8 +180,7 @@ def write_report(results: dict, out_dir, *, overwrite: bool = False,
     from `source`, nothing is written and a ResultsError names the file.
     """
     folder = OutputFolder(out_dir, overwrite=overwrite)
-    command = results.get("command")
-    targets = report_targets(command)
+    targets = report_targets(results.command)
     folder.check(targets)
     try:
         files = render_report(results, source=source)
@@ -242,7 +190,7 @@ def write_report(results: dict, out_dir, *, overwrite: bool = False,
         if source is not None:
             raise
         try:
-            text = json.dumps(results, indent=1, allow_nan=False)
+            text = dumps(results.to_dict())
         except ValueError:
             raise e from None
         saved = folder.write_text("results.json", text)
