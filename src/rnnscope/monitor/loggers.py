@@ -335,11 +335,12 @@ def check_plot_records(steps: list, alerts: list, path) -> tuple[list[dict], lis
             if not isinstance(rec, dict):
                 raise ValueError(f"{where} (step {r['step']}): layer {name!r:.60} must be an "
                                  f"object")
-            prof = rec.get("input_grad")
-            if prof is not None and not (isinstance(prof, list)
-                                         and all(_is_number(v) for v in prof)):
-                raise ValueError(f"{where} (step {r['step']}): layer {name!r:.60}'s "
-                                 f"'input_grad' must be a list of numbers")
+            for key in ("input_grad", "output_lag_grad"):
+                prof = rec.get(key)
+                if prof is not None and not (isinstance(prof, list)
+                                             and all(_is_number(v) for v in prof)):
+                    raise ValueError(f"{where} (step {r['step']}): layer {name!r:.60}'s "
+                                     f"'{key}' must be a list of numbers")
     for i, a in enumerate(alerts):
         if not (isinstance(a.get("kind"), str) and _is_int(a.get("step"))):
             raise ValueError(f"{path}: alert {i + 1} needs a text 'kind' and an integer "

@@ -18,6 +18,11 @@ the layer is replayed on up to `max_batch` samples of the batch it saw, and that
 gradient is back-propagated through the replay — the true ∂L/∂h_t, ∂L/∂c_t of the real training
 loss for every layer and direction — plus forget/retain-gate statistics. Cells (nn.LSTMCell ...)
 called step by step give those exact state gradients directly from hooks on their outputs.
+Under a per-step loss (gradient reaches output steps before the last), the exact steps also
+give a per-lag row: for up to 16 evenly spaced output steps t, the captured gradient arriving
+at output step t alone, carried back through the replay, ‖∂(g_t·y_t)/∂x_{t−k}‖ averaged by
+lag k (`output_lag`; equal to lag_profile's ‖∂ℓ_t/∂x_{t−k}‖ when the loss at step t depends on
+y_t only). It is the heatmap `plot-log` draws for such runs.
 
 The model is never changed: outputs and parameter gradients are bit-identical with and without
 the monitor (the input hook only makes a data tensor that did not require grad into a fresh leaf
@@ -54,6 +59,7 @@ from ..recurrent import GATES, RETAIN_GATE, describe, is_recurrent
 from ..jacobians import trace_state_gradients
 from ..replay import replay
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
+from . import output_lag
 from .loggers import make_loggers
 from .schedules import PRESETS, as_schedule
 from .stats import StatSet
@@ -156,6 +162,7 @@ class GradientMonitor:
         self._caps = {name: _Capture() for name in self.modules}
         self._warned: set = set()
         self._failed_loggers: set = set()  # id() of loggers paused after a failure
+        self._lag_notes: dict = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -399,6 +406,7 @@ class GradientMonitor:
         rank, world = _world()
         stats = StatSet()
         skipped = {}
+        self._lag_notes = {}  # layer -> why its per-lag row is missing at this step
         if cheap:
             self._param_stats(stats)
         for name, cap in self._caps.items():
@@ -513,6 +521,7 @@ class GradientMonitor:
                 stats.add(f"state_count/{name}/l0d0", count, "sum")
             return None
         per_key = {}  # key -> per chain, the call parts joined along time
+        lags = []  # per call: (sums, counts) of the per-lag row, or why there is none
         left = self.max_batch  # samples to replay, shared by the chains in call order
         batch_dim = 0 if spec.batch_first else 1
         for chain in self._chains(cap):
@@ -525,12 +534,16 @@ class GradientMonitor:
             for call in calls:
                 try:
                     if call.rng_state is None:
-                        part = self._replay_call(name, _narrow_call(call, m, batch_dim))
+                        part, lag = self._replay_call(name, _narrow_call(call, m, batch_dim), m)
                     else:  # dropout: replay the whole batch, keep the first m samples
+                        part, lag = self._replay_call(name, call, m)
                         part = {key: {k: (None if v is None else v[:m]) for k, v in d.items()}
-                                for key, d in self._replay_call(name, call).items()}
+                                for key, d in part.items()}
                 except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
                     return f"exact replay skipped: {e}"
+                if lag is not None:
+                    lags.append(lag if len(calls) == 1 or isinstance(lag, str)
+                                else output_lag.CHAINED)
                 for key, vals in part.items():
                     joined.setdefault(key, []).append(vals)
             for key, parts in joined.items():
@@ -556,12 +569,21 @@ class GradientMonitor:
                 stats.add(f"gate_count/{name}/{key}", float(g.shape[0]), "sum")
                 stats.add(f"gate_hist/{name}/{key}",
                           torch.histc(g.reshape(-1), GATE_BINS, 0.0, 1.0), "sum")
+        reasons = [r for r in lags if isinstance(r, str)]
+        if reasons:
+            self._lag_notes[name] = reasons[0]
+        elif lags:
+            for sums, counts in lags:
+                stats.add(f"lag_sum/{name}", sums / world, "sum")
+                stats.add(f"lag_count/{name}", counts, "sum")
         return None
 
-    def _replay_call(self, name: str, call: _Call) -> dict:
+    def _replay_call(self, name: str, call: _Call, keep: int) -> tuple[dict, object]:
         """Back-propagate one call's captured output gradients through its replay: per layer
         and direction, (B, T) norms of ∂L/∂h_t, ∂L/∂c_t, the valid-step mask and the retain
-        gate (B, T, H), all on the CPU in float64."""
+        gate (B, T, H), all on the CPU in float64; and the per-lag row of the gradient
+        arriving at each output step for the first `keep` samples (`output_lag.lag_sums`:
+        sums and counts, a reason there is none, or None when the loss is not per step)."""
         spec = self.specs[name]
         with torch.enable_grad():
             x = call.x
@@ -583,6 +605,13 @@ class GradientMonitor:
                 t = t.data
             outs.append(t)
             gouts.append(g.to(t.dtype))
+        lag = None
+        g_seq = call.grad_out.get("out")
+        if g_seq is not None:  # batch-major (B, T, F): a packed one was captured padded
+            if not (spec.batch_first or isinstance(call.x, PackedSequence)):
+                g_seq = g_seq.transpose(0, 1)
+            lag = output_lag.lag_sums(self.modules[name], spec, x, call.hx, tr, g_seq, keep,
+                                      call.rng_state)
         sg = trace_state_gradients(tr, outs, gouts)  # (B, T) norms, input-position order
         out = {}
         for layer, dirs in enumerate(tr.layers):
@@ -595,7 +624,7 @@ class GradientMonitor:
                 if spec.kind in RETAIN_GATE:
                     gate = lt.gates[RETAIN_GATE[spec.kind]].detach().to("cpu", torch.float64)
                 out[f"l{layer}d{d}"] = {"h": g.h, "c": g.c, "valid": valid, "gate": gate}
-        return out
+        return out, lag
 
     def _record(self, stats: StatSet, exact: bool) -> dict:
         from ..results import json_number
@@ -638,6 +667,11 @@ class GradientMonitor:
                                       (1 / (1 - unit)).median().item()),
                                   "hist": [json_number(x) for x in
                                            (hist / max(hist.sum().item(), 1)).tolist()]}
+            if f"lag_sum/{name}" in v:
+                mean = v[f"lag_sum/{name}"] / v[f"lag_count/{name}"]  # 0/0: no pair: nan
+                r["output_lag_grad"] = [json_number(x) for x in mean.tolist()]
+            if name in self._lag_notes:
+                r["output_lag_note"] = self._lag_notes[name]
             if state:
                 r["state_grad"] = state
             if gates:
