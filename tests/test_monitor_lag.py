@@ -13,7 +13,7 @@ from rnnscope.monitor import GradientMonitor
 
 
 def _layer(rec, name):
-    return rec["layers"][name]
+    return rec.layers[name]
 
 
 class Tagger(nn.Module):
@@ -102,7 +102,7 @@ def _record_and_oracle(kind, layers, batch_first, T=20, max_batch=4, vocab=None,
     g = g if batch_first else g.transpose(0, 1)
     n = max_batch
     want = oracle_lag_row(before, x[:n], None, g[:n], batch_first, _positions(T))
-    got = torch.tensor([float(v) for v in _layer(rec, "rnn")["output_lag_grad"]],
+    got = torch.tensor([float(v) for v in rec.layers["rnn"].output_lag_grad.by_lag],
                        dtype=torch.float64)
     return got, want, rec
 
@@ -144,7 +144,7 @@ def test_packed_sequences_take_the_batched_vjp_path_and_equal_the_oracle():
         return pad_packed_sequence(o, batch_first=True, total_length=T)[0]
 
     want = oracle_lag_row(before, x[:4], None, g[:4], True, _positions(T), forward=forward)
-    got = torch.tensor([float(v) for v in _layer(rec, "rnn")["output_lag_grad"]],
+    got = torch.tensor([float(v) for v in rec.layers["rnn"].output_lag_grad.by_lag],
                        dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
 
@@ -162,7 +162,7 @@ def test_training_dropout_takes_the_batched_vjp_path_and_equals_the_oracle():
         state = torch.get_rng_state()
         nn.functional.cross_entropy(model(x).reshape(B * T, 3), y.reshape(-1)).backward()
         rec = mon.step()
-    assert "skipped" not in rec
+    assert not rec.skipped
     g = model.seen_out.grad
     masks = rnnscope.replay(before, x, rng_state=state).dropout_masks  # what the kernel drew
 
@@ -170,7 +170,7 @@ def test_training_dropout_takes_the_batched_vjp_path_and_equals_the_oracle():
         return fused_layer_by_layer(m, x64, None, [mk[:3].double() for mk in masks])
 
     want = oracle_lag_row(before, x[:3], None, g[:3], True, _positions(T), forward=forward)
-    got = torch.tensor([float(v) for v in _layer(rec, "rnn")["output_lag_grad"]],
+    got = torch.tensor([float(v) for v in rec.layers["rnn"].output_lag_grad.by_lag],
                        dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
 
@@ -186,9 +186,10 @@ def test_bidirectional_says_why_there_is_no_lag_row():
                                     torch.randint(0, 3, (40,))).backward()
         rec = mon.step()
     lay = _layer(rec, "rnn")
-    assert "output_lag_grad" not in lay
-    assert "bidirectional" in lay["output_lag_note"]
-    assert "state_grad" in lay  # the rest of the exact part is there
+    assert lay.output_lag_grad.by_lag is None
+    assert "bidirectional" in lay.output_lag_grad.note
+    assert lay.state_grad  # the rest of the exact part is there
+    assert rec.to_dict()["layers"]["rnn"]["output_lag_note"] == lay.output_lag_grad.note
 
 
 def test_a_last_step_loss_has_no_lag_row_and_keeps_the_input_profile():
@@ -199,8 +200,8 @@ def test_a_last_step_loss_has_no_lag_row_and_keeps_the_input_profile():
         nn.functional.cross_entropy(logits[:, -1], torch.randint(0, 3, (4,))).backward()
         rec = mon.step()
     lay = _layer(rec, "rnn")
-    assert "output_lag_grad" not in lay and "output_lag_note" not in lay
-    assert len(lay["input_grad"]) == 10
+    assert lay.output_lag_grad is None
+    assert len(lay.input_grad.mean) == 10
 
 
 class CharLM(nn.Module):
@@ -247,7 +248,7 @@ def test_char_lm_heatmap_is_no_longer_flat_and_equals_lag_profile():
     m = CharLM()
     m.load_state_dict(weights)
     lay = _layer(rec, "lstm")
-    row = torch.tensor([float(v) for v in lay["output_lag_grad"]], dtype=torch.float64)
+    row = torch.tensor([float(v) for v in lay.output_lag_grad.by_lag], dtype=torch.float64)
     # the same quantity from the public lag_profile (a per-step head: equal)
     lp = rnnscope.lag_profile(
         m, ids, at="lstm", positions=_positions(T).tolist(),
@@ -255,7 +256,7 @@ def test_char_lm_heatmap_is_no_longer_flat_and_equals_lag_profile():
             logits.reshape(-1, 20), tgt.reshape(-1), reduction="none").view(8, T))
     torch.testing.assert_close(row, lp.by_lag().to(torch.float64), rtol=1e-4, atol=1e-10)
     # old behaviour: the summed per-step loss's input profile by lag is flat
-    old = torch.tensor([float(v) for v in lay["input_grad"]], dtype=torch.float64).flip(0)
+    old = torch.tensor([float(v) for v in lay.input_grad.mean], dtype=torch.float64).flip(0)
     assert old[20:30].mean() > 0.5 * old[1:5].mean()  # no fall-off with lag
     # new: the gradient arriving at output step t falls off with lag
     assert row[0] / row[25] > 30

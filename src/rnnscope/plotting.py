@@ -246,16 +246,21 @@ def plot_decay_curves(forget_values, max_length: int, ax=None):
 
 
 def lag_heatmap_rows(records: list, layer: str) -> tuple[str, list]:
-    """What a layer's heatmap draws: ("output", [(step, row by lag)]) from the records' rows of
-    the gradient arriving at output step t by lag k = t − s (a per-step loss, exact steps), or
-    else ("input", [(step, row by lag)]) from the per-timestep input profile read by lag
-    k = T−1−t (a loss at the last step); ("input", []) when neither is there."""
-    out = [(r["step"], [float(v) for v in r["layers"][layer]["output_lag_grad"]])
-           for r in records if r.get("layers", {}).get(layer, {}).get("output_lag_grad")]
+    """What a layer's heatmap draws, from monitor `Record`s (or their JSON dicts):
+    ("output", [(step, row by lag)]) from the rows of the gradient arriving at output step t by
+    lag k = t − s (a per-step loss, exact steps), or else ("input", [(step, row by lag)]) from
+    the per-timestep input profile read by lag k = T−1−t (a loss at the last step);
+    ("input", []) when neither is there."""
+    from .monitor.record import Record
+
+    recs = [r if isinstance(r, Record) else Record.from_dict(r) for r in records]
+    lays = [(r.step, r.layers[layer]) for r in recs if layer in r.layers]
+    out = [(step, list(lay.output_lag_grad.by_lag)) for step, lay in lays
+           if lay.output_lag_grad is not None and lay.output_lag_grad.by_lag]
     if out:
         return "output", out
-    return "input", [(r["step"], [float(v) for v in r["layers"][layer]["input_grad"]][::-1])
-                     for r in records if r.get("layers", {}).get(layer, {}).get("input_grad")]
+    return "input", [(step, list(lay.input_grad.mean)[::-1]) for step, lay in lays
+                     if lay.input_grad is not None and lay.input_grad.mean]
 
 
 def plot_lag_heatmap(records: list, layer: str, ax=None):
