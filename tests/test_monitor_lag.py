@@ -290,3 +290,23 @@ def test_plot_log_draws_the_output_step_rows_under_a_per_step_loss(tmp_path):
     which, rows = plotting.lag_heatmap_rows(old, "lstm")
     assert which == "input" and len(rows) == 4
     assert rows[0][1] == [float(v) for v in steps[0]["layers"]["lstm"]["input_grad"]][::-1]
+
+
+def test_a_step_wise_decoder_says_why_there_is_no_lag_row():
+    from rnnscope.monitor import output_lag
+
+    torch.manual_seed(8)
+    gru, head = nn.GRU(5, 7, batch_first=True), nn.Linear(7, 3)
+    model = nn.ModuleDict({"gru": gru, "head": head})
+    x, y = torch.randn(4, 6, 5), torch.randint(0, 3, (4, 6))
+    with GradientMonitor(model, replay_every=1) as mon:
+        h, outs = None, []
+        for t in range(6):  # one token per call, the state passed on
+            o, h = gru(x[:, t:t + 1], h)
+            outs.append(o)
+        logits = head(torch.cat(outs, 1))
+        nn.functional.cross_entropy(logits.reshape(-1, 3), y.reshape(-1)).backward()
+        rec = mon.step()
+    lag = rec.layers["gru"].output_lag_grad
+    assert lag.by_lag is None and lag.note == output_lag.CHAINED
+    assert len(rec.layers["gru"].state_grad[(0, 0)].h) == 6  # joined along time as before

@@ -417,6 +417,11 @@ class OutputLag(Statistic):
         if ctx.spec.is_cell:
             return
         for chain in ctx.replays():
+            if len(chain) > 1:  # one time axis across calls (a step-wise decoder)
+                if self._chain_per_step(chain):
+                    ctx.note(self.name, output_lag.CHAINED)
+                    return
+                continue
             for r in chain:
                 g = r.output_grad
                 if g is None:
@@ -425,11 +430,26 @@ class OutputLag(Statistic):
                                           r.call.rng_state)
                 if got is None:
                     continue
-                if isinstance(got, str) or len(chain) > 1:
-                    ctx.note(self.name, got if isinstance(got, str) else output_lag.CHAINED)
+                if isinstance(got, str):
+                    ctx.note(self.name, got)
                     return
                 add("sum", got[0] / ctx.world)
                 add("count", got[1])
+
+    @staticmethod
+    def _chain_per_step(chain) -> bool:
+        """Whether gradient reaches a chain's outputs before its last step: a call before the
+        last one got some, or a call's own outputs are per step."""
+        for i, r in enumerate(chain):
+            g = r.output_grad
+            if g is None:
+                continue
+            g = g[:r.keep]
+            if i < len(chain) - 1 and bool((g != 0).any()):
+                return True
+            if output_lag.is_per_step(g, None if r.lengths is None else r.lengths[:r.keep]):
+                return True
+        return False
 
     def compute(self, states, ctx):
         note = ctx.notes.get(self.name)
