@@ -342,6 +342,13 @@ def check_plot_records(steps: list, alerts: list, path) -> tuple[list[dict], lis
         if not (isinstance(a.get("kind"), str) and _is_int(a.get("step"))):
             raise ValueError(f"{path}: alert {i + 1} needs a text 'kind' and an integer "
                              f"'step'")
+    from .record import Record
+
+    for i, r in enumerate(steps):  # every field decodes (what plot-log draws reads them typed)
+        try:
+            Record.from_dict(r)
+        except ValueError as e:
+            raise ValueError(f"{path}: step record {i + 1}: {e}") from None
     last = {r["step"]: r for r in steps}  # the later record of a step wins
     if len(last) < len(steps):
         warnings.warn(f"{path}: {len(steps) - len(last)} step record(s) were logged again "

@@ -116,7 +116,10 @@ class Record(_Values):
         values = {}
         for stat in STATISTICS:
             if stat.scope == "model":
-                v = stat.from_json(d)
+                try:
+                    v = stat.from_json(d)
+                except (TypeError, ValueError, KeyError, AttributeError) as e:
+                    raise ValueError(f"step {step}: {stat.name}: {_why(e)}") from None
                 if v is not None:
                     values[stat.name] = v
         layers = {}
@@ -131,12 +134,21 @@ class Record(_Values):
                 if stat.scope == "layer":
                     try:
                         v = stat.from_json(ld)
-                    except (TypeError, ValueError, KeyError) as e:
+                    except (TypeError, ValueError, KeyError, AttributeError) as e:
                         raise ValueError(f"step {step}: layer {lname!r:.60}: {stat.name}: "
-                                         f"{e}") from None
+                                         f"{_why(e)}") from None
                     if v is not None:
                         lv[stat.name] = v
             layers[lname] = LayerRecord(lv)
         skipped = d.get("skipped", {})
         return cls(step=step, exact=bool(d.get("exact", False)), values=values, layers=layers,
                    skipped=dict(skipped) if isinstance(skipped, Mapping) else {})
+
+
+def _why(e: Exception) -> str:
+    """A decoding error in a few words: a missing key or a value of the wrong shape."""
+    if isinstance(e, KeyError):
+        return f"missing field {e}"
+    if isinstance(e, AttributeError):
+        return "a value of the wrong type"
+    return str(e)[:120]
