@@ -117,7 +117,7 @@ def main() -> dict:
                 losses.append(loss.item())
                 if step % 50 == 0 or step == steps - 1:
                     print(f"  step {step:3d}  loss {loss.item():.3f}")
-        history = list(mon.history)
+        history = [r.to_dict() for r in mon.history]  # the records' JSON form
         logs = sorted(pathlib.Path(tmpdir).rglob("*"))
         log_lines = sum(1 for p in logs if p.is_file() for _ in p.open())
         log_names = [p.name for p in logs if p.is_file()]

@@ -134,7 +134,7 @@ def main() -> dict:
             losses.append(loss.item())
             if step % 50 == 0 or step == steps - 1:
                 print(f"  step {step:3d}  train MSE {loss.item():.4f}")
-    history = list(mon.history)
+    history = [r.to_dict() for r in mon.history]  # the records' JSON form
     exact = [r for r in history if r.get("exact")]
     with_state = [r for r in exact if r["layers"].get("lstm", {}).get("state_grad")]
     skipped = {n: w for r in history for n, w in r.get("skipped", {}).items()}

@@ -132,7 +132,7 @@ def main() -> dict:
             losses.append(loss.item())
             if step % 50 == 0 or step == steps - 1:
                 print(f"  step {step:3d}  loss {loss.item():.3f}")
-    history = list(mon.history)
+    history = [r.to_dict() for r in mon.history]  # the records' JSON form
     last = history[-1]["layers"]
     dec_input = last.get("decoder.gru", {}).get("input_grad")
     enc_input = last.get("encoder.gru", {}).get("input_grad")

@@ -40,11 +40,14 @@ def test_lightning_callback_steps_logs_and_detaches(tmp_path):
     from rnnscope.integrations.lightning import GradientFlowCallback
 
     cb = GradientFlowCallback(replay_every=3, loggers=tmp_path / "mon")
+    # the figures go through pl_module.log_dict, so Lightning's log_every_n_steps applies
     trainer = lightning.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), callbacks=[cb],
                                 enable_progress_bar=False, enable_model_summary=False,
-                                enable_checkpointing=False, accelerator="cpu", devices=1)
+                                enable_checkpointing=False, accelerator="cpu", devices=1,
+                                log_every_n_steps=1)
     model = LitSeq()
     trainer.fit(model, _loader())
+    assert "rnnscope/grad_norm/global" in trainer.callback_metrics  # logged by the module
     steps, _ = read_jsonl(tmp_path / "mon" / "rnnscope-monitor.jsonl")
     assert [s["step"] for s in steps] == list(range(8))  # 4 batches × 2 epochs
     assert [s["exact"] for s in steps] == [s % 3 == 0 for s in range(8)]

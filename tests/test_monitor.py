@@ -27,6 +27,11 @@ class Seq(nn.Module):
         return self.head(out)
 
 
+def _json(rec):
+    """A step's Record in its JSON Lines form (what these tests were written against)."""
+    return None if rec is None else rec.to_dict()
+
+
 def _data(step, B=6, T=12):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(B, T, 5, generator=g), torch.randn(B, T, 1, generator=g)
@@ -77,7 +82,7 @@ def test_exact_state_gradients_and_input_profile_equal_autograd(bidirectional, b
     mon = GradientMonitor(model, replay_every=1, max_batch=4).attach()
     loss = ((model(x) - y) ** 2).mean()
     loss.backward()
-    rec = mon.step()
+    rec = _json(mon.step())
     mon.detach()
     # oracle 1: ∂L/∂x by autograd, per-sample norms averaged over the batch
     xr = x.clone().requires_grad_(True)
@@ -112,7 +117,7 @@ def test_per_gate_parameter_norms_and_global_norm():
     x, y = _data(0)
     with GradientMonitor(model) as mon:
         ((model(x) - y) ** 2).mean().backward()
-        rec = mon.step()
+        rec = _json(mon.step())
     norms = rec["layers"]["rnn"]["param_norms"]
     g = model.rnn.weight_hh_l0.grad
     for k, gate in enumerate("rzn"):
@@ -143,7 +148,7 @@ def test_cells_called_step_by_step():
     x, y = x.double(), y.double()
     with GradientMonitor(m, replay_every=1) as mon:
         ((m(x) - y) ** 2).mean().backward()
-        rec = mon.step()
+        rec = _json(mon.step())
     # oracle: retain_grad on the reference unroll
     xr = x.clone().requires_grad_(True)
     h = c = torch.zeros(6, 6, dtype=torch.float64)
@@ -197,13 +202,13 @@ def test_schedules_and_bounded_history():
     for s in range(7):
         x, y = _data(s)
         ((model(x) - y) ** 2).mean().backward()
-        recs.append(mon.step())
+        recs.append(_json(mon.step()))
         model.zero_grad()
     mon.detach()
     assert [r is not None for r in recs] == [True, False, True, True, True, False, True]
     assert [r["exact"] for r in recs if r] == [True, False, True, False, True]
     assert "input_grad" not in recs[3]["layers"]["rnn"]  # step 3: exact only
-    assert len(mon.history) == 2 and mon.history[-1]["step"] == 6
+    assert len(mon.history) == 2 and mon.history[-1].step == 6
 
 
 def test_alerts_fire_rate_limited_and_reach_loggers_and_callback(tmp_path):
@@ -258,7 +263,7 @@ def test_saturation_alert_at_replay_steps():
                              alerts=AlertPolicy(callback=got.append)) as mon:
             x, y = _data(0)
             ((model(x) - y) ** 2).mean().backward()
-            rec = mon.step()
+            rec = _json(mon.step())
     assert rec["layers"]["rnn"]["gates"]["l0d0"]["frac_units_hi"] == 1.0
     sat = [a for a in got if a.kind == "saturation"]
     assert sat and "100% of units have a mean f gate > 0.99" in sat[0].message
@@ -304,7 +309,7 @@ def test_training_dropout_keeps_the_exact_part(max_batch):
                 x, y = x.double(), y.double()
                 state = torch.get_rng_state()
                 ((model(x) - y) ** 2).mean().backward()
-                rec = mon.step()
+                rec = _json(mon.step())
     assert "skipped" not in rec
     # the masks the kernel drew in that last step, recovered from the RNG state before it
     masks = rnnscope.replay(model.rnn, x, rng_state=state).dropout_masks
@@ -365,7 +370,7 @@ def test_checkpointed_training_is_unchanged_by_the_monitor():
         mon = GradientMonitor(m, replay_every=1).attach() if monitor else None
         x, y = _data(0)
         ((m(x) - y) ** 2).mean().backward()
-        rec = mon.step() if mon else None
+        rec = _json(mon.step()) if mon else None
         if mon:
             mon.close()
         return [p.grad.clone() for p in m.parameters()], rec
@@ -396,7 +401,7 @@ def test_stepwise_decoder_is_one_time_axis():
     x, y = x.double(), y.double()
     with GradientMonitor(model, replay_every=1, max_batch=6) as mon:
         ((model(x) - y) ** 2).mean().backward()
-        rec = mon.step()
+        rec = _json(mon.step())
     r = rec["layers"]["gru"]
     assert len(r["input_grad"]) == 12 and len(r["state_grad"]["l0d0"]["h"]) == 12
     # reference: the same GRU unrolled over the whole sequence in one call
@@ -442,7 +447,7 @@ def test_packed_inputs_are_measured_per_length():
     with GradientMonitor(model, replay_every=1, max_batch=6) as mon:
         mask = (torch.arange(12)[None, :] < lengths[:, None]).unsqueeze(-1)
         (((model(x, lengths) - y) ** 2) * mask).sum().backward()
-        rec = mon.step()
+        rec = _json(mon.step())
     r = rec["layers"]["rnn"]
     # reference: each sample alone, unpacked, over its own length
     sums, counts = torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
@@ -504,7 +509,7 @@ def test_retain_graph_two_backwards_reports_the_summed_gradient():
         out = model(x)
         ((out - y) ** 2).mean().backward(retain_graph=True)
         (3.0 * (out[:, 4:] ** 2).sum()).backward()  # a different loss on the same graph
-        rec = mon.step()
+        rec = _json(mon.step())
     r = rec["layers"]["rnn"]
     # parameter statistics read .grad: the sum of both backwards
     want_global = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
@@ -545,7 +550,7 @@ def test_retain_graph_with_a_cell_loop_reports_the_summed_gradient():
         hs = unroll(x)
         torch.stack(hs, 1).sum().backward(retain_graph=True)
         (hs[5] ** 2).sum().backward()
-        rec = mon.step()
+        rec = _json(mon.step())
     r = rec["layers"]["GRUCell"]
     xr = x.clone().requires_grad_(True)
     hs = unroll(xr)
@@ -577,7 +582,7 @@ def test_gradient_accumulation_pools_the_micro_batches(batch_first):
             (((model(x) - y) ** 2).mean() / k).backward()
         with warnings.catch_warnings():
             warnings.simplefilter("error", GradientFlowWarning)  # nothing is skipped
-            rec = mon.step()
+            rec = _json(mon.step())
     r = rec["layers"]["rnn"]
     assert "skipped" not in rec
     sums, counts = torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
@@ -635,7 +640,7 @@ def test_a_forward_without_backward_between_micro_batches_changes_nothing():
                 (((model(x.double()) - y.double()) ** 2).mean()).backward()
                 if extra and s == 0:
                     model(torch.randn(5, 20, 5, dtype=torch.float64))  # no backward
-            return mon.step()
+            return _json(mon.step())
 
     a, b = run(False), run(True)
     assert a["layers"] == b["layers"]
@@ -681,7 +686,7 @@ def test_checkpointed_recomputation_is_measured_once_and_equals_the_plain_run():
         mon = GradientMonitor(m, replay_every=1).attach() if monitor else None
         x, y = _data(0)
         ((m(x.double()) - y.double()) ** 2).mean().backward()
-        rec = mon.step() if mon else None
+        rec = _json(mon.step()) if mon else None
         if mon:
             mon.close()
         return [p.grad.clone() for p in m.parameters()], rec

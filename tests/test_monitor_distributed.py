@@ -34,7 +34,7 @@ def _batch():
 def _step(model, x, y, monitor):
     loss = ((model(x) - y) ** 2).mean()
     loss.backward()
-    return monitor.step()
+    return monitor.step().to_dict()  # the Record's JSON form
 
 
 def _worker(rank, world, store_path, out_path):

@@ -160,7 +160,7 @@ def train_variant(name: str, cfg: ExperimentConfig, *, progress: Callable = None
                 eval_curve.append([step + 1, encode_float(_evaluate(model, cls, eval_batches))])
             if progress is not None and (step + 1) % max(cfg.steps // 20, 1) == 0:
                 progress(f"{name}: step {step + 1}/{cfg.steps}")
-        history = list(mon.history)
+        history = [r.to_dict() for r in mon.history]  # the records' JSON form
     out.update({
         "train_loss": curve, "eval_loss": eval_curve, "seconds": round(time.perf_counter() - t0, 2),
         "clipped_fraction": clipped / cfg.steps,

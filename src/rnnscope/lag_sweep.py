@@ -482,3 +482,35 @@ def _rnn_sweep(p, lt, rows, Z, nonlinearity: str):
         dp = dpre[:k]
         torch.mul(here[:, :H].view(q, B, H), d_t[s], out=dp.view(q, B, H))
         nxt.addmm_(dp, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Given output-step cotangents (the training-time monitor)
+
+
+def output_step_lag_norms(module: nn.RNNBase, x: torch.Tensor, hx, output: torch.Tensor,
+                          cotangents: torch.Tensor) -> torch.Tensor:
+    """(B, P, T) float64 norms ‖∂(g_p · y)/∂x_s‖ for P given output cotangents g_p, one sweep.
+
+    For the GradientMonitor: g_p is the gradient the real training loss sent to the module's
+    output, kept at one output step t_p and zero elsewhere, so each norm is that of the
+    gradient arriving at output step t_p, carried back to input step s. No loss and no head are
+    differentiated: the cotangents are given. The same conditions as `plan` apply (a fused,
+    unidirectional module on a (B, T, I) / (T, B, I) tensor, no training-mode inter-layer
+    dropout); the caller checks them.
+
+    Args:
+        module: the fused module; x (its own layout) and hx: what it was given.
+        output: (B, T, Ho) or (T, B, Ho), what it returned for x (a one-layer module's sweep
+            reads its states from it).
+        cotangents: (P, *output.shape) the output cotangents, one per position.
+    """
+    site = SweepSite(module, x.detach(), hx, [output.detach()])
+    P = cotangents.shape[0]
+    onehot = cotangents.new_zeros(P, 1, 1)  # only its length P is read
+
+    def given(_losses, _outputs, _onehot):
+        return [cotangents], "given cotangents"
+
+    norms, _ = lag_norms(site, None, onehot, given)
+    return norms

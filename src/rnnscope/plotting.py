@@ -245,19 +245,39 @@ def plot_decay_curves(forget_values, max_length: int, ax=None):
     return ax.figure
 
 
+def lag_heatmap_rows(records: list, layer: str) -> tuple[str, list]:
+    """What a layer's heatmap draws, from monitor `Record`s (or their JSON dicts):
+    ("output", [(step, row by lag)]) from the rows of the gradient arriving at output step t by
+    lag k = t − s (a per-step loss, exact steps), or else ("input", [(step, row by lag)]) from
+    the per-timestep input profile read by lag k = T−1−t (a loss at the last step);
+    ("input", []) when neither is there."""
+    from .monitor.record import Record
+
+    recs = [r if isinstance(r, Record) else Record.from_dict(r) for r in records]
+    lays = [(r.step, r.layers[layer]) for r in recs if layer in r.layers]
+    out = [(step, list(lay.output_lag_grad.by_lag)) for step, lay in lays
+           if lay.output_lag_grad is not None and lay.output_lag_grad.by_lag]
+    if out:
+        return "output", out
+    return "input", [(step, list(lay.input_grad.mean)[::-1]) for step, lay in lays
+                     if lay.input_grad is not None and lay.input_grad.mean]
+
+
 def plot_lag_heatmap(records: list, layer: str, ax=None):
-    """Mean ‖∂L/∂x_t‖ at a layer's input by lag (rows) and training step (columns), log colour
-    scale; None if no record has that layer's input profile."""
+    """A layer's gradient by lag (rows) and training step (columns), log colour scale; None if
+    no record has a row for that layer.
+
+    Under a per-step loss the rows are the mean ‖∂(g_t·y_t)/∂x_{t−k}‖ of the gradient arriving
+    at output step t (the monitor's exact steps); otherwise the mean ‖∂L/∂x_t‖ by k = T−1−t.
+    """
     from matplotlib.colors import LogNorm
 
-    rows = [(r["step"], r["layers"][layer]["input_grad"]) for r in records
-            if r.get("layers", {}).get(layer, {}).get("input_grad")]
+    which, rows = lag_heatmap_rows(records, layer)
     if not rows:
         return None
     T = max(len(p) for _, p in rows)
     grid = np.full((T, len(rows)), np.nan)
-    for j, (_, prof) in enumerate(rows):
-        vals = np.array([float(v) for v in prof])[::-1]  # by lag: lag 0 = last timestep
+    for j, (_, vals) in enumerate(rows):
         grid[: len(vals), j] = vals
     pos = grid[np.isfinite(grid) & (grid > 0)]
     if ax is None:
@@ -275,10 +295,16 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
         edges = np.concatenate([[x[0] - (mid[0] - x[0] if len(x) > 1 else 0.5)], mid,
                                 [x[-1] + (x[-1] - mid[-1] if len(x) > 1 else 0.5)]])
         im = ax.pcolormesh(edges, np.arange(T + 1) - 0.5, masked, norm=norm, cmap="viridis")
-    ax.figure.colorbar(im, ax=ax, label=r"mean $\|\partial L/\partial x_t\|$ (log scale)")
     ax.set_xlabel("training step")
-    ax.set_ylabel("lag k = T−1−t (steps before the last timestep)")
-    ax.set_title(f"{plain(layer)}: gradient reaching each lag over training")
+    if which == "output":
+        ax.figure.colorbar(im, ax=ax, label=r"mean $\|\partial(g_t \cdot y_t)/\partial "
+                                            r"x_{t-k}\|$ (log scale)")
+        ax.set_ylabel("lag k = t − s (steps before output step t)")
+        ax.set_title(f"{plain(layer)}: gradient arriving at output step t, by lag")
+    else:
+        ax.figure.colorbar(im, ax=ax, label=r"mean $\|\partial L/\partial x_t\|$ (log scale)")
+        ax.set_ylabel("lag k = T−1−t (steps before the last timestep)")
+        ax.set_title(f"{plain(layer)}: gradient reaching each lag over training")
     return ax.figure
 
 

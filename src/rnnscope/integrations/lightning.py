@@ -2,8 +2,9 @@
 
 It attaches a GradientMonitor to the LightningModule at fit start, steps it at
 `on_before_optimizer_step` (after backward, gradients unscaled/accumulated, before the
-optimizer consumes them), logs its scalar figures through the trainer's loggers on global rank 0
-and detaches at the end of fit — also when fit raises.
+optimizer consumes them), logs its scalar figures with `pl_module.log_dict` (so Lightning's
+loggers, rank handling and step bookkeeping apply) and detaches at the end of fit — also when
+fit raises.
 """
 
 from __future__ import annotations
@@ -47,16 +48,16 @@ class GradientFlowCallback(Callback):
         if self.monitor is None:
             return
         record = self.monitor.step()
-        if record is None or not trainer.is_global_zero:
+        if record is None:
             return
-        metrics = {self.prefix + k: v for k, v in flat_scalars(record).items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        metrics = {self.prefix + k: float(v) for k, v in flat_scalars(record).items()}
         for alert in self.monitor.alerts:
-            if alert.step == record["step"]:
-                for logger in trainer.loggers:
-                    logger.log_metrics({f"{self.prefix}alert/{alert.kind}": 1.0},
-                                       step=trainer.global_step)
+            if alert.step == record.step:
+                metrics[f"{self.prefix}alert/{alert.kind}"] = 1.0
+        if metrics:
+            # every rank holds the same figures (the monitor reduced them across ranks), so no
+            # further sync; Lightning's loggers write them from rank 0
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
 
     def _close(self) -> None:
         if self.monitor is not None:

@@ -120,16 +120,15 @@ class AlertState:
         self.last[key] = alert.step
         out.append(alert)
 
-    def check(self, step: int, record: dict) -> list[Alert]:
-        """Alerts raised by one step's record (see GradientMonitor for its fields)."""
+    def check(self, step: int, record) -> list[Alert]:
+        """Alerts raised by one step's `Record` (see GradientMonitor for its fields)."""
         p, out = self.policy, []
-        for name, count in record.get("nonfinite_params", {}).items():
+        for name, count in (record.nonfinite_params or {}).items():
             if count:
                 self._fire(out, Alert("nonfinite", step, name, count, 0,
                                       f"step {step}: {int(count)} non-finite (NaN/Inf) gradient "
                                       f"value(s) in {name}"))
-        g = record.get("global_norm")
-        g = None if g is None else float(g)  # records write NaN as the string "nan"
+        g = record.global_norm
         if g is not None and math.isfinite(g):
             hist = list(self.norms)[-p.median_window:]
             if p.explode_norm is not None and g > p.explode_norm:
@@ -143,9 +142,9 @@ class AlertState:
                                           f"step {step}: global gradient norm {g:.3g} jumped to "
                                           f"{g / med:.1f}× its running median {med:.3g}"))
             self.norms.append(g)
-        for layer, rec in record.get("layers", {}).items():
-            prof = rec.get("input_grad")  # mean ‖∂L/∂x_t‖ per timestep t
-            prof = None if prof is None else [float(v) for v in prof]
+        for layer, rec in record.layers.items():
+            inp = rec.input_grad
+            prof = None if inp is None else inp.mean  # mean ‖∂L/∂x_t‖ per timestep t
             if prof is not None and len(prof) > p.vanish_lag:
                 lag0 = prof[-1]
                 far = max(prof[: len(prof) - p.vanish_lag])
@@ -155,19 +154,20 @@ class AlertState:
                                           f"step {step}: {layer}: gradient reaching lag ≥ "
                                           f"{p.vanish_lag} is {far / lag0:.2e} of the gradient at "
                                           f"lag 0 (threshold {p.vanish_eps:.0e})"))
-            bad = rec.get("input_grad_nonfinite", 0)
+            bad = 0 if inp is None else inp.nonfinite
             if bad:
                 self._fire(out, Alert("nonfinite", step, f"{layer} input", bad, 0,
                                       f"step {step}: {int(bad)} non-finite value(s) in "
                                       f"∂L/∂x at the input of {layer}"))
-            for key, gate in rec.get("gates", {}).items():
-                hi, lo = gate["frac_units_hi"], gate["frac_units_lo"]
+            for (lay, d), gate in (rec.gates or {}).items():
+                key = f"l{lay}d{d}"
+                hi, lo = gate.frac_units_hi, gate.frac_units_lo
                 if max(hi, lo) > p.saturation_frac:
                     which = f"> {p.saturation_hi}" if hi >= lo else f"< {p.saturation_lo}"
                     self._fire(out, Alert("saturation", step, f"{layer} {key}", max(hi, lo),
                                           p.saturation_frac,
                                           f"step {step}: {layer} {key}: {100 * max(hi, lo):.0f}% "
-                                          f"of units have a mean {gate['gate']} gate {which} "
+                                          f"of units have a mean {gate.gate} gate {which} "
                                           f"(threshold {100 * p.saturation_frac:.0f}%)"))
         if p.clip_after and not self.clip_done and len(self.norms) >= p.clip_after:
             self.clip_done = True

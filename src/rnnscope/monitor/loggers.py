@@ -1,8 +1,8 @@
 """Where the monitor's records go: JSON Lines (built in), CSV, TensorBoard (extra).
 
-A logger has `log(record)` for one step's record, `log_alert(alert)` and `close()`. Records are
-JSON-safe dicts (see GradientMonitor); non-finite numbers are written as "nan"/"inf", never
-dropped.
+A logger has `log(record)` for one step's `Record`, `log_alert(alert)` and `close()`. The JSON
+Lines file holds each record's `to_dict()` (non-finite numbers written as "nan"/"inf", never
+dropped); `Record.from_dict` reads it back, also logs written by older versions.
 
 Logging never takes training down. The file loggers append whole lines with one write each;
 when a write fails (a full disk, a vanished network mount), one RuntimeWarning says so and the
@@ -120,8 +120,8 @@ class JSONLLogger(Logger):
             return
         self._out.append(line)
 
-    def log(self, record: dict) -> None:
-        self._write({"type": "step", **record})
+    def log(self, record) -> None:
+        self._write({"type": "step", **_as_json(record)})
 
     def log_alert(self, alert) -> None:
         self._write({"type": "alert", **alert.to_dict()})
@@ -130,28 +130,23 @@ class JSONLLogger(Logger):
         self._out.close()
 
 
-def flat_scalars(record: dict) -> dict:
-    """{name: float} of the scalar figures of a record (for CSV, TensorBoard, Lightning)."""
-    from ..results import json_number
+def flat_scalars(record) -> dict:
+    """{name: float} of the scalar figures of a `Record` (for CSV, TensorBoard, Lightning)."""
+    from .statistics import flat_scalars as scalars
 
-    out = {}
-    if record.get("global_norm") is not None:
-        out["grad_norm/global"] = float(json_number(record["global_norm"]))
-    for layer, rec in record.get("layers", {}).items():
-        prof = rec.get("input_grad")
-        if prof:
-            out[f"{layer}/input_grad/lag0"] = float(json_number(prof[-1]))
-            out[f"{layer}/input_grad/first_step"] = float(json_number(prof[0]))
-        for name, v in rec.get("param_norms", {}).items():
-            out[f"{layer}/grad_norm/{name}"] = float(json_number(v))
-        for key, g in rec.get("gates", {}).items():
-            out[f"{layer}/{key}/gate_mean"] = float(json_number(g["mean"]))
-            out[f"{layer}/{key}/frac_units_hi"] = float(json_number(g["frac_units_hi"]))
-        for key, sg in rec.get("state_grad", {}).items():
-            out[f"{layer}/{key}/dL_dh_first_step"] = float(json_number(sg["h"][0]))
-    for name, n in record.get("nonfinite_params", {}).items():
-        out[f"nonfinite/{name}"] = float(n)
-    return out
+    return scalars(_as_record(record))
+
+
+def _as_record(record):
+    """A `Record`; a JSON-form dict (an older caller, a read log) is decoded first."""
+    from .record import Record
+
+    return record if isinstance(record, Record) else Record.from_dict(record)
+
+
+def _as_json(record) -> dict:
+    """The JSON form of a record; a dict is written as it is."""
+    return record.to_dict() if hasattr(record, "to_dict") else record
 
 
 class CSVLogger(Logger):
@@ -175,8 +170,9 @@ class CSVLogger(Logger):
         csv.writer(buf).writerows(rows)
         return buf.getvalue()
 
-    def log(self, record: dict) -> None:
-        self._out.append(self._rows([record["step"], name, repr(v)]
+    def log(self, record) -> None:
+        record = _as_record(record)
+        self._out.append(self._rows([record.step, name, repr(v)]
                                     for name, v in flat_scalars(record).items()))
 
     def log_alert(self, alert) -> None:
@@ -204,19 +200,20 @@ class TensorBoardLogger(Logger):
         self._history = []
         self._n = 0
 
-    def log(self, record: dict) -> None:
+    def log(self, record) -> None:
+        record = _as_record(record)
         for name, v in flat_scalars(record).items():
-            self.writer.add_scalar(name, v, record["step"])
+            self.writer.add_scalar(name, v, record.step)
         self._history.append(record)
         self._history = self._history[-500:]  # bounded
         self._n += 1
         if self.image_every and self._n % self.image_every == 0:
-            self._heatmaps(record["step"])
+            self._heatmaps(record.step)
 
     def _heatmaps(self, step: int) -> None:
         from .. import plotting
 
-        for layer in self._history[-1].get("layers", {}):
+        for layer in self._history[-1].layers:
             fig = plotting.plot_lag_heatmap(self._history, layer)
             if fig is not None:
                 self.writer.add_figure(f"{layer}/input_grad_heatmap", fig, step)
@@ -335,15 +332,23 @@ def check_plot_records(steps: list, alerts: list, path) -> tuple[list[dict], lis
             if not isinstance(rec, dict):
                 raise ValueError(f"{where} (step {r['step']}): layer {name!r:.60} must be an "
                                  f"object")
-            prof = rec.get("input_grad")
-            if prof is not None and not (isinstance(prof, list)
-                                         and all(_is_number(v) for v in prof)):
-                raise ValueError(f"{where} (step {r['step']}): layer {name!r:.60}'s "
-                                 f"'input_grad' must be a list of numbers")
+            for key in ("input_grad", "output_lag_grad"):
+                prof = rec.get(key)
+                if prof is not None and not (isinstance(prof, list)
+                                             and all(_is_number(v) for v in prof)):
+                    raise ValueError(f"{where} (step {r['step']}): layer {name!r:.60}'s "
+                                     f"'{key}' must be a list of numbers")
     for i, a in enumerate(alerts):
         if not (isinstance(a.get("kind"), str) and _is_int(a.get("step"))):
             raise ValueError(f"{path}: alert {i + 1} needs a text 'kind' and an integer "
                              f"'step'")
+    from .record import Record
+
+    for i, r in enumerate(steps):  # every field decodes (what plot-log draws reads them typed)
+        try:
+            Record.from_dict(r)
+        except ValueError as e:
+            raise ValueError(f"{path}: step record {i + 1}: {e}") from None
     last = {r["step"]: r for r in steps}  # the later record of a step wins
     if len(last) < len(steps):
         warnings.warn(f"{path}: {len(steps) - len(last)} step record(s) were logged again "

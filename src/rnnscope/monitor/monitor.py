@@ -18,6 +18,11 @@ the layer is replayed on up to `max_batch` samples of the batch it saw, and that
 gradient is back-propagated through the replay — the true ∂L/∂h_t, ∂L/∂c_t of the real training
 loss for every layer and direction — plus forget/retain-gate statistics. Cells (nn.LSTMCell ...)
 called step by step give those exact state gradients directly from hooks on their outputs.
+Under a per-step loss (gradient reaches output steps before the last), the exact steps also
+give a per-lag row: for up to 16 evenly spaced output steps t, the captured gradient arriving
+at output step t alone, carried back through the replay, ‖∂(g_t·y_t)/∂x_{t−k}‖ averaged by
+lag k (`output_lag`; equal to lag_profile's ‖∂ℓ_t/∂x_{t−k}‖ when the loss at step t depends on
+y_t only). It is the heatmap `plot-log` draws for such runs.
 
 The model is never changed: outputs and parameter gradients are bit-identical with and without
 the monitor (the input hook only makes a data tensor that did not require grad into a fresh leaf
@@ -31,8 +36,14 @@ backward through the same graph (retain_graph=True) adds to the gradients, as it
 every statistic describes the summed gradient the optimizer will see. The exact replay takes at
 most `max_batch` samples over all independent calls.
 
-Under torch.distributed every statistic is declared with its reduction (sum or max) and reduced
-across ranks (`stats.StatSet`); input and state gradients are taken as gradients of the global
+Each figure is a statistic class in `statistics` that declares its name, its schedule (cheap or
+exact), how it is computed from the captured tensors and its cross-rank reduction; `step()`
+returns a typed, frozen `Record` of their values (`record.layers["rnn"].input_grad.mean`), and
+loggers, alerts and `plot-log` read its fields. JSON exists only in the JSON Lines logger
+(`Record.to_dict` / `from_dict`).
+
+Under torch.distributed every statistic's states are reduced across ranks with their declared
+reduction (sum or max, one generic `stats.StatSet.sync`); input and state gradients are taken as gradients of the global
 objective DDP optimises (each rank's loss / world size), so the reduced per-lag figures equal
 those of one process on the concatenated batch. Rank 0 logs.
 """
@@ -41,60 +52,23 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from ..checks import narrow_state
+from ..recurrent import describe, is_recurrent
 from ..site import pad_packed
-from ..recurrent import GATES, RETAIN_GATE, describe, is_recurrent
-from ..jacobians import trace_state_gradients
-from ..replay import replay
+from . import capture
+from . import statistics as _statistics
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
+from .capture import Call as _Call, Capture as _Capture, chains as _chains
+from .capture import _batch_size, _first_samples, _lengths
 from .loggers import make_loggers
+from .record import LayerRecord, Record
 from .schedules import PRESETS, as_schedule
 from .stats import StatSet
-
-GATE_BINS = 20
-
-
-@dataclass
-class _Call:
-    """One call of a fused recurrent submodule in the current step."""
-
-    # cheap path: ∂L/∂x batch-major (B, T, I), summed over every backward that reached it
-    # (retain_graph), and the lengths of a packed input (steps past them are not counted)
-    input_grad: torch.Tensor | None = None
-    input_lengths: torch.Tensor | None = None
-    # exact path: inputs (first max_batch samples), initial state, RNG state for dropout, and
-    # the gradients the real loss sent to the outputs
-    x: object = None
-    hx: object = None
-    rng_state: torch.Tensor | None = None
-    grad_out: dict = field(default_factory=dict)
-    state_in: tuple = ()    # ids of the hx tensors it was given (to see calls chain)
-    state_out: tuple = ()   # ids of the state tensors it returned
-    got_grad: bool = False
-    head: bool = True       # starts a chain (its state does not come from the previous call)
-    n: int = 0              # samples captured for the exact replay
-
-
-@dataclass
-class _Capture:
-    """What one recurrent submodule's hooks saw during the current step."""
-
-    skipped: str | None = None
-    tensor_handles: list = field(default_factory=list)
-    calls: list = field(default_factory=list)  # fused modules: one _Call per call
-    # cells: per call, its step within its sequence (0 where a fresh state starts one), the
-    # ids of the state it returned, and [summed gradient or None, batch size] entries
-    cell_pos: list = field(default_factory=list)
-    cell_prev_out: tuple = ()
-    cell_input: list = field(default_factory=list)
-    cell_state: dict = field(default_factory=dict)
 
 
 def _world() -> tuple[int, int]:
@@ -156,6 +130,7 @@ class GradientMonitor:
         self._caps = {name: _Capture() for name in self.modules}
         self._warned: set = set()
         self._failed_loggers: set = set()  # id() of loggers paused after a failure
+        self._lag_notes: dict = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -347,8 +322,8 @@ class GradientMonitor:
 
     # -- the step -------------------------------------------------------------------------------
 
-    def step(self) -> dict | None:
-        """Close the current training step: compute, reduce, alert, log. Returns its record
+    def step(self) -> Record | None:
+        """Close the current training step: compute, reduce, alert, log. Returns its `Record`
         (None on steps the schedules skip). Call after backward, before optimizer.step()."""
         cheap, exact = self._active()
         record = None
@@ -380,46 +355,64 @@ class GradientMonitor:
             got |= any(e[0] is not None for es in cap.cell_state.values() for e in es)
         return ran and not got
 
-    @staticmethod
-    def _chains(cap: _Capture) -> list[list[_Call]]:
-        """The calls of a fused module the backward reached this step, as chains: calls that
-        each pass their state to the next (a decoder stepping one token at a time) are one
-        sequence along time; chains are independent samples (micro-batches, several inputs)."""
-        chains = []
-        for c in cap.calls:
-            if not c.got_grad:
-                continue
-            if chains and not c.head and c.state_in == chains[-1][-1].state_out:
-                chains[-1].append(c)
-            else:
-                chains.append([c])
-        return chains
-
-    def _measure(self, cheap: bool, exact: bool) -> dict:
+    def _measure(self, cheap: bool, exact: bool) -> Record:
         rank, world = _world()
         stats = StatSet()
+        active = [st for st in _statistics.STATISTICS  # read at each step: extensible
+                  if (st.schedule == "cheap" and cheap) or (st.schedule == "exact" and exact)]
         skipped = {}
-        if cheap:
-            self._param_stats(stats)
+        model_ctx = _ModelContext(self.model) if cheap else None
+        contexts = {}
+        for st in active:
+            if st.scope == "model":
+                st.update(model_ctx, _adder(stats, st, None))
         for name, cap in self._caps.items():
+            ctx = contexts[name] = _LayerContext(self, name, cap, world)
+            for st in active:
+                if st.scope != "layer":
+                    continue
+                try:
+                    st.update(ctx, _adder(stats, st, name))
+                except _ReplaySkipped as e:
+                    ctx.skip = str(e)
             if cap.skipped:
                 skipped[name] = cap.skipped
-            if cheap:
-                self._input_stats(stats, name, cap, world)
-            if exact:
-                reason = self._exact_stats(stats, name, cap, world)
-                if reason:
-                    skipped[name] = reason
+            if ctx.skip:
+                skipped[name] = ctx.skip
         stats.sync(self.process_group)
-        record = self._record(stats, exact)
-        if skipped:
-            record["skipped"] = skipped
-            for name, why in skipped.items():
-                if (name, why) not in self._warned:
-                    self._warned.add((name, why))
-                    warnings.warn(f"rnnscope monitor: {name}: {why}", GradientFlowWarning,
-                                  stacklevel=3)
-        alerts = self._alert_state.check(record["step"], record)
+        model_states: dict = {}
+        layer_states: dict = {}
+        for key, value in stats.values.items():
+            stat, layer, *rest = key
+            where = model_states if layer is None else layer_states.setdefault(layer, {})
+            where.setdefault(stat, {})[tuple(rest)] = value
+        values = {}
+        for st in active:
+            if st.scope == "model" and st.name in model_states:
+                v = st.compute(model_states[st.name], model_ctx)
+                if v is not None:
+                    values[st.name] = v
+        layers = {}
+        for name in self.modules:
+            lv = {}
+            for st in active:
+                if st.scope != "layer":
+                    continue
+                states = layer_states.get(name, {}).get(st.name, {})
+                if not states and st.name not in contexts[name].notes:
+                    continue
+                v = st.compute(states, contexts[name])
+                if v is not None:
+                    lv[st.name] = v
+            layers[name] = LayerRecord(lv)
+        record = Record(step=self.step_count, exact=exact, values=values, layers=layers,
+                        skipped=skipped)
+        for name, why in skipped.items():
+            if (name, why) not in self._warned:
+                self._warned.add((name, why))
+                warnings.warn(f"rnnscope monitor: {name}: {why}", GradientFlowWarning,
+                              stacklevel=3)
+        alerts = self._alert_state.check(record.step, record)
         for a in alerts:
             self.alerts.append(a)
             if self.policy.warn:
@@ -432,7 +425,7 @@ class GradientMonitor:
         self.history.append(record)
         return record
 
-    def _write(self, lg, record: dict, alerts: list) -> None:
+    def _write(self, lg, record: Record, alerts: list) -> None:
         """Hand a record to one logger. A logger that fails (a full disk, a user's logger
         raising) never takes the training loop down: one warning, then that logger is paused."""
         if id(lg) in self._failed_loggers:
@@ -444,221 +437,70 @@ class GradientMonitor:
         except Exception as e:  # noqa: BLE001 - any logger failure is reported, not raised
             self._failed_loggers.add(id(lg))
             warnings.warn(f"rnnscope monitor: {type(lg).__name__} failed at step "
-                          f"{record.get('step')} ({type(e).__name__}: {e}); it is paused for "
+                          f"{record.step} ({type(e).__name__}: {e}); it is paused for "
                           "the rest of this run, training goes on", GradientFlowWarning,
                           stacklevel=4)
 
-    def _param_stats(self, stats: StatSet) -> None:
-        names, grads = [], []
-        for n, p in self.model.named_parameters():
+
+class _ReplaySkipped(Exception):
+    """The exact replay of a submodule was refused; its message says why."""
+
+
+def _adder(stats: StatSet, st, layer):
+    """add(state, value, *sub_key) for statistic `st`, with the reduction it declared."""
+    def add(state: str, value, *sub) -> None:
+        stats.add((st.name, layer, state, *sub), value, st.states[state])
+
+    return add
+
+
+class _ModelContext:
+    """What model-wide statistics read: every parameter gradient, and their norms."""
+
+    def __init__(self, model: nn.Module):
+        self.param_names, self.param_grads = [], []
+        for n, p in model.named_parameters():
             if p.grad is not None:
-                names.append(n)
-                grads.append(p.grad.detach())
-        if not grads:
-            return
-        norms = torch.stack([g.norm() for g in grads]).to(torch.float64)
-        stats.add("global_norm", norms.pow(2).sum().sqrt().cpu(), "max")
-        # a NaN/Inf value makes its parameter's norm non-finite: count values only there
-        for i in (~torch.isfinite(norms)).nonzero().flatten().tolist():
-            stats.add(f"nonfinite_params/{names[i]}", int((~torch.isfinite(grads[i])).sum()),
-                      "max")
-        for mname, m in self.modules.items():
-            spec = self.specs[mname]
-            G = len(GATES[spec.kind]) or 1
-            for pname, p in m.named_parameters(recurse=False):
-                if p.grad is None or pname.startswith("weight_hr"):
-                    if p.grad is not None:
-                        stats.add(f"param/{mname}/{pname}", p.grad.norm().cpu(), "max")
-                    continue
-                blocks = p.grad.detach().reshape(G, spec.hidden_size, -1)
-                norms_b = blocks.to(torch.float64).norm(dim=(1, 2)).cpu()
-                labels = GATES[spec.kind] or ("",)
-                for lab, v in zip(labels, norms_b):
-                    stats.add(f"param/{mname}/{pname}" + (f".{lab}" if lab else ""), v, "max")
-
-    def _input_stats(self, stats, name, cap, world) -> None:
-        if cap.cell_input:  # cells: entries per call, pooled by step within each sequence
-            if not any(e[0] is not None for e in cap.cell_input):
-                return
-            sums, counts, bad = _pool_cell_steps(cap.cell_input, cap.cell_pos)
-        else:
-            rows = []  # per chain: (sum over samples, count) per step, joined along time
-            bad = 0
-            for chain in self._chains(cap):
-                parts = [_input_norms(c) for c in chain if c.input_grad is not None]
-                if parts:
-                    rows.append((torch.cat([p[0] for p in parts]),
-                                 torch.cat([p[1] for p in parts])))
-                    bad += sum(p[2] for p in parts)
-            if not rows:
-                return
-            sums = _pad_sum([r[0] for r in rows])
-            counts = _pad_sum([r[1] for r in rows])
-        stats.add(f"input_sum/{name}", sums / world, "sum")
-        stats.add(f"input_count/{name}", counts, "sum")
-        if bad:
-            stats.add(f"input_nonfinite/{name}", float(bad), "sum")
-
-    def _exact_stats(self, stats, name, cap, world) -> str | None:
-        spec = self.specs[name]
-        if spec.is_cell:
-            count = None
-            for key, entries in cap.cell_state.items():
-                if not any(e[0] is not None for e in entries):
-                    continue
-                sums, counts, _ = _pool_cell_steps(entries, cap.cell_pos)
-                stats.add(f"state_sum/{name}/l0d0/{key}", sums / world, "sum")
-                count = counts
-            if count is not None:
-                stats.add(f"state_count/{name}/l0d0", count, "sum")
-            return None
-        per_key = {}  # key -> per chain, the call parts joined along time
-        left = self.max_batch  # samples to replay, shared by the chains in call order
-        batch_dim = 0 if spec.batch_first else 1
-        for chain in self._chains(cap):
-            calls = [c for c in chain if c.x is not None]
-            if not calls or left <= 0:
-                continue
-            m = min(left, min(c.n for c in calls))
-            left -= m
-            joined = {}
-            for call in calls:
-                try:
-                    if call.rng_state is None:
-                        part = self._replay_call(name, _narrow_call(call, m, batch_dim))
-                    else:  # dropout: replay the whole batch, keep the first m samples
-                        part = {key: {k: (None if v is None else v[:m]) for k, v in d.items()}
-                                for key, d in self._replay_call(name, call).items()}
-                except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
-                    return f"exact replay skipped: {e}"
-                for key, vals in part.items():
-                    joined.setdefault(key, []).append(vals)
-            for key, parts in joined.items():
-                per_key.setdefault(key, []).append(
-                    {k: (None if parts[0][k] is None else torch.cat([p[k] for p in parts], 1))
-                     for k in parts[0]})
-        for key, chains in per_key.items():
-            # chains are more samples: pad each to the longest along time (not valid there)
-            parts = [_pad_time(p, max(q["h"].shape[1] for q in chains)) for p in chains]
-            h = torch.cat([p["h"] for p in parts], dim=0)       # (B, T) over all chains
-            valid = torch.cat([p["valid"] for p in parts], dim=0)
-            stats.add(f"state_sum/{name}/{key}/h", torch.where(valid, h, 0.0).sum(0) / world,
-                      "sum")
-            if parts[0]["c"] is not None:
-                c = torch.cat([p["c"] for p in parts], dim=0)
-                stats.add(f"state_sum/{name}/{key}/c",
-                          torch.where(valid, c, 0.0).sum(0) / world, "sum")
-            stats.add(f"state_count/{name}/{key}", valid.sum(0).to(torch.float64), "sum")
-            if parts[0]["gate"] is not None:
-                gate = torch.cat([p["gate"] for p in parts], dim=0)  # (B, T, H)
-                g = gate[valid]  # (N, H) valid steps only
-                stats.add(f"gate_sum/{name}/{key}", g.sum(0), "sum")
-                stats.add(f"gate_count/{name}/{key}", float(g.shape[0]), "sum")
-                stats.add(f"gate_hist/{name}/{key}",
-                          torch.histc(g.reshape(-1), GATE_BINS, 0.0, 1.0), "sum")
-        return None
-
-    def _replay_call(self, name: str, call: _Call) -> dict:
-        """Back-propagate one call's captured output gradients through its replay: per layer
-        and direction, (B, T) norms of ∂L/∂h_t, ∂L/∂c_t, the valid-step mask and the retain
-        gate (B, T, H), all on the CPU in float64."""
-        spec = self.specs[name]
-        with torch.enable_grad():
-            x = call.x
-            if isinstance(x, PackedSequence):
-                x = PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
-                                   x.sorted_indices, x.unsorted_indices)
-            else:
-                x = x.detach().requires_grad_(True)
-            tr = replay(self.modules[name], x, call.hx, rng_state=call.rng_state)
-        outs, gouts = [], []
-        lengths = _lengths(call.x) if isinstance(call.x, PackedSequence) else None
-        for key, t in (("out", tr.output), ("h_n", tr.h_n), ("c_n", tr.c_n)):
-            g = call.grad_out.get(key)
-            if t is None or g is None:
-                continue
-            if isinstance(t, PackedSequence):  # padded (n, T, ·) -> the replay's packed rows
-                g = pack_padded_sequence(g, lengths, batch_first=True,
-                                         enforce_sorted=False).data
-                t = t.data
-            outs.append(t)
-            gouts.append(g.to(t.dtype))
-        sg = trace_state_gradients(tr, outs, gouts)  # (B, T) norms, input-position order
-        out = {}
-        for layer, dirs in enumerate(tr.layers):
-            for d, lt in enumerate(dirs):
-                g = sg.layers[layer][d]
-                B, T = g.h.shape
-                valid = (torch.ones(B, T, dtype=torch.bool) if lengths is None else
-                         torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1))
-                gate = None
-                if spec.kind in RETAIN_GATE:
-                    gate = lt.gates[RETAIN_GATE[spec.kind]].detach().to("cpu", torch.float64)
-                out[f"l{layer}d{d}"] = {"h": g.h, "c": g.c, "valid": valid, "gate": gate}
-        return out
-
-    def _record(self, stats: StatSet, exact: bool) -> dict:
-        from ..results import json_number
-
-        v = stats.values
-        rec = {"step": self.step_count, "exact": exact}
-        if "global_norm" in v:
-            rec["global_norm"] = json_number(v["global_norm"].item())
-        rec["nonfinite_params"] = {k.split("/", 1)[1]: int(t.item()) for k, t in v.items()
-                                   if k.startswith("nonfinite_params/")}
-        layers = {}
-        for name in self.modules:
-            r = {}
-            if f"input_sum/{name}" in v:
-                mean = v[f"input_sum/{name}"] / v[f"input_count/{name}"].clamp_min(1)
-                r["input_grad"] = [json_number(x) for x in mean.tolist()]
-            if f"input_nonfinite/{name}" in v:
-                r["input_grad_nonfinite"] = int(v[f"input_nonfinite/{name}"].item())
-            params = {k[len(f"param/{name}/"):]: json_number(t.item()) for k, t in v.items()
-                      if k.startswith(f"param/{name}/")}
-            if params:
-                r["param_norms"] = params
-            state, gates = {}, {}
-            for k, t in v.items():
-                if k.startswith(f"state_sum/{name}/"):
-                    key, which = k.split("/")[2:]
-                    cnt = v[f"state_count/{name}/{key}"].clamp_min(1)
-                    state.setdefault(key, {})[which] = [json_number(x) for x in
-                                                        (t / cnt).tolist()]
-                if k.startswith(f"gate_sum/{name}/"):
-                    key = k.split("/")[2]
-                    unit = t / max(v[f"gate_count/{name}/{key}"].item(), 1)
-                    hist = v[f"gate_hist/{name}/{key}"]
-                    p = self.policy
-                    gates[key] = {"gate": RETAIN_GATE[self.specs[name].kind],
-                                  "mean": json_number(unit.mean().item()),
-                                  "frac_units_hi": float((unit > p.saturation_hi).double().mean()),
-                                  "frac_units_lo": float((unit < p.saturation_lo).double().mean()),
-                                  "memory_time_median": json_number(
-                                      (1 / (1 - unit)).median().item()),
-                                  "hist": [json_number(x) for x in
-                                           (hist / max(hist.sum().item(), 1)).tolist()]}
-            if state:
-                r["state_grad"] = state
-            if gates:
-                r["gates"] = gates
-            layers[name] = r
-        rec["layers"] = layers
-        return rec
+                self.param_names.append(n)
+                self.param_grads.append(p.grad.detach())
+        self.param_norms = (torch.stack([g.norm() for g in self.param_grads])
+                            .to(torch.float64).cpu() if self.param_grads else None)
 
 
-def _narrow_call(call: _Call, m: int, batch_dim: int) -> _Call:
-    """The call's captured inputs, state and output gradients for its first m samples."""
-    if m == call.n:
-        return call
-    packed = isinstance(call.x, PackedSequence)
-    grads = {}
-    for key, g in call.grad_out.items():
-        dim = (0 if packed else batch_dim) if key == "out" else 1
-        grads[key] = None if g is None else g.narrow(dim, 0, m)
-    return _Call(x=_first_samples(call.x, m, batch_dim), hx=narrow_state(call.hx, m),
-                 rng_state=call.rng_state, grad_out=grads, got_grad=call.got_grad,
-                 head=call.head, n=m)
+class _LayerContext:
+    """What a submodule's statistics read at one step: its capture, its chains of calls, and
+    (computed once, on first use) the exact replay of them."""
+
+    def __init__(self, mon: GradientMonitor, name: str, cap: _Capture, world: int):
+        self.name, self.cap, self.world = name, cap, world
+        self.module, self.spec = mon.modules[name], mon.specs[name]
+        self.policy, self.max_batch = mon.policy, mon.max_batch
+        self.chains = _chains(cap)
+        self.notes: dict = {}  # statistic name -> why its value is missing or partial
+        self.skip: str | None = None
+        self._replays = self._parts = None
+
+    def note(self, stat: str, why: str) -> None:
+        self.notes.setdefault(stat, why)
+
+    def replays(self) -> list:
+        """Per chain, its calls replayed (`capture.replay_chains`)."""
+        if self._replays is None:
+            try:
+                self._replays = capture.replay_chains(self.module, self.spec, self.cap,
+                                                      self.max_batch)
+                for chain in self._replays:
+                    for r in chain:
+                        r.state_parts  # noqa: B018 - the replay's backward, where it can fail
+            except (ValueError, TypeError) as e:  # e.g. cuDNN dropout, a refused subclass
+                self._replays = []
+                raise _ReplaySkipped(f"exact replay skipped: {e}") from None
+        return self._replays
+
+    def state_parts(self) -> dict:
+        if self._parts is None:
+            self._parts = capture.joined_state_parts(self.replays())
+        return self._parts
 
 
 def _accumulate_into(entry: list):
@@ -669,61 +511,6 @@ def _accumulate_into(entry: list):
         return None
 
     return on_grad
-
-
-def _nonfinite_values(g: torch.Tensor, norms: torch.Tensor) -> int:
-    """NaN/Inf values of g, counted only when some norm is non-finite (the usual case costs
-    nothing)."""
-    return 0 if torch.isfinite(norms).all() else int((~torch.isfinite(g)).sum())
-
-
-def _input_norms(call: _Call) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(T,) sum over samples of ‖∂L/∂x_t‖, (T,) samples that have step t, non-finite values."""
-    g = call.input_grad
-    n = g.to(torch.float64).norm(dim=-1).cpu()  # (B, T)
-    bad = _nonfinite_values(g, n)
-    if call.input_lengths is None:
-        return n.sum(0), torch.full((n.shape[1],), float(n.shape[0]), dtype=torch.float64), bad
-    valid = torch.arange(n.shape[1]).unsqueeze(0) < call.input_lengths.unsqueeze(1)
-    return (torch.where(valid, n, torch.zeros_like(n)).sum(0), valid.sum(0).to(torch.float64),
-            bad)
-
-
-def _pool_cell_steps(entries: list, pos: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per step within a sequence: sum over samples of the gradient norm, sample count and
-    non-finite values, from per-call [gradient or None, batch] entries. A call whose tensor got
-    no gradient counts as zero."""
-    P = max(pos[:len(entries)]) + 1
-    sums = torch.zeros(P, dtype=torch.float64)
-    counts = torch.zeros(P, dtype=torch.float64)
-    bad = 0
-    for (g, B), p in zip(entries, pos):
-        counts[p] += B
-        if g is not None:
-            n = g.to(torch.float64).norm(dim=-1)  # (B,)
-            sums[p] += float(n.sum())
-            bad += _nonfinite_values(g, n)
-    return sums, counts, bad
-
-
-def _pad_sum(rows: list) -> torch.Tensor:
-    """Sum of 1-D tensors of different lengths, each padded with zeros to the longest."""
-    out = torch.zeros(max(r.shape[0] for r in rows), dtype=torch.float64)
-    for r in rows:
-        out[:r.shape[0]] += r
-    return out
-
-
-def _pad_time(part: dict, T: int) -> dict:
-    """A replay part's (B, t, ·) tensors padded along time to T (padding not valid)."""
-    out = {}
-    for k, v in part.items():
-        if v is None or v.shape[1] == T:
-            out[k] = v
-            continue
-        pad = v.new_zeros((v.shape[0], T - v.shape[1]) + tuple(v.shape[2:]))
-        out[k] = torch.cat([v, pad], 1)
-    return out
 
 
 def _in_recomputation() -> bool:
@@ -745,28 +532,6 @@ def _state_tensors(state) -> tuple:
     if isinstance(state, (tuple, list)):
         return tuple(t for t in state if isinstance(t, torch.Tensor))
     return ()
-
-
-def _batch_size(x, batch_dim: int) -> int:
-    if isinstance(x, PackedSequence):
-        return int(x.batch_sizes[0])
-    return x.shape[batch_dim]
-
-
-def _lengths(p: PackedSequence) -> torch.Tensor:
-    from ..site import _packed_lengths
-
-    return _packed_lengths(p)
-
-
-def _first_samples(x, n: int, batch_dim: int):
-    """The first n samples (original batch order), detached copies; a PackedSequence is
-    re-packed from them."""
-    if isinstance(x, PackedSequence):
-        padded = pad_packed(x.data.detach(), x)[:n].clone()
-        return pack_padded_sequence(padded, _lengths(x)[:n], batch_first=True,
-                                    enforce_sorted=False)
-    return x.detach().narrow(batch_dim, 0, n).clone()
 
 
 def _packed_rows(g: torch.Tensor, like: PackedSequence, n: int) -> torch.Tensor:

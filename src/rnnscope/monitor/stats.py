@@ -18,10 +18,12 @@ class StatSet:
     (values already identical on every rank, e.g. norms of DDP-averaged parameter gradients)."""
 
     def __init__(self):
-        self.values: dict[str, torch.Tensor] = {}
-        self.reductions: dict[str, str] = {}
+        self.values: dict = {}
+        self.reductions: dict = {}
 
-    def add(self, name: str, value, reduce: str) -> None:
+    def add(self, name, value, reduce: str) -> None:
+        """Accumulate `value` into statistic `name` (any hashable: the monitor uses
+        (statistic, submodule, state, sub-key...) tuples) with its declared reduction."""
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}; got {reduce!r}")
         t = torch.as_tensor(value).detach().to("cpu", torch.float64)
@@ -48,7 +50,7 @@ class StatSet:
         if not (dist.is_available() and dist.is_initialized()) or \
                 dist.get_world_size(group) == 1:
             return
-        names = sorted(self.values)
+        names = sorted(self.values, key=repr)  # names may be tuples of mixed types
         # Every rank must hold the same names; an absent statistic reduces as zeros.
         gathered = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, {n: (self.reductions[n], self.values[n].numel())
@@ -58,7 +60,7 @@ class StatSet:
             for n, (red, size) in d.items():
                 spec[n] = (red, max(size, spec.get(n, (red, 0))[1]))
         for op_name, op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
-            mine = [n for n in sorted(spec) if spec[n][0] == op_name]
+            mine = [n for n in sorted(spec, key=repr) if spec[n][0] == op_name]
             if not mine:
                 continue
             flat = torch.cat([self._padded(n, spec[n][1]) for n in mine])
