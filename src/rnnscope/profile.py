@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import stream
 from .budget import check_memory, model_bytes
 from .checks import check_model_call, check_number, count_nonfinite, current_entry, public
 from .losses import LOSS_CHOICES, check_loss_option, sample_losses
@@ -216,6 +217,8 @@ class _Refused(ValueError):
 
 def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
              expect=None, transposed: bool = False) -> GradientProfile:
+    if _streams(call, at=at, time_dim=time_dim, loss=loss):
+        return streamed_profile(call.model, call.inputs, loss=loss, seed=seed)
     try:
         fwd, grad = site_gradients(call, at=at, time_dim=time_dim, loss=loss,
                                    drawn=expect is not None)
@@ -227,6 +230,100 @@ def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
             fwd.axes.layout == "tb" and time_dim is None and (fwd.axes.B, fwd.axes.T) == (expect[1], expect[0]):
         raise _TimeMajor()
     return _as_profile(fwd, grad, loss_name, seed)
+
+
+_FUSED = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+def _streams(call: ModelCall, *, at, time_dim, loss) -> bool:
+    """The profile streams over time (`streamed_profile`) when the model is a plain fused
+    nn.RNN/LSTM/GRU (batch_first, one direction, no hooks, no dropout masks to draw) measured at
+    its input with "last"/"all" on a dense batch large enough to matter (`stream.large`)."""
+    m, x = call.model, call.inputs
+    if type(m) not in _FUSED or call.args or call.kwargs or at not in (None, "input") \
+            or time_dim is not None or loss not in ("last", "all"):
+        return False
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3):
+        return False
+    if not m.batch_first or m.bidirectional or m.proj_size or x.shape[-1] != m.input_size:
+        return False
+    if m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks \
+            or nn.modules.module._global_forward_pre_hooks:
+        return False
+    from .recurrent import describe
+
+    spec = describe(m)
+    return stream.streamable(spec) and stream.large(spec, x.shape[0], x.shape[1])
+
+
+def streamed_profile(model: nn.Module, x: torch.Tensor, *, loss: str = "last", seed=None,
+                     chunk: int | None = None) -> GradientProfile:
+    """The gradient profile of a fused, unidirectional, batch_first nn.RNN/LSTM/GRU at its
+    input, in chunks of time: memory O(B·T·N) instead of the fused kernel's whole graph.
+
+    Checkpointed backpropagation through the module itself: one forward without a graph keeps
+    the (L, B, ·) state entering each chunk of `chunk` steps; then from the last chunk to the
+    first, the module is called on the chunk from that state with a graph, and one
+    autograd.grad seeded with the loss's output gradient (`loss` "last" or "all": the sum of
+    the output features at the last step or at every step) and the gradient the next chunk sent
+    to its final state gives ∂L/∂x for the chunk and the gradient of the state entering it.
+    Equal to the one-graph profile to float rounding. x (B, T, I).
+    """
+    from .recurrent import describe
+
+    spec = describe(model)
+    B, T = x.shape[:2]
+    chunk = chunk or stream.chunk_steps(spec, B)
+    bounds = list(range(0, T, chunk))
+    with torch.no_grad():  # the state entering each chunk
+        starts, state = [], None
+        for a in bounds:
+            starts.append(state)
+            _, state = model(x[:, a:a + chunk], state)
+    per_sample = torch.empty(B, T, dtype=torch.float64)
+    bad_in = bad_grad = 0
+    carry = None
+    dtype = x.dtype
+    for a, state in zip(reversed(bounds), reversed(starts)):
+        xk = x[:, a:a + chunk].detach().requires_grad_(True)
+        st = _state_leaves(state)
+        with cudnn_guard(model, xk), torch.enable_grad():
+            out, last = model(xk, st)
+        g_out = torch.zeros_like(out) if loss == "last" else torch.ones_like(out)
+        if loss == "last" and a + chunk >= T:
+            g_out[:, -1] = 1
+        outs, seeds = [out], [g_out]
+        if carry is not None:
+            outs += list(last) if isinstance(last, tuple) else [last]
+            seeds += list(carry)
+        leaves = [xk] + ([] if st is None else (list(st) if isinstance(st, tuple) else [st]))
+        with cudnn_guard(model, xk):
+            grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        gx = grads[0]
+        per_sample[:, a:a + chunk] = gx.to("cpu", torch.float64).norm(dim=-1)
+        bad_in += count_nonfinite(xk.detach())
+        bad_grad += count_nonfinite(gx)
+        carry = grads[1:] if st is not None else None
+    if bad_in or bad_grad:
+        warnings.warn(f"gradient_profile: {bad_in} non-finite input value(s) at 'input' and "
+                      f"{bad_grad} non-finite gradient value(s); affected norms are NaN/Inf and "
+                      "the summaries nan", RuntimeWarning, stacklevel=4)
+    config = {"seq_len": T, "samples": B, "seed": seed,
+              "dtype": str(dtype).replace("torch.", ""), "device": str(x.device),
+              "site": "input", "time_dim": None}
+    return GradientProfile(per_sample, loss, bad_in, bad_grad, config, lengths=None,
+                           site="input")
+
+
+def _state_leaves(state):
+    """The state a chunk starts from, detached and requiring grad (None: zeros, no gradient
+    needed — nothing before the first chunk)."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(t.detach().requires_grad_(True) for t in state)
+    return state.detach().requires_grad_(True)
 
 
 def _as_profile(fwd: SiteForward, grad: torch.Tensor, loss_name: str, seed) -> GradientProfile:
