@@ -232,3 +232,24 @@ def test_long_sequence_memory_grows_linearly(what, T):
     slope = (large - small) * 1024 / T  # bytes per step
     assert slope < 12 * 2 * 16 * 4, (what, small, large, slope)
     assert large < 2.5 * max(small, 1), (what, small, large)
+
+
+@pytest.mark.parametrize("loss", ["last", "all"])
+def test_transformer_profile_in_sample_groups_equals_one_batch(loss, monkeypatch):
+    """Past stream.STREAM_STEPS the causal Transformer's profile is taken a group of samples
+    at a time (attention cannot stream over time); the per-sample results are the same."""
+    from rnnscope.models import build_model
+    import rnnscope.profile as profile
+
+    m = build_model("transformer", 5, 8, generator=torch.Generator().manual_seed(0)).double()
+    m.eval()
+    x = torch.randn(5, 12, 5, dtype=torch.float64)
+    want = rnnscope.compare({"T": m}, x, loss=loss).profiles["T"]
+    monkeypatch.setattr(stream, "STREAM_STEPS", 10)
+    monkeypatch.setattr(profile, "GROUP_SAMPLE_STEPS", 2 * 12)  # groups of 2, 2, 1 samples
+    assert profile._sample_group(profile.model_call(m, x), at=None, time_dim=None,
+                                 loss=loss) == 2
+    got = rnnscope.compare({"T": m}, x, loss=loss).profiles["T"]
+    _close(got.per_sample, want.per_sample, 1e-12)
+    assert got.config == want.config and got.site == want.site
+    assert float(got.per_sample[:, 0].abs().min()) > 0  # attention reaches the first step

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, stream
 from .budget import check_memory, compare_bytes, model_bytes
 from .checks import check_model_call, check_number, narrow_state
 from .gates import gate_stats
@@ -83,15 +83,28 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
                                   "max_lyapunov": json_number(lyap[finite].mean().item()
                                                               if finite.any() else math.nan),
                                   "lyapunov_samples": int(finite.sum())})
-    with torch.enable_grad():
-        tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
+    if _streams(spec, x, batch_dim):
+        # one graph over the whole batch would take GBs: the module forms stream over time
+        tr = module
+        args = (x, hx)
+    else:
+        with torch.enable_grad():
+            tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
+        args = ()
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
-        out["gates"] = gate_stats(tr).to_dict()
+        out["gates"] = gate_stats(tr, *args).to_dict()
     progress(f"{name}: state gradients")
-    sg = state_gradients(tr)
+    sg = state_gradients(tr, *args)
     out["state_gradients"] = sg.to_dict()
     return out
+
+
+def _streams(spec, x, batch_dim: int) -> bool:
+    """gate_stats and state_gradients stream over time on this batch (`stream.large`)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not stream.streamable(spec):
+        return False
+    return stream.large(spec, x.shape[batch_dim], x.shape[1 - batch_dim])
 
 
 def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, num_layers,
