@@ -246,7 +246,7 @@ def test_transformer_profile_in_sample_groups_equals_one_batch(loss, monkeypatch
     x = torch.randn(5, 12, 5, dtype=torch.float64)
     want = rnnscope.compare({"T": m}, x, loss=loss).profiles["T"]
     monkeypatch.setattr(stream, "STREAM_STEPS", 10)
-    monkeypatch.setattr(profile, "GROUP_SAMPLE_STEPS", 2 * 12)  # groups of 2, 2, 1 samples
+    monkeypatch.setattr(stream, "GROUP_SAMPLE_STEPS", 2 * 12)  # groups of 2, 2, 1 samples
     assert profile._sample_group(profile.model_call(m, x), at=None, time_dim=None,
                                  loss=loss) == 2
     got = rnnscope.compare({"T": m}, x, loss=loss).profiles["T"]

@@ -320,11 +320,6 @@ def streamed_profile(model: nn.Module, x: torch.Tensor, *, loss: str = "last", s
                            site="input")
 
 
-# Sample·steps a group of `_grouped_profile` holds at once (about 0.5 GB of the causal
-# Transformer's activations at d_model = 128: 0.97 GB was measured at 50 × 2400).
-GROUP_SAMPLE_STEPS = 1 << 16
-
-
 def _sample_group(call: ModelCall, *, at, time_dim, loss) -> int:
     """Samples per group when the profile of rnnscope's own causal Transformer is taken a
     group of samples at a time (0: in one batch). Attention mixes time, so it cannot stream
@@ -342,7 +337,7 @@ def _sample_group(call: ModelCall, *, at, time_dim, loss) -> int:
     B, T = x.shape[:2]
     if T <= stream.STREAM_STEPS or m._forward_hooks or m._forward_pre_hooks:
         return 0
-    group = max(1, GROUP_SAMPLE_STEPS // T)
+    group = max(1, stream.GROUP_SAMPLE_STEPS // T)
     return group if group < B else 0
 
 
