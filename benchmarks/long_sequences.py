@@ -4,8 +4,9 @@
     python benchmarks/long_sequences.py api --seq-len 100000      # LSTM H=128, B=4, I=64
 
 `compare` runs `python -m rnnscope compare --seq-len T --no-report --quiet` (every default
-model, the causal Transformer included) under `/usr/bin/time -v` and prints the wall time and
-the peak RSS it reports. `api` runs each analysis (gradient_profile, state_gradients,
+model, the causal Transformer included) under `/usr/bin/time -v` and prints the wall time, the
+CPU time (user + system, less sensitive to other jobs than the wall time on a shared machine)
+and the peak RSS it reports. `api` runs each analysis (gradient_profile, state_gradients,
 cell_jacobians(keep="norms"), gate_stats) on an LSTM in a fresh process and prints its time
 and the process's peak RSS (ru_maxrss), and how much of it the analysis added over the
 process before the call (imports, the model, the inputs). Runs are sequential; the 1-minute
@@ -57,7 +58,7 @@ def load() -> str:
 
 
 def run_compare(seq_lens, extra) -> None:
-    print(f"{'T':>7} {'wall s':>8} {'peak RSS GB':>12} {'load':>5}  command")
+    print(f"{'T':>7} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'load':>5}  command")
     for T in seq_lens:
         la = load()
         with tempfile.TemporaryDirectory() as out:
@@ -72,7 +73,9 @@ def run_compare(seq_lens, extra) -> None:
             print(f"{T:>7} failed ({p.returncode}): {p.stderr.strip().splitlines()[-3:]}")
             continue
         peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)[1])
-        print(f"{T:>7} {wall:8.1f} {peak_kb * 1024 / 1e9:12.2f} {la:>5}  "
+        cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", p.stderr)[1])
+                  for k in ("User", "System"))
+        print(f"{T:>7} {wall:8.1f} {cpu:8.1f} {peak_kb * 1024 / 1e9:12.2f} {la:>5}  "
               f"rnnscope compare --seq-len {T} {' '.join(extra)}", flush=True)
 
 
