@@ -95,6 +95,8 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
 
     - parameters, twice (the module and the replay's views/casts):
       2·e·D·Σ_l G·H·(I_l + H_out + 2) (+ P·H per LSTM projection);
+    - past 4096 steps (or 2^26 gate values) the sequence analyses stream over time
+      (rnnscope.stream; see the comment in the code for the terms); below:
     - the sequence analyses (gradient profile: fused forward with its graph and backward;
       state gradients: the replay with its graph; gate statistics: float64 gate copies and a
       sort): e/4 · 16·(G + 1) bytes per sample, step, layer, direction and unit (measured:
