@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 from .recurrent import BLOCKS
+from .stream import CHUNK_ELEMENTS, GROUP_SAMPLE_STEPS, STREAM_ELEMENTS, STREAM_STEPS
 
 GIB = 1024 ** 3
 
@@ -94,6 +95,8 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
 
     - parameters, twice (the module and the replay's views/casts):
       2·e·D·Σ_l G·H·(I_l + H_out + 2) (+ P·H per LSTM projection);
+    - past 4096 steps (or 2^26 gate values) the sequence analyses stream over time
+      (rnnscope.stream; see the comment in the code for the terms); below:
     - the sequence analyses (gradient profile: fused forward with its graph and backward;
       state gradients: the replay with its graph; gate statistics: float64 gate copies and a
       sort): e/4 · 16·(G + 1) bytes per sample, step, layer, direction and unit (measured:
@@ -111,7 +114,17 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
     for layer in range(L):
         i_l = input_size if layer == 0 else D * H_out
         params += D * (G * H * (i_l + H_out + 2) + (proj_size * H if proj_size else 0))
-    seq = S * T * L * D * H * 16 * (G + 1) * elem / 4 + S * T * input_size * (8 + 3 * elem)
+    inputs = S * T * input_size * (8 + 3 * elem)
+    if T > STREAM_STEPS or S * T * G * H > STREAM_ELEMENTS:
+        # streamed over time (rnnscope.stream): every layer's outputs and retain-gate values,
+        # the output gradients going down one layer at a time, the order statistics' copy of
+        # one layer's gate values (values + int64 indices) and (B, T) float64 norms; plus one
+        # chunk's graph (≈ CHUNK_ELEMENTS gate values, ×8 for the intermediates and their
+        # gradients) and the replay of the Jacobian samples with its stacked gates.
+        seq = (S * T * (L * D * (H_out + H) * elem + 2 * D * H_out * elem + H * (elem + 8) + 32)
+               + 8 * CHUNK_ELEMENTS * elem + jac_samples * T * 16 * H * elem + inputs)
+    else:
+        seq = S * T * L * D * H * 16 * (G + 1) * elem / 4 + inputs
     M = H_out + H if kind == "lstm" else H
     jac = (jac_samples * min(T, 64) * (elem * M * M + 10 * elem * H * H)
            + jac_samples * T * 8 * (2 * H + 8))
@@ -131,7 +144,11 @@ def transformer_bytes(*, input_size: int, d_model: int, nhead: int, num_layers: 
     """
     S, T, d = samples, seq_len, d_model
     params = num_layers * (6 * d * d + 10 * d) + d * (input_size + 1)
-    acts = S * T * d * 28 * num_layers * elem
+    if T > STREAM_STEPS:  # the profile is taken a group of samples at a time (profile.py)
+        S_act = min(S, max(1, GROUP_SAMPLE_STEPS // T))
+    else:
+        S_act = S
+    acts = S_act * T * d * 28 * num_layers * elem + S * T * 16
     work = acts + S * T * input_size * (8 + 3 * elem)
     return (2 * elem * params, work) if split else 2 * elem * params + work
 

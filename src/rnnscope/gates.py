@@ -41,35 +41,108 @@ def gate_stats(module: nn.Module | Trace, inputs=None, hx=None, *,
                          "an LSTM or GRU")
     if isinstance(bins, bool) or not isinstance(bins, int) or bins <= 0:
         raise ValueError(f"bins must be a positive int; got {bins!r}")
-    if given is not None:
-        trace = given
-    else:
-        with torch.no_grad():
-            trace = replay(module, inputs, hx)
     gate = RETAIN_GATE[spec.kind]
+    values = _streamed_gates(spec, inputs, hx, gate) if given is None else None
+    if values is None:
+        if given is not None:
+            trace = given
+        else:
+            with torch.no_grad():
+                trace = replay(module, inputs, hx)
+        values = {(layer, d): (lt.gates[gate], lt.valid)
+                  for layer, dirs in enumerate(trace.layers) for d, lt in enumerate(dirs)}
     out = []
-    for layer, dirs in enumerate(trace.layers):
-        for d, lt in enumerate(dirs):
-            v = lt.gates[gate].detach().to("cpu", torch.float64)  # (B, T, H)
-            if lt.lengths is not None:  # steps past a sequence's end were never run
-                v = v[lt.valid.cpu()].unsqueeze(0)  # (1, N valid steps, H)
-            bad = count_nonfinite(v)
-            flat = v.reshape(-1)
-            n_all = flat.numel()
-            fin = flat[torch.isfinite(flat)] if bad else flat
-            hist = torch.histc(fin, bins=bins, min=0.0, max=1.0) / max(fin.numel(), 1)
-            edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-            q = exact_quantiles(fin, QUANTILES)
-            # fractions as counts / n: no float64 copy of the data per threshold
-            sat = {name: int(test(flat).sum()) / n_all
-                   for name, test in (("<0.01", lambda t: t < 0.01), ("<0.1", lambda t: t < 0.1),
-                                      (">0.9", lambda t: t > 0.9), (">0.99", lambda t: t > 0.99))}
-            unit_mean = v.mean(dim=(0, 1))  # (H,)
-            memory_time = 1.0 / (1.0 - unit_mean)  # inf where the mean gate is exactly 1
-            out.append(GateLayerStats(layer, d, gate, float(flat.mean()),
-                                      dict(zip(QUANTILES, q.tolist())), hist, edges, sat,
-                                      unit_mean, memory_time, bad))
+    for (layer, d), (v, valid) in values.items():
+        v = v.detach().to("cpu")  # (B, T, H), the model's dtype
+        if valid is not None:  # steps past a sequence's end were never run
+            v = v[valid.cpu()].unsqueeze(0)  # (1, N valid steps, H)
+        out.append(_layer_stats(v, layer, d, gate, bins))
+    values.clear()
     return GateStats(spec.kind, tuple(out))
+
+
+def _streamed_gates(spec, inputs, hx, gate: str):
+    """(layer, direction) -> ((B, T, H) gate values, None) from the chunked forward of
+    `stream` when the batch is large, dense and streamable; None otherwise (then the replay
+    gives the gates). Only the retain gate is kept: a replay holds every gate of every step."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    from . import stream
+    from .checks import check_initial_state, check_inputs
+
+    if isinstance(inputs, PackedSequence) or not stream.streamable(spec):
+        return None
+    x, unbatched = check_inputs(spec, inputs)
+    if not stream.large(spec, x.shape[0], x.shape[1]):
+        return None
+    from .recurrent import check_subclass
+    from .replay import check_replayable
+
+    check_replayable(spec, device=x.device)
+    check_subclass(spec.module)
+    h0s, c0s = check_initial_state(spec, hx, x.shape[0], unbatched, x)
+    _, gates = stream.forward(spec, x, h0s, c0s, chunk=stream.chunk_steps(spec, x.shape[0]),
+                              gate=gate)
+    return {key: (v, None) for key, v in gates.items()}
+
+
+# Values converted to float64 at a time by `_layer_stats` (32 MB): the statistics of a large
+# batch never hold a float64 copy of all its gate values.
+STATS_CHUNK = 1 << 22
+
+
+def _layer_stats(v: torch.Tensor, layer: int, d: int, gate: str, bins: int) -> GateLayerStats:
+    """Statistics of one layer and direction's gate values v (B, T, H) on the CPU, in float64.
+
+    Up to STATS_CHUNK values this is one float64 pass; beyond, the float64 copies, sums and
+    histogram counts are made chunk by chunk (counts add exactly; sums to float rounding) and
+    the quantiles select order statistics from the values in their own dtype (converting to
+    float64 is exact and monotone, so the selected values are the same)."""
+    H = v.shape[-1]
+    flat = v.reshape(-1)
+    n_all = flat.numel()
+    bad = count_nonfinite(flat)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    tests = (("<0.01", lambda t: t < 0.01), ("<0.1", lambda t: t < 0.1),
+             (">0.9", lambda t: t > 0.9), (">0.99", lambda t: t > 0.99))
+    if n_all <= STATS_CHUNK:
+        v64 = v.to(torch.float64)
+        f64 = v64.reshape(-1)
+        fin = f64[torch.isfinite(f64)] if bad else f64
+        hist = torch.histc(fin, bins=bins, min=0.0, max=1.0) / max(fin.numel(), 1)
+        q = exact_quantiles(fin, QUANTILES)
+        # fractions as counts / n: no float64 copy of the data per threshold
+        sat = {name: int(test(f64).sum()) / n_all for name, test in tests}
+        mean = float(f64.mean())
+        unit_mean = v64.mean(dim=(0, 1))  # (H,)
+    else:
+        counts = torch.zeros(bins, dtype=torch.float64)
+        sat_counts = dict.fromkeys((name for name, _ in tests), 0)
+        total = torch.zeros((), dtype=torch.float64)
+        unit_sum = torch.zeros(H, dtype=torch.float64)
+        n_fin = 0
+        rows = v.reshape(-1, H)
+        step = max(1, STATS_CHUNK // H)
+        for a in range(0, rows.shape[0], step):
+            c64 = rows[a:a + step].to(torch.float64)  # (rows, H)
+            f64 = c64.reshape(-1)
+            fin = f64[torch.isfinite(f64)] if bad else f64
+            counts += torch.histc(fin, bins=bins, min=0.0, max=1.0)
+            n_fin += fin.numel()
+            for name, test in tests:
+                sat_counts[name] += int(test(f64).sum())
+            total += f64.sum()
+            unit_sum += c64.sum(0)
+        hist = counts / max(n_fin, 1)
+        fin = flat[torch.isfinite(flat)] if bad else flat
+        q = exact_quantiles(fin, QUANTILES)
+        del fin
+        sat = {name: k / n_all for name, k in sat_counts.items()}
+        mean = float(total / n_all)
+        unit_mean = unit_sum / rows.shape[0]
+    memory_time = 1.0 / (1.0 - unit_mean)  # inf where the mean gate is exactly 1
+    return GateLayerStats(layer, d, gate, mean, dict(zip(QUANTILES, q.tolist())), hist, edges,
+                          sat, unit_mean, memory_time, bad)
 
 
 def exact_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
@@ -84,13 +157,14 @@ def exact_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
     n = values.numel()
     if n == 0:
         return torch.full_like(q, math.nan)
-    v = values.to(torch.float64)
+    # order statistics in the values' own dtype (float32 → float64 is exact and monotone)
+    v = values if values.is_floating_point() else values.to(torch.float64)
     ranks = q * (n - 1)
     below = ranks.to(torch.int64)  # ranks ≥ 0: truncation is floor, as in torch.quantile
     above = ranks.ceil().to(torch.int64)
     order = {r: v.kthvalue(r + 1).values for r in sorted(set(below.tolist() + above.tolist()))}
-    lo = torch.stack([order[r] for r in below.tolist()])
-    hi = torch.stack([order[r] for r in above.tolist()])
+    lo = torch.stack([order[r] for r in below.tolist()]).to(torch.float64)
+    hi = torch.stack([order[r] for r in above.tolist()]).to(torch.float64)
     return torch.lerp(lo, hi, ranks - below)
 
 

@@ -35,13 +35,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import cells
+from . import cells, stream
 from .cells import custom
 from .checks import check_initial_state, check_inputs, count_nonfinite, public
 from .options import Keep, Loss, Method, State
 from .profile import per_sample_loss
-from .recurrent import describe, is_recurrent
-from .replay import Trace, replay
+from .recurrent import check_subclass, describe, is_recurrent
+from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, LyapunovSpectrum, StateGradientLayer, StateGradients,
                       StepJacobians, highway_energy_share, spectral_norm)
 from .span_sweep import span_jacobians
@@ -614,6 +614,10 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
         return _custom_state_gradients(module, inputs, hx, loss=loss, keep=keep)
     spec = describe(module)
     packed = isinstance(inputs, PackedSequence)
+    if not packed and stream.streamable(spec):
+        x, _ = check_inputs(spec, inputs)
+        if stream.large(spec, x.shape[0], x.shape[1]):
+            return streamed_state_gradients(module, inputs, hx, loss=loss, keep=keep)
     if packed:
         inputs = PackedSequence(inputs.data.detach().requires_grad_(True), inputs.batch_sizes,
                                 inputs.sorted_indices, inputs.unsorted_indices)
@@ -624,6 +628,44 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
         # Inputs that require grad guarantee a graph even if no parameter requires grad.
         tr = replay(module, inputs, hx)
         return _trace_state_gradients_from_loss(tr, loss=loss, keep=keep, retain_graph=False)
+
+
+def streamed_state_gradients(module: nn.Module, inputs, hx=None, *, loss="last",
+                             keep: str = "norms", chunk: int | None = None) -> StateGradients:
+    """`state_gradients` of an unpacked input in chunks of time (`stream`): the same numbers
+    to float rounding with memory O(B·T·N) instead of the whole graph. `state_gradients` takes
+    this path by itself when the batch is large (`stream.large`); `chunk` steps per chunk
+    (default `stream.chunk_steps`)."""
+    spec = describe(module)
+    if not stream.streamable(spec):
+        raise ValueError(f"this {type(module).__name__} draws inter-layer dropout masks in "
+                         "training mode: its chunks cannot be re-run; call module.eval() first")
+    x, unbatched = check_inputs(spec, inputs)
+    check_replayable(spec, device=x.device)
+    check_subclass(module)
+    B, T = x.shape[:2]
+    h0s, c0s = check_initial_state(spec, hx, B, unbatched, x)
+    chunk = chunk or stream.chunk_steps(spec, B)
+    runs, _ = stream.forward(spec, x, h0s, c0s, chunk=chunk)
+    seq = stream.output_sequence(runs).detach().requires_grad_(True)  # (B, T, F)
+    with torch.enable_grad():
+        losses = per_sample_loss(seq, loss, B)
+        (g_seq,) = torch.autograd.grad(losses.sum(), [seq], allow_unused=True)
+    if g_seq is None:
+        g_seq = torch.zeros_like(seq)
+    del seq
+    grads, _ = stream.backward(spec, x, runs, g_seq, keep=keep)
+    layers = []
+    for row in grads:
+        out = []
+        for g in row:
+            # as `_gradient_layer`: non-finite values are counted where some norm is non-finite
+            bad = (g.bad_h if not torch.isfinite(g.h).all() else 0) + (
+                g.bad_c if g.c is not None and not torch.isfinite(g.c).all() else 0)
+            out.append(StateGradientLayer(h=g.h, c=g.c, h_full=g.h_full, c_full=g.c_full,
+                                          nonfinite=bad))
+        layers.append(tuple(out))
+    return StateGradients(tuple(layers), _loss_name(loss))
 
 
 def _trace_state_gradients_from_loss(tr, *, loss, keep: str,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import stream
 from .budget import check_memory, model_bytes
 from .checks import check_model_call, check_number, count_nonfinite, current_entry, public
 from .losses import LOSS_CHOICES, check_loss_option, sample_losses
@@ -218,6 +219,12 @@ class _Refused(ValueError):
 
 def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
              expect=None, transposed: bool = False) -> GradientProfile:
+    if _streams(call, at=at, time_dim=time_dim, loss=loss):
+        return streamed_profile(call.model, call.inputs, loss=loss, seed=seed)
+    group = _sample_group(call, at=at, time_dim=time_dim, loss=loss)
+    if group:
+        return _grouped_profile(call, group, at=at, time_dim=time_dim, loss=loss,
+                                loss_name=loss_name, seed=seed, drawn=expect is not None)
     try:
         fwd, grad = site_gradients(call, at=at, time_dim=time_dim, loss=loss,
                                    drawn=expect is not None)
@@ -229,6 +236,137 @@ def _profile(call: ModelCall, *, at, time_dim, loss, loss_name, seed,
             fwd.axes.layout == "tb" and time_dim is None and (fwd.axes.B, fwd.axes.T) == (expect[1], expect[0]):
         raise _TimeMajor()
     return _as_profile(fwd, grad, loss_name, seed)
+
+
+_FUSED = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+def _streams(call: ModelCall, *, at, time_dim, loss) -> bool:
+    """The profile streams over time (`streamed_profile`) when the model is a plain fused
+    nn.RNN/LSTM/GRU (batch_first, one direction, no hooks, no dropout masks to draw) measured at
+    its input with "last"/"all" on a dense batch large enough to matter (`stream.large`)."""
+    m, x = call.model, call.inputs
+    if type(m) not in _FUSED or call.args or call.kwargs or at not in (None, "input") \
+            or time_dim is not None or loss not in ("last", "all"):
+        return False
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3):
+        return False
+    if not m.batch_first or m.bidirectional or m.proj_size or x.shape[-1] != m.input_size:
+        return False
+    if m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks \
+            or nn.modules.module._global_forward_pre_hooks:
+        return False
+    from .recurrent import describe
+
+    spec = describe(m)
+    return stream.streamable(spec) and stream.large(spec, x.shape[0], x.shape[1])
+
+
+def streamed_profile(model: nn.Module, x: torch.Tensor, *, loss: str = "last", seed=None,
+                     chunk: int | None = None) -> GradientProfile:
+    """The gradient profile of a fused, unidirectional, batch_first nn.RNN/LSTM/GRU at its
+    input, in chunks of time: memory O(B·T·N) instead of the fused kernel's whole graph.
+
+    Checkpointed backpropagation through the module itself: one forward without a graph keeps
+    the (L, B, ·) state entering each chunk of `chunk` steps; then from the last chunk to the
+    first, the module is called on the chunk from that state with a graph, and one
+    autograd.grad seeded with the loss's output gradient (`loss` "last" or "all": the sum of
+    the output features at the last step or at every step) and the gradient the next chunk sent
+    to its final state gives ∂L/∂x for the chunk and the gradient of the state entering it.
+    Equal to the one-graph profile to float rounding. x (B, T, I).
+    """
+    from .recurrent import describe
+
+    spec = describe(model)
+    B, T = x.shape[:2]
+    chunk = chunk or stream.chunk_steps(spec, B)
+    bounds = list(range(0, T, chunk))
+    with torch.no_grad():  # the state entering each chunk
+        starts, state = [], None
+        for a in bounds:
+            starts.append(state)
+            _, state = model(x[:, a:a + chunk], state)
+    per_sample = torch.empty(B, T, dtype=torch.float64)
+    bad_in = bad_grad = 0
+    carry = None
+    dtype = x.dtype
+    for a, state in zip(reversed(bounds), reversed(starts)):
+        xk = x[:, a:a + chunk].detach().requires_grad_(True)
+        st = _state_leaves(state)
+        with cudnn_guard(model, xk), torch.enable_grad():
+            out, last = model(xk, st)
+        g_out = torch.zeros_like(out) if loss == "last" else torch.ones_like(out)
+        if loss == "last" and a + chunk >= T:
+            g_out[:, -1] = 1
+        outs, seeds = [out], [g_out]
+        if carry is not None:
+            outs += list(last) if isinstance(last, tuple) else [last]
+            seeds += list(carry)
+        leaves = [xk] + ([] if st is None else (list(st) if isinstance(st, tuple) else [st]))
+        with cudnn_guard(model, xk):
+            grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        gx = grads[0]
+        per_sample[:, a:a + chunk] = gx.to("cpu", torch.float64).norm(dim=-1)
+        bad_in += count_nonfinite(xk.detach())
+        bad_grad += count_nonfinite(gx)
+        carry = grads[1:] if st is not None else None
+    if bad_in or bad_grad:
+        warnings.warn(f"gradient_profile: {bad_in} non-finite input value(s) at 'input' and "
+                      f"{bad_grad} non-finite gradient value(s); affected norms are NaN/Inf and "
+                      "the summaries nan", RuntimeWarning, stacklevel=4)
+    config = {"seq_len": T, "samples": B, "seed": seed,
+              "dtype": str(dtype).replace("torch.", ""), "device": str(x.device),
+              "site": "input", "time_dim": None}
+    return GradientProfile(per_sample, loss, bad_in, bad_grad, config, lengths=None,
+                           site="input")
+
+
+def _sample_group(call: ModelCall, *, at, time_dim, loss) -> int:
+    """Samples per group when the profile of rnnscope's own causal Transformer is taken a
+    group of samples at a time (0: in one batch). Attention mixes time, so it cannot stream
+    over time; its samples are independent, so groups of samples give the same per-sample
+    gradients with a fraction of the activations. Only past stream.STREAM_STEPS steps, so
+    shorter runs are unchanged."""
+    from .models import CausalTransformer
+
+    m, x = call.model, call.inputs
+    if type(m) is not CausalTransformer or call.args or call.kwargs \
+            or at not in (None, "input") or time_dim is not None or loss not in ("last", "all"):
+        return 0
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3):
+        return 0
+    B, T = x.shape[:2]
+    if T <= stream.STREAM_STEPS or m._forward_hooks or m._forward_pre_hooks:
+        return 0
+    group = max(1, stream.GROUP_SAMPLE_STEPS // T)
+    return group if group < B else 0
+
+
+def _grouped_profile(call: ModelCall, group: int, *, at, time_dim, loss, loss_name,
+                     seed, drawn: bool) -> GradientProfile:
+    """`_profile` on groups of `group` samples, joined: the same per-sample gradients."""
+    x = call.inputs
+    parts = []
+    for a in range(0, x.shape[0], group):
+        fwd, grad = site_gradients(call.replace(x[a:a + group]), at=at, time_dim=time_dim,
+                                   loss=loss, drawn=drawn)
+        parts.append(_as_profile(fwd, grad, loss_name, seed))
+    per_sample = torch.cat([p.per_sample for p in parts])
+    config = dict(parts[0].config, samples=int(per_sample.shape[0]))
+    return GradientProfile(per_sample, loss_name, sum(p.nonfinite_inputs for p in parts),
+                           sum(p.nonfinite_grads for p in parts), config, lengths=None,
+                           site=parts[0].site)
+
+
+def _state_leaves(state):
+    """The state a chunk starts from, detached and requiring grad (None: zeros, no gradient
+    needed — nothing before the first chunk)."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(t.detach().requires_grad_(True) for t in state)
+    return state.detach().requires_grad_(True)
 
 
 def _as_profile(fwd: SiteForward, grad: torch.Tensor, loss_name: str, seed) -> GradientProfile:

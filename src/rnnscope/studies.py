@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, stream
 from .budget import check_memory, compare_bytes, model_bytes
 from .checks import check_model_call, check_number, narrow_state
 from .gates import gate_stats
@@ -72,18 +72,31 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
             # a non-finite sample's exponent is reported, not averaged (mean_largest)
             lyap = lyapunov_spectrum(tr_j, layer=layer, direction=d, k=1)
             layers.append(LayerAnalysis(layer, d, cj.norms(), StepPaths.of(sj), lyap))
-    with torch.enable_grad():
-        tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
+    if _streams(spec, x, batch_dim):
+        # one graph over the whole batch would take GBs: the module forms stream over time
+        tr = module
+        args = (x, hx)
+    else:
+        with torch.enable_grad():
+            tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
+        args = ()
     gates = None
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
-        gates = gate_stats(tr)
+        gates = gate_stats(tr, *args)
     progress(f"{name}: state gradients")
-    sg = state_gradients(tr)
+    sg = state_gradients(tr, *args)
     return RecurrentAnalysis(spec.kind, spec.nonlinearity, spec.input_size, spec.hidden_size,
                              spec.proj_size, spec.num_layers, spec.num_directions, state, n,
                              tuple(layers), gates, sg,
                              hx_given=None if calls is None else hx is not None, calls=calls)
+
+
+def _streams(spec, x, batch_dim: int) -> bool:
+    """gate_stats and state_gradients stream over time on this batch (`stream.large`)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not stream.streamable(spec):
+        return False
+    return stream.large(spec, x.shape[batch_dim], x.shape[1 - batch_dim])
 
 
 def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, num_layers,

@@ -13,7 +13,8 @@ one the monitor has always written, so older logs load unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 
 def _frozen(d) -> dict:
