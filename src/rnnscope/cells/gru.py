@@ -10,6 +10,8 @@ The highway is the z ⊙ h term: ∂h'/∂h = diag(z) + indirect paths through r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..recurrent import LayerParams
@@ -73,3 +75,82 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: st
     indirect = (alpha_r.unsqueeze(-1) * w_r + alpha_z.unsqueeze(-1) * w_z
                 + alpha_n.unsqueeze(-1) * w_n)
     return z, indirect
+
+
+# ----------------------------------------------------------------------------------------------
+# The one-step vector-Jacobian product (the contract every cell module shares: `vjp_weights`,
+# `vjp_saved`, `step_vjp`; see cells/__init__.py)
+
+
+class VJPWeights(NamedTuple):
+    """One layer/direction's weights as the step VJP reads them (detached, made once).
+
+    w_nrz (3H, H): W_hh with its row blocks reordered (n, r, z), so that the cotangents of
+    (W_hn h + b_hn, pre_r, pre_z), held next to each other, meet it in one GEMM; w (3, H, H)
+    the same blocks as a stack.
+    """
+
+    w_nrz: torch.Tensor
+    w: torch.Tensor
+
+
+class VJPSaved(NamedTuple):
+    """What one GRU step's VJP reads, besides the weights; broadcast against the cotangents'
+    leading dimensions.
+
+    coef (…, 4, H) = ∂h_n/∂(W_hn h_{n−1} + b_hn, pre_r, pre_z, pre_n) =
+    (a r, a ghn r (1 − r), (h_{n−1} − n) z (1 − z), a), a = (1 − z)(1 − n²),
+    ghn = W_hn h_{n−1} + b_hn; z (…, H) the retain gate.
+    """
+
+    coef: torch.Tensor
+    z: torch.Tensor
+
+
+def vjp_weights(p: LayerParams) -> VJPWeights:
+    """The detached weights `step_vjp` reads (make them once per layer/direction)."""
+    w_hh = p.w_hh.detach()
+    H = w_hh.shape[1]
+    w_nrz = torch.cat([w_hh[2 * H:], w_hh[: 2 * H]])
+    return VJPWeights(w_nrz, w_nrz.view(3, H, H))
+
+
+def vjp_saved(r, z, n, h_prev, ghn) -> VJPSaved:
+    """`VJPSaved` for any number of steps at once from the gates r, z, n, the state entering
+    the step h_prev and ghn = W_hn h_prev + b_hn, all the same shape (…, H)."""
+    a = (1 - z) * (1 - n * n)
+    coef = torch.stack([a * r, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a], dim=-2)
+    return VJPSaved(coef, z)
+
+
+def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
+             dc_total=None):
+    """One step's VJP: from the cotangent of h_n to those of h_{n−1} and of the input
+    projection gx_n = W_ih x_n + b_ih.
+
+    Args:
+        w: `vjp_weights(p)`.
+        s: the step's `VJPSaved`, broadcastable against the cotangent ((B, H) against stacked
+            rows (R, B, H); (B, 1, H) against per-sample rows (B, N, H)).
+        d_state: (dh (…, H),).
+        fold: d_state holds N rows per sample, (B, N, H), and s is (B, 1, ·): fold the three
+            blocks into the per-sample indirect Jacobian M_n = Σ diag(coef) W (B, H, H) (3·H² to
+            build, then N·H² multiply-adds per sample instead of 3·N·H²). d_in is then not
+            formed.
+        dc_total: unused (the GRU has no cell state); accepted so that every cell's step_vjp
+            takes the same arguments.
+
+    Returns:
+        ((dh_{n−1} (…, H),), d_in (…, 3H) = ∂/∂gx_n in PyTorch's block order (r, z, n), or None
+        with fold). The input gradient is d_in W_ih.
+    """
+    (dh,) = d_state
+    if fold:
+        m = torch.sum(s.coef.squeeze(1)[:, :3].unsqueeze(-1) * w.w, dim=1)  # (B, H, H)
+        return (torch.baddbmm(dh * s.z, dh, m),), None
+    lead = dh.shape[:-1]
+    H = dh.shape[-1]
+    u = torch.mul(dh.unsqueeze(-2), s.coef).view(*lead, 4 * H)  # (ghn, r, z, n) cotangents
+    dh_prev = torch.addcmul((u[..., : 3 * H].reshape(-1, 3 * H) @ w.w_nrz).view(*lead, H),
+                            dh, s.z)
+    return (dh_prev,), u[..., H:]

@@ -20,6 +20,8 @@ E = ∂h/∂c = [W_hr] diag(o (1−tanh²c))                                    
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..recurrent import LayerParams
@@ -262,3 +264,97 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     top = torch.cat([dh_dh, dh_dc], dim=-1)
     bottom = torch.cat([k, torch.diag_embed(f)], dim=-1)
     return torch.cat([top, bottom], dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The one-step vector-Jacobian product (the contract every cell module shares: `vjp_weights`,
+# `vjp_saved`, `step_vjp`; see cells/__init__.py)
+
+
+class VJPWeights(NamedTuple):
+    """One layer/direction's weights as the step VJP reads them (detached views, made once).
+
+    w_hh (4H, P) PyTorch's recurrent weight (P = H_out); w_ifg (3, H, P) and w_o (H, P) its
+    gate blocks; w_hr (P, H) the projection or None.
+    """
+
+    w_hh: torch.Tensor
+    w_ifg: torch.Tensor
+    w_o: torch.Tensor
+    w_hr: torch.Tensor | None
+
+
+class VJPSaved(NamedTuple):
+    """What one LSTM step's VJP reads, besides the weights; each field (…, H) or (…, 3, H),
+    broadcast against the cotangents' leading dimensions.
+
+    e = ∂(o ⊙ tanh c_n)/∂c_n = o (1 − tanh² c_n); d_o = ∂(o ⊙ tanh c_n)/∂pre_o =
+    tanh(c_n) o (1 − o); d_ifg (…, 3, H) = ∂c_n/∂(pre_i, pre_f, pre_g) =
+    (g i (1 − i), c_{n−1} f (1 − f), i (1 − g²)); f the forget gate.
+    """
+
+    e: torch.Tensor
+    d_o: torch.Tensor
+    d_ifg: torch.Tensor
+    f: torch.Tensor
+
+
+def vjp_weights(p: LayerParams) -> VJPWeights:
+    """The detached weight views `step_vjp` reads (make them once per layer/direction)."""
+    w_hh = p.w_hh.detach()
+    H = w_hh.shape[0] // 4
+    w = w_hh.view(4, H, -1)
+    return VJPWeights(w_hh, w[:3], w[3], None if p.w_hr is None else p.w_hr.detach())
+
+
+def vjp_saved(i, f, g, o, c_prev, c) -> VJPSaved:
+    """`VJPSaved` for any number of steps at once from the gates i, f, g, o, the cell state
+    entering the step c_prev and the one it makes c, all the same shape (…, H)."""
+    tanh_c = torch.tanh(c)
+    o_tc = o * tanh_c
+    ig = i * g
+    c_f = c_prev * f
+    d_ifg = torch.stack([torch.addcmul(ig, ig, i, value=-1), torch.addcmul(c_f, c_f, f, value=-1),
+                         torch.addcmul(i, ig, g, value=-1)], dim=-2)
+    return VJPSaved(e=torch.addcmul(o, o_tc, tanh_c, value=-1),
+                    d_o=torch.addcmul(o_tc, o_tc, o, value=-1), d_ifg=d_ifg, f=f)
+
+
+def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
+             dc_total: torch.Tensor | None = None):
+    """One step's VJP: from the cotangents of the state a step makes, (h_n, c_n), to those of
+    the state it started from, (h_{n−1}, c_{n−1}), and of its input projection gx_n.
+
+    Args:
+        w: `vjp_weights(p)`.
+        s: the step's `VJPSaved`, broadcastable against the cotangents ((B, H) against stacked
+            rows (R, B, ·); (B, 1, H) against per-sample rows (B, N, ·)).
+        d_state: (dh (…, P), dc (…, H)), h_n and c_n taken as independent (dc does not include
+            the path through h_n = o_n tanh c_n; this step adds it).
+        fold: d_state holds N rows per sample, (B, N, ·), and s is (B, 1, ·): fold the i, f, g
+            blocks into one (B, H, P) matrix K_n = Σ diag(d_ifg) W per sample (3·H·P to build,
+            then 2·N·H·P multiply-adds per sample instead of 4·N·H·P). d_in is then not formed.
+        dc_total: if given, (…, H) receives the total ∂/∂c_n (h_n moving with c_n): the
+            cell-state span Jacobian's row.
+
+    Returns:
+        ((dh_{n−1} (…, P), dc_{n−1} (…, H)), d_in (…, 4H) = ∂/∂gx_n = ∂/∂pre_n, or None with
+        fold). The input gradient is d_in W_ih.
+    """
+    dh, dc = d_state
+    dm = dh if w.w_hr is None else dh @ w.w_hr  # ∂/∂(o ⊙ tanh c_n)
+    dct = torch.addcmul(dc, dm, s.e, out=dc_total) if dc_total is not None else \
+        torch.addcmul(dc, dm, s.e)
+    dc_prev = dct * s.f
+    if fold:
+        k = torch.sum(s.d_ifg.squeeze(1).unsqueeze(-1) * w.w_ifg, dim=1)  # (B, H, P)
+        dh_prev = torch.baddbmm((dm * s.d_o) @ w.w_o, dct, k)
+        return (dh_prev, dc_prev), None
+    lead = dct.shape[:-1]
+    H = dct.shape[-1]
+    d_in = dct.new_empty(*lead, 4, H)
+    torch.mul(dct.unsqueeze(-2), s.d_ifg, out=d_in[..., :3, :])
+    torch.mul(dm, s.d_o, out=d_in[..., 3, :])
+    d_in = d_in.view(*lead, 4 * H)
+    dh_prev = (d_in.view(-1, 4 * H) @ w.w_hh).view(*lead, -1)
+    return (dh_prev, dc_prev), d_in
