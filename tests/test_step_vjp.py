@@ -144,3 +144,29 @@ def test_every_cell_has_the_same_contract():
     names = {k: (list(inspect.signature(m.step_vjp).parameters),
                  hasattr(m, "vjp_weights"), hasattr(m, "vjp_saved")) for k, m in CELLS.items()}
     assert len({str(v) for v in names.values()}) == 1, names
+
+
+@pytest.mark.parametrize("kind,nl,proj", CASES)
+def test_step_vjp_into_accumulates_hidden_and_input_gradients(kind, nl, proj):
+    """into=: (∂/∂h_{n−1} | ∂/∂x_n) added to what the buffer held (W_ih = I here, so
+    ∂/∂x_n = d_in); an LSTM's dc buffer becomes dc_{n−1} in place."""
+    gen = torch.Generator().manual_seed(40 + len(kind) + proj)
+    p = _params(kind, proj, gen)
+    gx, h_prev, c_prev = _inputs(kind, proj, gen)
+    cell = CELLS[kind]
+    s = _saved(kind, nl, p, gx, h_prev, c_prev)
+    R, P, I = 2, proj or H, G[kind] * H
+    d = _cotangent(kind, proj, (R, B), gen)
+    held = torch.randn(R, B, P + I, generator=gen, dtype=torch.float64)
+    into = held.clone()
+    d_run = tuple(t.clone() for t in d)
+    d_prev, _ = cell.step_vjp(cell.vjp_weights(p, inputs=True), s, d_run, into=into)
+    for r in range(R):
+        want_prev, want_in = _oracle(kind, nl, p, gx, h_prev, c_prev, tuple(t[r] for t in d))
+        torch.testing.assert_close(into[r, :, :P], held[r, :, :P] + want_prev[0], rtol=1e-12,
+                                   atol=1e-12)
+        torch.testing.assert_close(into[r, :, P:], held[r, :, P:] + want_in, rtol=1e-12,
+                                   atol=1e-12)
+        torch.testing.assert_close(d_prev[0][r], into[r, :, :P])
+        if kind == "lstm":
+            torch.testing.assert_close(d_run[1][r], want_prev[1], rtol=1e-12, atol=1e-12)

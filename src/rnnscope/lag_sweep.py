@@ -16,10 +16,11 @@ The adjoint is linear, so a position whose cotangents are zero after step t_p ha
 there: the sweep starts each position at its own last nonzero step (read from the cotangents, so
 a head that mixes time forward or backward stays exact) and grows the active rows as it goes
 back. Rows are ordered by start step, latest first, so the active rows at each step are a
-prefix and every per-step operation works on one contiguous slice. The gradient at the layer's
-input, dx_s = dgates_s W_ih, comes out of the same GEMM as the recurrent one
-(dgates_s [W_hh | W_ih]); a multi-layer module is swept top layer first, each layer's input
-gradient being the next one down's output cotangent.
+prefix and every per-step operation works on one contiguous slice. Each step is the cell's
+`step_vjp` (cells/__init__.py: the same contract as span_sweep's), given the caller's buffers
+(`into=`): the gradient at the layer's input, dx_s = d_in_s W_ih, comes out of the same GEMM as
+the recurrent one (d_in_s [W_hh | W_ih] for the LSTM and RNN). A multi-layer module is swept top
+layer first, each layer's input gradient being the next one down's output cotangent.
 
 Everything else (bidirectional modules, packed sequences, cells, training-mode inter-layer
 dropout, custom modules, a loss reaching the measured input around the recurrent module) takes
@@ -329,8 +330,7 @@ def _sweep_layer(spec, layer: int, lt, rows: Rows, dh: torch.Tensor, h_cot,
     if h_cot is not None and k:
         Z[:k, :Ho] += h_cot[:k]  # rows with a final-state cotangent all start at T − 1
     cell = CELLS[spec.kind]
-    w = cell.vjp_weights(p)
-    w_ih = p.w_ih.detach()  # (G·H, I_l)
+    w = cell.vjp_weights(p, inputs=True)
     saved = _saved(spec, p, lt)  # the cell's VJPSaved, (T, B, …) each field
     per_step = [type(saved)(*fields) for fields in zip(*(t.unbind(0) for t in saved))]
     B = lt.h.shape[1]
@@ -346,11 +346,8 @@ def _sweep_layer(spec, layer: int, lt, rows: Rows, dh: torch.Tensor, h_cot,
         d_state = (here[:, :Ho].view(q, B, Ho),)
         if dc is not None:
             d_state += (dc[:k].view(q, B, -1),)
-        d_prev, d_in = cell.step_vjp(w, per_step[s], d_state)
-        nxt[:, :Ho] += d_prev[0].view(k, Ho)
-        nxt[:, Ho:].addmm_(d_in.reshape(k, -1), w_ih)
-        if dc is not None:
-            dc[:k] = d_prev[1].view(k, -1)
+        # (∂ℓ/∂h_{s−1} | ∂ℓ/∂x_s) added into step s − 1's rows of Z; dc turned into dc_{s−1}
+        cell.step_vjp(w, per_step[s], d_state, into=nxt.view(q, B, -1))
     return Z[:, Ho:].index_select(0, rows.dx_index)
 
 

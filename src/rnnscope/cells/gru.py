@@ -87,11 +87,13 @@ class VJPWeights(NamedTuple):
 
     w_nrz (3H, H): W_hh with its row blocks reordered (n, r, z), so that the cotangents of
     (W_hn h + b_hn, pre_r, pre_z), held next to each other, meet it in one GEMM; w (3, H, H)
-    the same blocks as a stack.
+    the same blocks as a stack; w_ih (3H, I) with inputs=True (for `step_vjp(..., into=)`),
+    else None.
     """
 
     w_nrz: torch.Tensor
     w: torch.Tensor
+    w_ih: torch.Tensor | None = None
 
 
 class VJPSaved(NamedTuple):
@@ -107,12 +109,12 @@ class VJPSaved(NamedTuple):
     z: torch.Tensor
 
 
-def vjp_weights(p: LayerParams) -> VJPWeights:
+def vjp_weights(p: LayerParams, *, inputs: bool = False) -> VJPWeights:
     """The detached weights `step_vjp` reads (make them once per layer/direction)."""
     w_hh = p.w_hh.detach()
     H = w_hh.shape[1]
     w_nrz = torch.cat([w_hh[2 * H:], w_hh[: 2 * H]])
-    return VJPWeights(w_nrz, w_nrz.view(3, H, H))
+    return VJPWeights(w_nrz, w_nrz.view(3, H, H), p.w_ih.detach() if inputs else None)
 
 
 def vjp_saved(r, z, n, h_prev, ghn) -> VJPSaved:
@@ -124,7 +126,7 @@ def vjp_saved(r, z, n, h_prev, ghn) -> VJPSaved:
 
 
 def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
-             dc_total=None):
+             dc_total=None, into: torch.Tensor | None = None):
     """One step's VJP: from the cotangent of h_n to those of h_{n−1} and of the input
     projection gx_n = W_ih x_n + b_ih.
 
@@ -139,6 +141,8 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
             formed.
         dc_total: unused (the GRU has no cell state); accepted so that every cell's step_vjp
             takes the same arguments.
+        into: if given (needs `vjp_weights(p, inputs=True)`), a contiguous (…, H + I) tensor
+            the step adds (∂/∂h_{n−1} | ∂/∂x_n) into; dh_{n−1} is then its first H columns.
 
     Returns:
         ((dh_{n−1} (…, H),), d_in (…, 3H) = ∂/∂gx_n in PyTorch's block order (r, z, n), or None
@@ -151,6 +155,13 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
     lead = dh.shape[:-1]
     H = dh.shape[-1]
     u = torch.mul(dh.unsqueeze(-2), s.coef).view(*lead, 4 * H)  # (ghn, r, z, n) cotangents
+    if into is not None:
+        flat = into.view(-1, into.shape[-1])
+        flat[:, :H].addmm_(u[..., : 3 * H].reshape(-1, 3 * H), w.w_nrz)
+        flat[:, H:].addmm_(u[..., H:].reshape(-1, 3 * H), w.w_ih)
+        dh_prev = into[..., :H]
+        dh_prev.addcmul_(dh, s.z)
+        return (dh_prev,), u[..., H:]
     dh_prev = torch.addcmul((u[..., : 3 * H].reshape(-1, 3 * H) @ w.w_nrz).view(*lead, H),
                             dh, s.z)
     return (dh_prev,), u[..., H:]

@@ -275,13 +275,15 @@ class VJPWeights(NamedTuple):
     """One layer/direction's weights as the step VJP reads them (detached views, made once).
 
     w_hh (4H, P) PyTorch's recurrent weight (P = H_out); w_ifg (3, H, P) and w_o (H, P) its
-    gate blocks; w_hr (P, H) the projection or None.
+    gate blocks; w_hr (P, H) the projection or None; w_in (4H, P + I) = [W_hh | W_ih] with
+    `vjp_weights(p, inputs=True)` (for `step_vjp(..., into=)`), else None.
     """
 
     w_hh: torch.Tensor
     w_ifg: torch.Tensor
     w_o: torch.Tensor
     w_hr: torch.Tensor | None
+    w_in: torch.Tensor | None = None
 
 
 class VJPSaved(NamedTuple):
@@ -299,12 +301,14 @@ class VJPSaved(NamedTuple):
     f: torch.Tensor
 
 
-def vjp_weights(p: LayerParams) -> VJPWeights:
-    """The detached weight views `step_vjp` reads (make them once per layer/direction)."""
+def vjp_weights(p: LayerParams, *, inputs: bool = False) -> VJPWeights:
+    """The detached weight views `step_vjp` reads (make them once per layer/direction);
+    inputs=True also joins W_ih for `step_vjp(..., into=)`."""
     w_hh = p.w_hh.detach()
     H = w_hh.shape[0] // 4
     w = w_hh.view(4, H, -1)
-    return VJPWeights(w_hh, w[:3], w[3], None if p.w_hr is None else p.w_hr.detach())
+    w_in = torch.cat([w_hh, p.w_ih.detach()], dim=1) if inputs else None
+    return VJPWeights(w_hh, w[:3], w[3], None if p.w_hr is None else p.w_hr.detach(), w_in)
 
 
 def vjp_saved(i, f, g, o, c_prev, c) -> VJPSaved:
@@ -321,7 +325,7 @@ def vjp_saved(i, f, g, o, c_prev, c) -> VJPSaved:
 
 
 def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
-             dc_total: torch.Tensor | None = None):
+             dc_total: torch.Tensor | None = None, into: torch.Tensor | None = None):
     """One step's VJP: from the cotangents of the state a step makes, (h_n, c_n), to those of
     the state it started from, (h_{n−1}, c_{n−1}), and of its input projection gx_n.
 
@@ -336,6 +340,10 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
             then 2·N·H·P multiply-adds per sample instead of 4·N·H·P). d_in is then not formed.
         dc_total: if given, (…, H) receives the total ∂/∂c_n (h_n moving with c_n): the
             cell-state span Jacobian's row.
+        into: if given (needs `vjp_weights(p, inputs=True)`), a contiguous (…, P + I) tensor
+            the step adds (∂/∂h_{n−1} | ∂/∂x_n) into, with one GEMM; dh_{n−1} is then its first
+            P columns (what was in them plus the step's part), and d_state's dc (then the
+            caller's running buffer) is turned into dc_{n−1} in place.
 
     Returns:
         ((dh_{n−1} (…, P), dc_{n−1} (…, H)), d_in (…, 4H) = ∂/∂gx_n = ∂/∂pre_n, or None with
@@ -343,18 +351,25 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
     """
     dh, dc = d_state
     dm = dh if w.w_hr is None else dh @ w.w_hr  # ∂/∂(o ⊙ tanh c_n)
-    dct = torch.addcmul(dc, dm, s.e, out=dc_total) if dc_total is not None else \
-        torch.addcmul(dc, dm, s.e)
-    dc_prev = dct * s.f
+    if into is not None:  # the caller's running buffers: dc becomes dc_{n−1} in place
+        dct = dc.addcmul_(dm, s.e)
+    elif dc_total is not None:
+        dct = torch.addcmul(dc, dm, s.e, out=dc_total)
+    else:
+        dct = torch.addcmul(dc, dm, s.e)
     if fold:
         k = torch.sum(s.d_ifg.squeeze(1).unsqueeze(-1) * w.w_ifg, dim=1)  # (B, H, P)
         dh_prev = torch.baddbmm((dm * s.d_o) @ w.w_o, dct, k)
-        return (dh_prev, dc_prev), None
+        return (dh_prev, dct * s.f), None
     lead = dct.shape[:-1]
     H = dct.shape[-1]
     d_in = dct.new_empty(*lead, 4, H)
     torch.mul(dct.unsqueeze(-2), s.d_ifg, out=d_in[..., :3, :])
     torch.mul(dm, s.d_o, out=d_in[..., 3, :])
     d_in = d_in.view(*lead, 4 * H)
+    if into is not None:
+        P = w.w_hh.shape[1]
+        into.view(-1, into.shape[-1]).addmm_(d_in.view(-1, 4 * H), w.w_in)
+        return (into[..., :P], dct.mul_(s.f)), d_in
     dh_prev = (d_in.view(-1, 4 * H) @ w.w_hh).view(*lead, -1)
-    return (dh_prev, dc_prev), d_in
+    return (dh_prev, dct * s.f), d_in

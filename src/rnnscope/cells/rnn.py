@@ -61,9 +61,10 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: st
 
 
 class VJPWeights(NamedTuple):
-    """w_hh (H, H), detached."""
+    """w_hh (H, H), detached; w_in (H, H + I) = [W_hh | W_ih] with inputs=True, else None."""
 
     w_hh: torch.Tensor
+    w_in: torch.Tensor | None = None
 
 
 class VJPSaved(NamedTuple):
@@ -72,9 +73,10 @@ class VJPSaved(NamedTuple):
     d: torch.Tensor
 
 
-def vjp_weights(p: LayerParams) -> VJPWeights:
-    """The detached weight `step_vjp` reads."""
-    return VJPWeights(p.w_hh.detach())
+def vjp_weights(p: LayerParams, *, inputs: bool = False) -> VJPWeights:
+    """The detached weight `step_vjp` reads; inputs=True also joins W_ih for `into=`."""
+    w_hh = p.w_hh.detach()
+    return VJPWeights(w_hh, torch.cat([w_hh, p.w_ih.detach()], dim=1) if inputs else None)
 
 
 def vjp_saved(h: torch.Tensor, nonlinearity: str) -> VJPSaved:
@@ -83,7 +85,7 @@ def vjp_saved(h: torch.Tensor, nonlinearity: str) -> VJPSaved:
 
 
 def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
-             dc_total=None):
+             dc_total=None, into: torch.Tensor | None = None):
     """One step's VJP: from the cotangent of h_n to those of h_{n−1} and of the input
     projection gx_n = W_ih x_n + b_ih.
 
@@ -101,4 +103,7 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
     (dh,) = d_state
     d_in = dh * s.d
     H = dh.shape[-1]
-    return ((d_in.reshape(-1, H) @ w.w_hh).view(dh.shape),), d_in
+    if into is not None:
+        into.view(-1, into.shape[-1]).addmm_(d_in.view(-1, H), w.w_in)
+        return (into[..., :H],), d_in
+    return ((d_in.view(-1, H) @ w.w_hh).view(dh.shape),), d_in
