@@ -16,6 +16,7 @@ import torch
 
 from ..recurrent import LayerParams
 from .layer_trace import LayerTrace, stack_steps, step_masks
+from .lstm import _fold
 
 
 def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
@@ -150,7 +151,7 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
     """
     (dh,) = d_state
     if fold:
-        m = torch.sum(s.coef.squeeze(1)[:, :3].unsqueeze(-1) * w.w, dim=1)  # (B, H, H)
+        m = _fold(s.coef.squeeze(1), w.w)  # M_n (B, H, H), the indirect Jacobian
         return (torch.baddbmm(dh * s.z, dh, m),), None
     lead = dh.shape[:-1]
     H = dh.shape[-1]

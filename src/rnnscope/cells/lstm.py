@@ -358,7 +358,7 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
     else:
         dct = torch.addcmul(dc, dm, s.e)
     if fold:
-        k = torch.sum(s.d_ifg.squeeze(1).unsqueeze(-1) * w.w_ifg, dim=1)  # (B, H, P)
+        k = _fold(s.d_ifg.squeeze(1), w.w_ifg)  # K_n (B, H, P)
         dh_prev = torch.baddbmm((dm * s.d_o) @ w.w_o, dct, k)
         return (dh_prev, dct * s.f), None
     lead = dct.shape[:-1]
@@ -373,3 +373,12 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
         return (into[..., :P], dct.mul_(s.f)), d_in
     dh_prev = (d_in.view(-1, 4 * H) @ w.w_hh).view(*lead, -1)
     return (dh_prev, dct * s.f), d_in
+
+
+def _fold(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_g diag(coef[:, g]) w[g]: coef (B, G, H), w (G, H, P) -> (B, H, P), accumulated block
+    by block (no (B, G, H, P) temporary)."""
+    out = coef[:, 0].unsqueeze(-1) * w[0]
+    for g in range(1, w.shape[0]):
+        out.addcmul_(coef[:, g].unsqueeze(-1), w[g])
+    return out
