@@ -216,17 +216,38 @@ def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, dtype, devi
 def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share, q0):
     """Norms of a chunk of Jacobians js (B, S, N, N) for steps sl, written in place. Returns
     the top-k left singular subspace (B, N, k) of the chunk's first step, the warm start of the
-    next chunk (its neighbour in the sweep)."""
+    next chunk (its neighbour in the sweep).
+
+    One float64 copy, scaled once (Y = J / max|J|), serves all three: the spectral norm, the
+    Frobenius norm (‖Y‖_F, which the certificate needs anyway) and the highway share."""
     B, S, N, _ = js.shape
-    j64 = js.to(torch.float64)
+    j64 = js.to(torch.float64).reshape(B * S, N, N)
+    y, s, finite, fro2 = _scaled(j64)
     start = None if q0 is None else q0.unsqueeze(1).expand(B, S, *q0.shape[1:]).reshape(
         B * S, *q0.shape[1:])
-    sigma, q = certified_spectral_norm(j64.reshape(B * S, N, N), start)
+    sigma, q = _certified(y, s, finite, fro2, start)
     spectral[:, sl] = sigma.view(B, S).cpu()
-    frob[:, sl] = torch.linalg.matrix_norm(j64).cpu()
+    # ‖J‖_F = s ‖Y‖_F; inf/nan for a non-finite J, 0 for J = 0 (as matrix_norm gives)
+    frob[:, sl] = torch.where(finite, fro2.sqrt() * s, s).view(B, S).cpu()
     if direct is not None:
-        share[:, sl] = highway_energy_share(j64, direct[:, sl]).cpu()
+        share[:, sl] = _share(j64, y, s, finite, direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
     return q.view(B, S, *q.shape[1:])[:, 0]
+
+
+def _share(j64: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
+           d: torch.Tensor) -> torch.Tensor:
+    """`results.highway_energy_share(J, d)` for J = s Y (K, N, N), d (K, N) float64, from the
+    scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of (·)/s. Y's
+    largest entry is 1, so the denominator cannot underflow; where |d| could overflow once
+    scaled (|d| > 1e100 s), or some J is 0 or non-finite, the general function takes over."""
+    dn = d / s.unsqueeze(-1)
+    if not bool((finite & (dn.abs().amax(-1) <= 1e100)).all()):
+        return highway_energy_share(j64, d)
+    rest = y.clone()
+    rest.diagonal(dim1=-2, dim2=-1).sub_(dn)
+    rest2 = (rest * rest).sum((-2, -1))
+    d2 = (dn * dn).sum(-1)
+    return d2 / (d2 + rest2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,14 +276,28 @@ def certified_spectral_norm(x: torch.Tensor, start: torch.Tensor | None = None):
     No value rests on the convergence of an iteration. A non-finite matrix gets max|X| (inf or
     nan), a zero matrix 0.
     """
-    K, N, _ = x.shape
-    k = min(BLOCK, N)
+    return _certified(*_scaled(x), start)
+
+
+def _scaled(x: torch.Tensor):
+    """x (K, N, N) -> (Y = x / s, s = max|x| (K,), finite (K,): s finite and > 0,
+    ‖Y‖²_F (K,)); Y is 0 where s is not finite or 0."""
     s = x.abs().amax(dim=(-2, -1))  # (K,)
     finite = torch.isfinite(s) & (s > 0)
-    safe = torch.where(finite, s, torch.ones_like(s))
-    y = x / safe[:, None, None]
-    y = torch.where(finite[:, None, None], y, torch.zeros_like(y))
-    fro2 = (y * y).sum((-2, -1))  # ‖Y‖²_F = trace(G)
+    if bool(finite.all()):  # the common case: one pass, no masking
+        y = x / s[:, None, None]
+    else:
+        safe = torch.where(finite, s, torch.ones_like(s))
+        y = x / safe[:, None, None]
+        y = torch.where(finite[:, None, None], y, torch.zeros_like(y))
+    return y, s, finite, (y * y).sum((-2, -1))
+
+
+def _certified(y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor, fro2: torch.Tensor,
+               start: torch.Tensor | None):
+    """`certified_spectral_norm` of x = s Y, given `_scaled(x)`."""
+    K, N, _ = y.shape
+    k = min(BLOCK, N)
     if start is None or start.shape[-1] != k:
         cols = (y * y).sum(-2).topk(k, dim=-1).indices  # Y's heaviest columns span G's top well
         start = torch.gather(y, 2, cols.unsqueeze(1).expand(K, N, k))
