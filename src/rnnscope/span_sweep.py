@@ -17,6 +17,11 @@ costs O(B·H·P) to build; pulling back then takes N·H·P (shared W_ho) + N·H�
 multiply-adds per sample and step, half of the 4·N·H·P of a VJP through the full
 (4H × P) recurrent weight (what autograd does).
 
+Each step is the cell's `step_vjp` (cells/__init__.py, the contract lag_sweep shares) with
+fold=True: the rows of one sample meet that sample's folded matrix (K_n, M_n) in one batched
+product. The per-kind parts left here are where the sweep starts (J_{T−1} = I) and what it reads
+off.
+
 Read-offs: state "c" J_n = dc (the cell-state Jacobian with h_n = o_n tanh(c_n) moving with
 c_n); state "h" J_n = A_h (c_n held fixed); state "full" J_n = [A_h, A_c] (rows and columns
 ordered (h, c)).
