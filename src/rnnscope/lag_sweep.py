@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cells import CELLS, gru, lstm, rnn
+from .cells import CELLS
 from .recurrent import check_subclass, describe
 from .replay import replay
 
@@ -364,60 +364,13 @@ def _segments(rows: Rows, Z: torch.Tensor):
     return out
 
 
-def _detach(t):
-    return None if t is None else t.detach()
-
-
 def _previous(lt: LayerSequences) -> torch.Tensor:
     """(T, B, Ho) the state entering each step: h0, h_0, …, h_{T−2}."""
     return torch.cat([lt.h0.unsqueeze(0), lt.h[:-1]])
 
 
 def _saved(spec, p, lt: LayerSequences):
-    """The cell's VJPSaved for every step at once, (T, B, …) each field. The states are known,
-    so the gates are recomputed from the layer's input and output sequences with no loop over
-    time (the LSTM's cell states, elementwise, are the one recurrence left)."""
-    T, B = lt.h.shape[:2]
-    if spec.kind == "rnn":
-        return rnn.vjp_saved(lt.h, spec.nonlinearity)  # act' read from the output
-    x = lt.x.reshape(T * B, -1)
-    h_prev = _previous(lt).reshape(T * B, -1)
-    if spec.kind == "lstm":
-        H = p.w_hh.shape[0] // 4
-        pre = _preactivations(p, x, h_prev).view(T, B, 4 * H)
-        act = torch.empty_like(pre)  # σ for i, f, o; tanh for g
-        torch.sigmoid(pre[..., :2 * H], out=act[..., :2 * H])
-        torch.tanh(pre[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
-        torch.sigmoid(pre[..., 3 * H:], out=act[..., 3 * H:])
-        i, f, g, o = act.split(H, dim=-1)
-        c = _cell_states(i * g, f, lt.c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
-        return lstm.vjp_saved(i, f, g, o, c[:-1], c[1:])
-    H = p.w_hh.shape[1]
-    gx = torch.nn.functional.linear(x, p.w_ih.detach(), _detach(p.b_ih))
-    gh = torch.nn.functional.linear(h_prev, p.w_hh.detach(), _detach(p.b_hh))  # (T·B, 3H)
-    rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
-    r, z = rz[:, :H], rz[:, H:]
-    ghn = gh[:, 2 * H:]
-    n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, ghn))
-    view = lambda t: t.reshape(T, B, H)  # noqa: E731
-    return gru.vjp_saved(view(r), view(z), view(n), view(h_prev), view(ghn))
-
-
-def _preactivations(p, x: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
-    """(T·B, G·H) W_ih x_s + b_ih + W_hh h_{s−1} + b_hh for every step at once, from x
-    (T·B, I_l) and h_prev (T·B, Ho)."""
-    bias = [b.detach() for b in (p.b_ih, p.b_hh) if b is not None]
-    w_ih = p.w_ih.detach().t()
-    pre = torch.addmm(sum(bias), x, w_ih) if bias else torch.mm(x, w_ih)
-    return pre.addmm_(h_prev, p.w_hh.detach().t())
-
-
-def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-    """(T + 1, B, H) LSTM cell states c_s = f_s c_{s−1} + i_s g_s from c_{−1} = c0: the one
-    recurrence the gates leave, elementwise."""
-    c = ig.new_empty((ig.shape[0] + 1,) + tuple(ig.shape[1:]))
-    c[0] = c0
-    cs = c.unbind(0)
-    for s, (ig_s, f_s) in enumerate(zip(ig.unbind(0), f.unbind(0))):
-        torch.addcmul(ig_s, f_s, cs[s], out=cs[s + 1])
-    return c
+    """The cell's VJPSaved for every step at once, (T, B, …) each field, recomputed from the
+    layer's input and output sequences (no loop over time but the LSTM's elementwise c)."""
+    return CELLS[spec.kind].vjp_saved_from_states(p, lt.x, _previous(lt), lt.h, lt.c0,
+                                                  nonlinearity=spec.nonlinearity)

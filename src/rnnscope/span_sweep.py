@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cells import CELLS, gru, lstm, rnn
+from .cells import CELLS
 from .cells.layer_trace import LayerTrace
 from .recurrent import LayerParams
 from .results import highway_energy_share
@@ -113,24 +113,9 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
 
 # ----------------------------------------------------------------------------------------------
 # The adjoint steps: J_n for n = T−1 down to 0, each a (B, N, N) tensor that is only valid until
-# the next one is produced (the caller copies it out). The per-kind parts are what a step's VJP
-# reads (`_saved`) and where the sweep starts and reads off (`_start`, `_read`); the step itself
-# is the cell's `step_vjp` (cells/__init__.py), folded per sample.
-
-
-def _saved(lt: LayerTrace, p: LayerParams, kind: str, nonlinearity: str):
-    """The cell's VJPSaved for all steps, (B, T, …) in processing order, from the trace."""
-    if kind == "lstm":
-        i, f, g, o = (lt.in_steps(lt.gates[k]).detach() for k in ("i", "f", "g", "o"))
-        return lstm.vjp_saved(i, f, g, o, lt.prev_c.detach(), lt.in_steps(lt.c).detach())
-    if kind == "gru":
-        H = lt.h.shape[-1]
-        r, z, n = (lt.in_steps(lt.gates[k]).detach() for k in ("r", "z", "n"))
-        h_prev = lt.prev_h.detach()
-        ghn = torch.nn.functional.linear(h_prev, p.w_hh.detach()[2 * H:],
-                                         None if p.b_hh is None else p.b_hh.detach()[2 * H:])
-        return gru.vjp_saved(r, z, n, h_prev, ghn)
-    return rnn.vjp_saved(lt.in_steps(lt.h).detach(), nonlinearity)
+# the next one is produced (the caller copies it out). What a step's VJP reads and the step
+# itself come from the cell module (cells/__init__.py: vjp_saved_from_trace, step_vjp folded per
+# sample); what is per kind here is where the sweep starts and what it reads off.
 
 
 def _start(kind: str, state: str, B: int, H: int, P: int, dt, dev):
@@ -154,7 +139,7 @@ def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: 
     H = lt.c.shape[-1] if kind == "lstm" else P
     dt, dev = lt.h.dtype, lt.h.device
     w = cell.vjp_weights(p)
-    saved = _saved(lt, p, kind, nonlinearity)
+    saved = cell.vjp_saved_from_trace(p, lt, nonlinearity=nonlinearity)
     # per step, the saved fields as (B, 1, …): one broadcast row per sample against its N rows
     per_step = [type(saved)(*fields) for fields in zip(*(t.split(1, dim=1) for t in saved))]
     d = _start(kind, state, B, H, P, dt, dev)

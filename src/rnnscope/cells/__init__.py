@@ -5,7 +5,8 @@ that the adjoint sweeps (span_sweep, lag_sweep) take a cell module from `CELLS` 
 branching on the kind:
 
     w = vjp_weights(p)                                 detached weights, once per layer
-    s = vjp_saved(...)                                 what a step's VJP reads; any leading dims
+    s = vjp_saved_from_trace(p, lt)                    what each step's VJP reads, (B, T, …),
+    s = vjp_saved_from_states(p, x, h_prev, h, c0)     or (T, B, …) from time-major sequences
     (d_prev_state, d_in) = step_vjp(w, s_n, d_state)   one step back
 
 d_state and d_prev_state are tuples, the state in the cell's order ((h,) or (h, c)), each

@@ -126,6 +126,37 @@ def vjp_saved(r, z, n, h_prev, ghn) -> VJPSaved:
     return VJPSaved(coef, z)
 
 
+def vjp_saved_from_trace(p: LayerParams, tr: LayerTrace, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step of a replayed layer/direction, (B, T, …) in processing order,
+    detached (nonlinearity: unused, taken by every cell's version)."""
+    r, z, n = (tr.in_steps(tr.gates[k]).detach() for k in ("r", "z", "n"))
+    h_prev = tr.prev_h.detach()
+    H = h_prev.shape[-1]
+    ghn = torch.nn.functional.linear(h_prev, p.w_hh.detach()[2 * H:],
+                                     None if p.b_hh is None else p.b_hh.detach()[2 * H:])
+    return vjp_saved(r, z, n, h_prev, ghn)
+
+
+def vjp_saved_from_states(p: LayerParams, x: torch.Tensor, h_prev: torch.Tensor,
+                          h: torch.Tensor, c0=None, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step at once, (T, B, …), from a layer's time-major input x
+    (T, B, I) and the states entering its steps h_prev (T, B, H) (h, c0: unused here): the
+    gates need no loop over time."""
+    T, B = x.shape[:2]
+    H = p.w_hh.shape[1]
+    h2 = h_prev.reshape(T * B, H)
+    gx = torch.nn.functional.linear(x.reshape(T * B, -1), p.w_ih.detach(),
+                                    None if p.b_ih is None else p.b_ih.detach())
+    gh = torch.nn.functional.linear(h2, p.w_hh.detach(),
+                                    None if p.b_hh is None else p.b_hh.detach())  # (T·B, 3H)
+    rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    ghn = gh[:, 2 * H:]
+    n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, ghn))
+    view = lambda t: t.reshape(T, B, H)  # noqa: E731
+    return vjp_saved(view(r), view(z), view(n), view(h2), view(ghn))
+
+
 def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
              dc_total=None, into: torch.Tensor | None = None):
     """One step's VJP: from the cotangent of h_n to those of h_{n−1} and of the input

@@ -324,6 +324,44 @@ def vjp_saved(i, f, g, o, c_prev, c) -> VJPSaved:
                     d_o=torch.addcmul(o_tc, o_tc, o, value=-1), d_ifg=d_ifg, f=f)
 
 
+def vjp_saved_from_trace(p: LayerParams, tr: LayerTrace, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step of a replayed layer/direction, (B, T, …) in processing order,
+    detached (nonlinearity: unused, taken by every cell's version)."""
+    i, f, g, o = (tr.in_steps(tr.gates[k]).detach() for k in ("i", "f", "g", "o"))
+    return vjp_saved(i, f, g, o, tr.prev_c.detach(), tr.in_steps(tr.c).detach())
+
+
+def vjp_saved_from_states(p: LayerParams, x: torch.Tensor, h_prev: torch.Tensor,
+                          h: torch.Tensor, c0: torch.Tensor, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step at once, (T, B, …), from a layer's time-major input x
+    (T, B, I), the states entering its steps h_prev (T, B, P), the states they made h (unused
+    here) and c0 (B, H): the gates need no loop over time, the cell states one elementwise
+    recurrence."""
+    T, B = x.shape[:2]
+    H = p.w_hh.shape[0] // 4
+    bias = [b.detach() for b in (p.b_ih, p.b_hh) if b is not None]
+    x2, w_ih = x.reshape(T * B, -1), p.w_ih.detach().t()
+    pre = torch.addmm(sum(bias), x2, w_ih) if bias else torch.mm(x2, w_ih)
+    pre = pre.addmm_(h_prev.reshape(T * B, -1), p.w_hh.detach().t()).view(T, B, 4 * H)
+    act = torch.empty_like(pre)  # σ for i, f, o; tanh for g
+    torch.sigmoid(pre[..., :2 * H], out=act[..., :2 * H])
+    torch.tanh(pre[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+    torch.sigmoid(pre[..., 3 * H:], out=act[..., 3 * H:])
+    i, f, g, o = act.split(H, dim=-1)
+    c = _cell_states(i * g, f, c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
+    return vjp_saved(i, f, g, o, c[:-1], c[1:])
+
+
+def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """(T + 1, B, H) cell states c_s = f_s c_{s−1} + i_s g_s from c_{−1} = c0."""
+    c = ig.new_empty((ig.shape[0] + 1,) + tuple(ig.shape[1:]))
+    c[0] = c0
+    cs = c.unbind(0)
+    for s, (ig_s, f_s) in enumerate(zip(ig.unbind(0), f.unbind(0))):
+        torch.addcmul(ig_s, f_s, cs[s], out=cs[s + 1])
+    return c
+
+
 def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
              dc_total: torch.Tensor | None = None, into: torch.Tensor | None = None):
     """One step's VJP: from the cotangents of the state a step makes, (h_n, c_n), to those of

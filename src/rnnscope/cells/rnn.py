@@ -84,6 +84,19 @@ def vjp_saved(h: torch.Tensor, nonlinearity: str) -> VJPSaved:
     return VJPSaved(act_derivative(h, nonlinearity))
 
 
+def vjp_saved_from_trace(p: LayerParams, tr: LayerTrace, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step of a replayed layer/direction, (B, T, H) in processing order,
+    detached: act' read from the states the steps made."""
+    return vjp_saved(tr.in_steps(tr.h).detach(), nonlinearity)
+
+
+def vjp_saved_from_states(p: LayerParams, x: torch.Tensor, h_prev: torch.Tensor,
+                          h: torch.Tensor, c0=None, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step at once, (T, B, H), from the states the steps made h
+    (T, B, H) (x, h_prev, c0: unused here)."""
+    return vjp_saved(h, nonlinearity)
+
+
 def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
              dc_total=None, into: torch.Tensor | None = None):
     """One step's VJP: from the cotangent of h_n to those of h_{n−1} and of the input
