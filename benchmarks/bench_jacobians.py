@@ -67,12 +67,12 @@ def _adjoint_jacobians_only(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
     """The adjoint sweep's Jacobians alone, (B, T, H, H), without the spectral/Frobenius norms
     that cell_jacobians always computes (and the baseline does not): shows what the norms cost."""
     from rnnscope.recurrent import describe
-    from rnnscope.span_sweep import _lstm_steps
+    from rnnscope.span_sweep import _sweep
 
     B, T, _ = x.shape
     with torch.no_grad():
         lt = rnnscope.replay(lstm, x).layers[0][0]
-        steps, N, _ = _lstm_steps(lt, describe(lstm).params(0, 0), "c", "tanh")
+        steps, N, _ = _sweep(lt, describe(lstm).params(0, 0), "lstm", "c", "tanh")
         out = torch.empty(B, T, N, N, dtype=x.dtype)
         for n, J in zip(range(T - 1, -1, -1), steps):
             out[:, n].copy_(J)

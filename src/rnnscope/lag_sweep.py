@@ -16,10 +16,11 @@ The adjoint is linear, so a position whose cotangents are zero after step t_p ha
 there: the sweep starts each position at its own last nonzero step (read from the cotangents, so
 a head that mixes time forward or backward stays exact) and grows the active rows as it goes
 back. Rows are ordered by start step, latest first, so the active rows at each step are a
-prefix and every per-step operation works on one contiguous slice. The gradient at the layer's
-input, dx_s = dgates_s W_ih, comes out of the same GEMM as the recurrent one
-(dgates_s [W_hh | W_ih]); a multi-layer module is swept top layer first, each layer's input
-gradient being the next one down's output cotangent.
+prefix and every per-step operation works on one contiguous slice. Each step is the cell's
+`step_vjp` (cells/__init__.py: the same contract as span_sweep's), given the caller's buffers
+(`into=`): the gradient at the layer's input, dx_s = d_in_s W_ih, comes out of the same GEMM as
+the recurrent one (d_in_s [W_hh | W_ih] for the LSTM and RNN). A multi-layer module is swept top
+layer first, each layer's input gradient being the next one down's output cotangent.
 
 Everything else (bidirectional modules, packed sequences, cells, training-mode inter-layer
 dropout, custom modules, a loss reaching the measured input around the recurrent module) takes
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cells import CELLS
 from .recurrent import check_subclass, describe
 from .replay import replay
 
@@ -327,19 +329,31 @@ def _sweep_layer(spec, layer: int, lt, rows: Rows, dh: torch.Tensor, h_cot,
     k = rows.active[T - 1]
     if h_cot is not None and k:
         Z[:k, :Ho] += h_cot[:k]  # rows with a final-state cotangent all start at T − 1
-    kind = spec.kind
-    if kind == "lstm":
-        _lstm_sweep(p, lt, rows, Z, c_cot)
-    elif kind == "gru":
-        _gru_sweep(p, lt, rows, Z)
-    else:
-        _rnn_sweep(p, lt, rows, Z, spec.nonlinearity)
+    cell = CELLS[spec.kind]
+    w = cell.vjp_weights(p, inputs=True)
+    saved = _saved(spec, p, lt)  # the cell's VJPSaved, (T, B, …) each field
+    per_step = [type(saved)(*fields) for fields in zip(*(t.unbind(0) for t in saved))]
+    B = lt.h.shape[1]
+    R = rows.active[0]  # step 0 has the most active rows
+    dc = None
+    if spec.kind == "lstm":  # the cell-state cotangents, carried outside Z (rows beyond the
+        H = p.w_hh.shape[0] // 4  # active prefix keep their final-state cotangent until used)
+        dc = Z.new_zeros(R, H)
+        if c_cot is not None:
+            dc += c_cot
+    for s, k, here, nxt in _segments(rows, Z):
+        q = k // B
+        d_state = (here[:, :Ho].view(q, B, Ho),)
+        if dc is not None:
+            d_state += (dc[:k].view(q, B, -1),)
+        # (∂ℓ/∂h_{s−1} | ∂ℓ/∂x_s) added into step s − 1's rows of Z; dc turned into dc_{s−1}
+        cell.step_vjp(w, per_step[s], d_state, into=nxt.view(q, B, -1))
     return Z[:, Ho:].index_select(0, rows.dx_index)
 
 
 def _segments(rows: Rows, Z: torch.Tensor):
-    """Per step s = T − 1 … 0 with active rows: (s, k, q, this step's rows of Z, the rows of
-    step s − 1 that its GEMM writes) — views made once, outside the arithmetic."""
+    """Per step s = T − 1 … 0 with active rows: (s, k, this step's rows of Z, the rows of
+    step s − 1 that its VJP writes) — views made once, outside the arithmetic."""
     B_rows = rows.active
     out = []
     for s in range(len(B_rows) - 1, -1, -1):
@@ -350,138 +364,16 @@ def _segments(rows: Rows, Z: torch.Tensor):
     return out
 
 
-def _detach(t):
-    return None if t is None else t.detach()
-
-
 def _previous(lt: LayerSequences) -> torch.Tensor:
     """(T, B, Ho) the state entering each step: h0, h_0, …, h_{T−2}."""
     return torch.cat([lt.h0.unsqueeze(0), lt.h[:-1]])
 
 
-def _preactivations(p, lt: LayerSequences) -> torch.Tensor:
-    """(T·B, G·H) W_ih x_s + b_ih + W_hh h_{s−1} + b_hh for every step at once: the states are
-    known, so the gates need no loop over time."""
-    T, B = lt.h.shape[:2]
-    bias = [b.detach() for b in (p.b_ih, p.b_hh) if b is not None]
-    x = lt.x.reshape(T * B, -1)
-    w_ih = p.w_ih.detach().t()
-    pre = torch.addmm(sum(bias), x, w_ih) if bias else torch.mm(x, w_ih)
-    return pre.addmm_(_previous(lt).reshape(T * B, -1), p.w_hh.detach().t())
-
-
-def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-    """(T + 1, B, H) LSTM cell states c_s = f_s c_{s−1} + i_s g_s from c_{−1} = c0: the one
-    recurrence the gates leave, elementwise."""
-    c = ig.new_empty((ig.shape[0] + 1,) + tuple(ig.shape[1:]))
-    c[0] = c0
-    cs = c.unbind(0)
-    for s, (ig_s, f_s) in enumerate(zip(ig.unbind(0), f.unbind(0))):
-        torch.addcmul(ig_s, f_s, cs[s], out=cs[s + 1])
-    return c
-
-
-def _lstm_sweep(p, lt, rows, Z, c_cot):
-    """LSTM adjoint, per step s (dm = dh, or dh W_hr with a projection):
-        dc_s = dc_{s+1} f_{s+1} + dm o_s (1 − tanh² c_s)
-        d(i, f, g) = dc_s (g i(1−i), c_{s−1} f(1−f), i(1−g²)),   do = dm tanh(c_s) o(1−o)
-        (dh_{s−1} | dx_s) += d(i, f, g, o) [W_hh | W_ih]
-    """
-    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
-    H = p.w_hh.shape[0] // 4
-    B = lt.h.shape[1]
-    pre = _preactivations(p, lt).view(T, B, 4 * H)  # (T, B, 4H)
-    act = torch.empty_like(pre)  # σ for i, f, o; tanh for g
-    torch.sigmoid(pre[..., :2 * H], out=act[..., :2 * H])
-    torch.tanh(pre[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
-    torch.sigmoid(pre[..., 3 * H:], out=act[..., 3 * H:])
-    i, f, g, o = act.split(H, dim=-1)
-    ig = i * g
-    c = _cell_states(ig, f, lt.c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
-    tanh_c = torch.tanh(c[1:])
-    o_tc = o * tanh_c
-    e_o = torch.addcmul(o, o_tc, tanh_c, value=-1).unbind(0)  # o (1 − tanh² c), (B, H) a step
-    k_o = torch.addcmul(o_tc, o_tc, o, value=-1).unbind(0)  # tanh(c) o (1 − o)
-    k_c = pre.new_empty(T, B, 3, H)  # (g i(1−i), c_{s−1} f(1−f), i(1−g²)) a step
-    torch.addcmul(ig, ig, i, value=-1, out=k_c[:, :, 0])
-    c_f = c[:-1] * f
-    torch.addcmul(c_f, c_f, f, value=-1, out=k_c[:, :, 1])
-    torch.addcmul(i, ig, g, value=-1, out=k_c[:, :, 2])
-    k_c = k_c.unbind(0)
-    f_t = f.unbind(0)
-    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (4H, Ho + I)
-    w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (Ho, H)
-    Ho = p.w_hh.shape[1]
-    dc = Z.new_zeros(R, H)
-    if c_cot is not None:
-        dc += c_cot
-    dgates = Z.new_empty(R, 4 * H)
-    for s, k, here, nxt in _segments(rows, Z):
-        q = k // B
-        dh_s = here[:, :Ho]
-        dm = (dh_s if w_hr is None else torch.mm(dh_s, w_hr)).view(q, B, H)
-        dc_s = dc[:k].view(q, B, H)
-        dc_s.addcmul_(dm, e_o[s])
-        dg = dgates[:k]
-        dg4 = dg.view(q, B, 4, H)
-        torch.mul(dc_s.unsqueeze(2), k_c[s], out=dg4[:, :, :3])
-        torch.mul(dm, k_o[s], out=dg4[:, :, 3])
-        dc_s.mul_(f_t[s])  # carried to step s − 1
-        nxt.addmm_(dg, w)
-
-
-def _gru_sweep(p, lt, rows, Z):
-    """GRU adjoint, per step s, with a = (1 − z)(1 − n²) and ghn = W_hn h_{s−1} + b_hn:
-        d pre_n = dh a,   d pre_r = dh a ghn r(1−r),   d pre_z = dh (h_{s−1} − n) z(1−z)
-        dx_s = (d pre_r, d pre_z, d pre_n) W_ih
-        dh_{s−1} += dh z + (d pre_r, d pre_z, d pre_n r) W_hh
-    from u = (d pre_n, d pre_r, d pre_z, d pre_n r): u[:, :3H] with W_ih's rows reordered
-    (n, r, z), u[:, H:] with W_hh as it is.
-    """
-    T, R = len(rows.active), rows.active[0]  # step 0 has the most active rows
-    H = p.w_hh.shape[1]
-    B = lt.h.shape[1]
-    w_hh, w_ih = p.w_hh.detach(), p.w_ih.detach()
-    h_prev = _previous(lt).reshape(T * B, H)
-    gx = torch.nn.functional.linear(lt.x.reshape(T * B, -1), w_ih, _detach(p.b_ih))
-    gh = torch.nn.functional.linear(h_prev, w_hh, _detach(p.b_hh))  # (T·B, 3H) each
-    rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
-    r, z = rz[:, :H], rz[:, H:]
-    ghn = gh[:, 2 * H:]
-    n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, ghn))
-    a = (1 - z) * (1 - n * n)
-    coef = torch.stack([a, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a * r],
-                       dim=1).view(T, B, 4, H).unbind(0)  # (B, 4, H) per step
-    z_t = z.view(T, B, H).unbind(0)
-    w_ih_nrz = torch.cat([w_ih[2 * H:], w_ih[: 2 * H]])  # (3H, I), rows n, r, z
-    u = Z.new_empty(R, 4 * H)
-    for s, k, here, nxt in _segments(rows, Z):
-        q = k // B
-        dh_s = here[:, :H]
-        uk = u[:k]
-        torch.mul(dh_s.view(q, B, 1, H), coef[s], out=uk.view(q, B, 4, H))
-        nxt[:, H:].addmm_(uk[:, : 3 * H], w_ih_nrz)
-        prev = nxt[:, :H]
-        prev.addmm_(uk[:, H:], w_hh)
-        prev.view(q, B, H).addcmul_(dh_s.view(q, B, H), z_t[s])
-
-
-def _rnn_sweep(p, lt, rows, Z, nonlinearity: str):
-    """Vanilla RNN adjoint: d pre_s = dh act'(pre_s); dh_{s−1} += d pre_s W_hh, dx_s = d pre_s W_ih.
-    act' is read from the output: 1 − h² for tanh, 1[h > 0] for relu (PyTorch's relu'(0) = 0)."""
-    R = rows.active[0]  # step 0 has the most active rows
-    H = p.w_hh.shape[1]
-    B = lt.h.shape[1]
-    h = lt.h  # (T, B, H)
-    d = (1 - h * h) if nonlinearity == "tanh" else (h > 0).to(h.dtype)
-    d_t = d.unbind(0)
-    w = torch.cat([p.w_hh, p.w_ih], dim=1).detach()  # (H, H + I)
-    dpre = Z.new_empty(R, H)
-    for s, k, here, nxt in _segments(rows, Z):
-        q = k // B
-        dp = dpre[:k]
-        torch.mul(here[:, :H].view(q, B, H), d_t[s], out=dp.view(q, B, H))
-        nxt.addmm_(dp, w)
+def _saved(spec, p, lt: LayerSequences):
+    """The cell's VJPSaved for every step at once, (T, B, …) each field, recomputed from the
+    layer's input and output sequences (no loop over time but the LSTM's elementwise c)."""
+    return CELLS[spec.kind].vjp_saved_from_states(p, lt.x, _previous(lt), lt.h, lt.c0,
+                                                  nonlinearity=spec.nonlinearity)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ costs O(B·H·P) to build; pulling back then takes N·H·P (shared W_ho) + N·H�
 multiply-adds per sample and step, half of the 4·N·H·P of a VJP through the full
 (4H × P) recurrent weight (what autograd does).
 
+Each step is the cell's `step_vjp` (cells/__init__.py, the contract lag_sweep shares) with
+fold=True: the rows of one sample meet that sample's folded matrix (K_n, M_n) in one batched
+product. The per-kind parts left here are where the sweep starts (J_{T−1} = I) and what it reads
+off.
+
 Read-offs: state "c" J_n = dc (the cell-state Jacobian with h_n = o_n tanh(c_n) moving with
 c_n); state "h" J_n = A_h (c_n held fixed); state "full" J_n = [A_h, A_c] (rows and columns
 ordered (h, c)).
@@ -38,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cells import CELLS
 from .cells.layer_trace import LayerTrace
-from .cells.rnn import act_derivative
 from .recurrent import LayerParams
 from .results import highway_energy_share
 
@@ -103,120 +108,68 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
     # the caller's mode, not under our no_grad, so the trace is left as a fresh one would be.
     _ = lt.gates, lt.prev_h, (lt.prev_c if kind == "lstm" else None)
     with torch.no_grad():
-        steps, N, direct_steps = _STEPPERS[kind](lt, p, state, nonlinearity)
+        steps, N, direct_steps = _sweep(lt, p, kind, state, nonlinearity)
         return _collect(steps, lt.h.shape[0], lt.h.shape[1], N, direct_steps, keep,
                         CHUNK if chunk_size is None else chunk_size,
                         lt.h.dtype, lt.h.device)
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-kind adjoint steps: each yields J_n for n = T−1 down to 0, a (B, N, N) tensor that is only
-# valid until the next one is produced (the caller copies it out).
+# The adjoint steps: J_n for n = T−1 down to 0, each a (B, N, N) tensor that is only valid until
+# the next one is produced (the caller copies it out). What a step's VJP reads and the step
+# itself come from the cell module (cells/__init__.py: vjp_saved_from_trace, step_vjp folded per
+# sample); what is per kind here is where the sweep starts and what it reads off.
 
 
-def _lstm_steps(lt: LayerTrace, p: LayerParams, state: str, nonlinearity: str):
-    B, T, H = lt.c.shape
-    P = lt.h.shape[-1]
-    dt, dev = lt.h.dtype, lt.h.device
-    gates = lt.gates
-    i, f, g, o = (lt.in_steps(gates[k]).detach() for k in ("i", "f", "g", "o"))  # (B, T, H)
-    c = lt.in_steps(lt.c).detach()
-    c_prev = lt.prev_c.detach()
-    tc = torch.tanh(c)
-    e = o * (1 - tc * tc)  # ∂(o ⊙ tanh c)/∂c, diagonal
-    beta_o = tc * o * (1 - o)  # ∂(o ⊙ tanh c)/∂(pre-activation of o)
-    # γ for the i, f, g blocks: ∂c_n/∂(pre-activations) / ... all multiply the same dc
-    gamma = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (B,T,3,H)
-    w = p.w_hh.detach().view(4, H, P)
-    w_ifg, w_o = w[:3], w[3]  # (3, H, P), (H, P)
-    w_hr = p.w_hr.detach() if p.w_hr is not None else None  # (P, H)
-    e_s, f_s, beta_s, gamma_s = e.unbind(1), f.unbind(1), beta_o.unbind(1), gamma.unbind(1)
-
+def _start(kind: str, state: str, B: int, H: int, P: int, dt, dev):
+    """The adjoint of J_{T−1} = I: the state cotangents (B, N, ·) of the N reported rows."""
+    if kind != "lstm":
+        return (torch.eye(H, dtype=dt, device=dev).expand(B, H, H).clone(),)
     N = {"c": H, "h": P, "full": P + H}[state]
     a_h = torch.zeros(B, N, P, dtype=dt, device=dev)
     a_c = torch.zeros(B, N, H, dtype=dt, device=dev)
-    if state == "h":
-        a_h.copy_(torch.eye(P, dtype=dt, device=dev))
-    elif state == "c":
-        a_c.copy_(torch.eye(H, dtype=dt, device=dev))
-    else:
+    if state in ("h", "full"):
         a_h[:, :P].copy_(torch.eye(P, dtype=dt, device=dev))
-        a_c[:, P:].copy_(torch.eye(H, dtype=dt, device=dev))
-    dc = torch.empty(B, N, H, dtype=dt, device=dev)
-    k_buf = torch.empty(B, H, P, dtype=dt, device=dev)
-    j_full = torch.empty(B, N, N, dtype=dt, device=dev) if state == "full" else None
+    if state in ("c", "full"):
+        a_c[:, N - H:].copy_(torch.eye(H, dtype=dt, device=dev))
+    return a_h, a_c
+
+
+def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: str):
+    """(the J_n generator, N, the per-step highway factors (B, T, N) or None)."""
+    cell = CELLS[kind]
+    B, T, P = lt.h.shape
+    H = lt.c.shape[-1] if kind == "lstm" else P
+    dt, dev = lt.h.dtype, lt.h.device
+    w = cell.vjp_weights(p)
+    saved = cell.vjp_saved_from_trace(p, lt, nonlinearity=nonlinearity)
+    # per step, the saved fields as (B, 1, …): one broadcast row per sample against its N rows
+    per_step = [type(saved)(*fields) for fields in zip(*(t.split(1, dim=1) for t in saved))]
+    d = _start(kind, state, B, H, P, dt, dev)
+    N = d[0].shape[1]
+    j_buf = torch.empty(B, N, N, dtype=dt, device=dev) if state in ("c", "full") else None
 
     def steps():
-        nonlocal a_h, a_c
+        nonlocal d
         for n in range(T - 1, -1, -1):
-            dm = a_h if w_hr is None else a_h @ w_hr  # (B, N, H)
-            torch.addcmul(a_c, dm, e_s[n].unsqueeze(1), out=dc)
-            if state == "c":
-                yield dc
-            elif state == "h":
-                yield a_h
+            if state == "c":  # the row is the total ∂/∂c_n, formed inside the step's VJP
+                d_prev, _ = cell.step_vjp(w, per_step[n], d, fold=True, dc_total=j_buf)
+                yield j_buf
             else:
-                j_full[..., :P].copy_(a_h)
-                j_full[..., P:].copy_(a_c)
-                yield j_full
-            if n == 0:
-                break
-            # K_n = Σ_{i,f,g} diag(γ) W: (B, 3, H, 1) · (3, H, P) summed over the blocks
-            torch.sum(gamma_s[n].unsqueeze(-1) * w_ifg, dim=1, out=k_buf)
-            new_h = (dm * beta_s[n].unsqueeze(1)) @ w_o  # (B, N, P): one shared GEMM
-            a_h = torch.baddbmm(new_h, dc, k_buf)  # + dc K_n, batched
-            a_c = dc * f_s[n].unsqueeze(1)
+                if state == "full":
+                    torch.cat(d, dim=-1, out=j_buf)
+                yield d[0] if state == "h" else j_buf
+                if n == 0:
+                    break
+                d_prev, _ = cell.step_vjp(w, per_step[n], d, fold=True)
+            d = d_prev
 
-    direct = f if state == "c" else None
+    direct = None
+    if kind == "gru":
+        direct = saved.z
+    elif kind == "lstm" and state == "c":
+        direct = saved.f
     return steps(), N, direct
-
-
-def _gru_steps(lt: LayerTrace, p: LayerParams, state: str, nonlinearity: str):
-    B, T, H = lt.h.shape
-    dt, dev = lt.h.dtype, lt.h.device
-    r, z, nn_ = (lt.in_steps(lt.gates[k]).detach() for k in ("r", "z", "n"))
-    h_prev = lt.prev_h.detach()
-    w = p.w_hh.detach().view(3, H, H)
-    gh_n = h_prev @ w[2].t()  # W_hn h_{n−1} + b_hn, (B, T, H)
-    if p.b_hh is not None:
-        gh_n = gh_n + p.b_hh.detach()[2 * H:]
-    dn = (1 - z) * (1 - nn_ * nn_)
-    alpha = torch.stack([dn * gh_n * r * (1 - r), (h_prev - nn_) * z * (1 - z), dn * r], 2)
-    alpha_s, z_s = alpha.unbind(1), z.unbind(1)
-    a = torch.eye(H, dtype=dt, device=dev).expand(B, H, H).clone()
-    m_buf = torch.empty(B, H, H, dtype=dt, device=dev)
-
-    def steps():
-        nonlocal a
-        for n in range(T - 1, -1, -1):
-            yield a
-            if n == 0:
-                break
-            torch.sum(alpha_s[n].unsqueeze(-1) * w, dim=1, out=m_buf)  # indirect ∂h_n/∂h_{n−1}
-            a = torch.baddbmm(a * z_s[n].unsqueeze(1), a, m_buf)
-
-    return steps(), H, z
-
-
-def _rnn_steps(lt: LayerTrace, p: LayerParams, state: str, nonlinearity: str):
-    B, T, H = lt.h.shape
-    dt, dev = lt.h.dtype, lt.h.device
-    d_s = act_derivative(lt.in_steps(lt.h).detach(), nonlinearity).unbind(1)  # act'(pre_n)
-    w = p.w_hh.detach()
-    a = torch.eye(H, dtype=dt, device=dev).expand(B, H, H).clone()
-
-    def steps():
-        nonlocal a
-        for n in range(T - 1, -1, -1):
-            yield a
-            if n == 0:
-                break
-            a = (a * d_s[n].unsqueeze(1)) @ w  # one shared GEMM (B·N, H) × (H, H)
-
-    return steps(), H, None
-
-
-_STEPPERS = {"lstm": _lstm_steps, "gru": _gru_steps, "rnn": _rnn_steps}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,17 +210,38 @@ def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, chunk: int,
 def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share, q0):
     """Norms of a chunk of Jacobians js (B, S, N, N) for steps sl, written in place. Returns
     the top-k left singular subspace (B, N, k) of the chunk's first step, the warm start of the
-    next chunk (its neighbour in the sweep)."""
+    next chunk (its neighbour in the sweep).
+
+    One float64 copy, scaled once (Y = J / max|J|), serves all three: the spectral norm, the
+    Frobenius norm (‖Y‖_F, which the certificate needs anyway) and the highway share."""
     B, S, N, _ = js.shape
-    j64 = js.to(torch.float64)
+    j64 = js.to(torch.float64).reshape(B * S, N, N)
+    y, s, finite, fro2 = _scaled(j64)
     start = None if q0 is None else q0.unsqueeze(1).expand(B, S, *q0.shape[1:]).reshape(
         B * S, *q0.shape[1:])
-    sigma, q = certified_spectral_norm(j64.reshape(B * S, N, N), start)
+    sigma, q = _certified(y, s, finite, fro2, start)
     spectral[:, sl] = sigma.view(B, S).cpu()
-    frob[:, sl] = torch.linalg.matrix_norm(j64).cpu()
+    # ‖J‖_F = s ‖Y‖_F; inf/nan for a non-finite J, 0 for J = 0 (as matrix_norm gives)
+    frob[:, sl] = torch.where(finite, fro2.sqrt() * s, s).view(B, S).cpu()
     if direct is not None:
-        share[:, sl] = highway_energy_share(j64, direct[:, sl]).cpu()
+        share[:, sl] = _share(j64, y, s, finite, direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
     return q.view(B, S, *q.shape[1:])[:, 0]
+
+
+def _share(j64: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
+           d: torch.Tensor) -> torch.Tensor:
+    """`results.highway_energy_share(J, d)` for J = s Y (K, N, N), d (K, N) float64, from the
+    scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of (·)/s. Y's
+    largest entry is 1, so the denominator cannot underflow; where |d| could overflow once
+    scaled (|d| > 1e100 s), or some J is 0 or non-finite, the general function takes over."""
+    dn = d / s.unsqueeze(-1)
+    if not bool((finite & (dn.abs().amax(-1) <= 1e100)).all()):
+        return highway_energy_share(j64, d)
+    rest = y.clone()
+    rest.diagonal(dim1=-2, dim2=-1).sub_(dn)
+    rest2 = (rest * rest).sum((-2, -1))
+    d2 = (dn * dn).sum(-1)
+    return d2 / (d2 + rest2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,14 +270,28 @@ def certified_spectral_norm(x: torch.Tensor, start: torch.Tensor | None = None):
     No value rests on the convergence of an iteration. A non-finite matrix gets max|X| (inf or
     nan), a zero matrix 0.
     """
-    K, N, _ = x.shape
-    k = min(BLOCK, N)
+    return _certified(*_scaled(x), start)
+
+
+def _scaled(x: torch.Tensor):
+    """x (K, N, N) -> (Y = x / s, s = max|x| (K,), finite (K,): s finite and > 0,
+    ‖Y‖²_F (K,)); Y is 0 where s is not finite or 0."""
     s = x.abs().amax(dim=(-2, -1))  # (K,)
     finite = torch.isfinite(s) & (s > 0)
-    safe = torch.where(finite, s, torch.ones_like(s))
-    y = x / safe[:, None, None]
-    y = torch.where(finite[:, None, None], y, torch.zeros_like(y))
-    fro2 = (y * y).sum((-2, -1))  # ‖Y‖²_F = trace(G)
+    if bool(finite.all()):  # the common case: one pass, no masking
+        y = x / s[:, None, None]
+    else:
+        safe = torch.where(finite, s, torch.ones_like(s))
+        y = x / safe[:, None, None]
+        y = torch.where(finite[:, None, None], y, torch.zeros_like(y))
+    return y, s, finite, (y * y).sum((-2, -1))
+
+
+def _certified(y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor, fro2: torch.Tensor,
+               start: torch.Tensor | None):
+    """`certified_spectral_norm` of x = s Y, given `_scaled(x)`."""
+    K, N, _ = y.shape
+    k = min(BLOCK, N)
     if start is None or start.shape[-1] != k:
         cols = (y * y).sum(-2).topk(k, dim=-1).indices  # Y's heaviest columns span G's top well
         start = torch.gather(y, 2, cols.unsqueeze(1).expand(K, N, k))

@@ -10,10 +10,13 @@ The highway is the z ⊙ h term: ∂h'/∂h = diag(z) + indirect paths through r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..recurrent import LayerParams
 from .layer_trace import LayerTrace, stack_steps, step_masks
+from .lstm import _fold
 
 
 def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, *, reverse: bool,
@@ -73,3 +76,124 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice, *, nonlinearity: st
     indirect = (alpha_r.unsqueeze(-1) * w_r + alpha_z.unsqueeze(-1) * w_z
                 + alpha_n.unsqueeze(-1) * w_n)
     return z, indirect
+
+
+# ----------------------------------------------------------------------------------------------
+# The one-step vector-Jacobian product (the contract every cell module shares: `vjp_weights`,
+# `vjp_saved`, `step_vjp`; see cells/__init__.py)
+
+
+class VJPWeights(NamedTuple):
+    """One layer/direction's weights as the step VJP reads them (detached, made once).
+
+    w_nrz (3H, H): W_hh with its row blocks reordered (n, r, z), so that the cotangents of
+    (W_hn h + b_hn, pre_r, pre_z), held next to each other, meet it in one GEMM; w (3, H, H)
+    the same blocks as a stack; w_ih (3H, I) with inputs=True (for `step_vjp(..., into=)`),
+    else None.
+    """
+
+    w_nrz: torch.Tensor
+    w: torch.Tensor
+    w_ih: torch.Tensor | None = None
+
+
+class VJPSaved(NamedTuple):
+    """What one GRU step's VJP reads, besides the weights; broadcast against the cotangents'
+    leading dimensions.
+
+    coef (…, 4, H) = ∂h_n/∂(W_hn h_{n−1} + b_hn, pre_r, pre_z, pre_n) =
+    (a r, a ghn r (1 − r), (h_{n−1} − n) z (1 − z), a), a = (1 − z)(1 − n²),
+    ghn = W_hn h_{n−1} + b_hn; z (…, H) the retain gate.
+    """
+
+    coef: torch.Tensor
+    z: torch.Tensor
+
+
+def vjp_weights(p: LayerParams, *, inputs: bool = False) -> VJPWeights:
+    """The detached weights `step_vjp` reads (make them once per layer/direction)."""
+    w_hh = p.w_hh.detach()
+    H = w_hh.shape[1]
+    w_nrz = torch.cat([w_hh[2 * H:], w_hh[: 2 * H]])
+    return VJPWeights(w_nrz, w_nrz.view(3, H, H), p.w_ih.detach() if inputs else None)
+
+
+def vjp_saved(r, z, n, h_prev, ghn) -> VJPSaved:
+    """`VJPSaved` for any number of steps at once from the gates r, z, n, the state entering
+    the step h_prev and ghn = W_hn h_prev + b_hn, all the same shape (…, H)."""
+    a = (1 - z) * (1 - n * n)
+    coef = torch.stack([a * r, a * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), a], dim=-2)
+    return VJPSaved(coef, z)
+
+
+def vjp_saved_from_trace(p: LayerParams, tr: LayerTrace, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step of a replayed layer/direction, (B, T, …) in processing order,
+    detached (nonlinearity: unused, taken by every cell's version)."""
+    r, z, n = (tr.in_steps(tr.gates[k]).detach() for k in ("r", "z", "n"))
+    h_prev = tr.prev_h.detach()
+    H = h_prev.shape[-1]
+    ghn = torch.nn.functional.linear(h_prev, p.w_hh.detach()[2 * H:],
+                                     None if p.b_hh is None else p.b_hh.detach()[2 * H:])
+    return vjp_saved(r, z, n, h_prev, ghn)
+
+
+def vjp_saved_from_states(p: LayerParams, x: torch.Tensor, h_prev: torch.Tensor,
+                          h: torch.Tensor, c0=None, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step at once, (T, B, …), from a layer's time-major input x
+    (T, B, I) and the states entering its steps h_prev (T, B, H) (h, c0: unused here): the
+    gates need no loop over time."""
+    T, B = x.shape[:2]
+    H = p.w_hh.shape[1]
+    h2 = h_prev.reshape(T * B, H)
+    gx = torch.nn.functional.linear(x.reshape(T * B, -1), p.w_ih.detach(),
+                                    None if p.b_ih is None else p.b_ih.detach())
+    gh = torch.nn.functional.linear(h2, p.w_hh.detach(),
+                                    None if p.b_hh is None else p.b_hh.detach())  # (T·B, 3H)
+    rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    ghn = gh[:, 2 * H:]
+    n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, ghn))
+    view = lambda t: t.reshape(T, B, H)  # noqa: E731
+    return vjp_saved(view(r), view(z), view(n), view(h2), view(ghn))
+
+
+def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
+             dc_total=None, into: torch.Tensor | None = None):
+    """One step's VJP: from the cotangent of h_n to those of h_{n−1} and of the input
+    projection gx_n = W_ih x_n + b_ih.
+
+    Args:
+        w: `vjp_weights(p)`.
+        s: the step's `VJPSaved`, broadcastable against the cotangent ((B, H) against stacked
+            rows (R, B, H); (B, 1, H) against per-sample rows (B, N, H)).
+        d_state: (dh (…, H),).
+        fold: d_state holds N rows per sample, (B, N, H), and s is (B, 1, ·): fold the three
+            blocks into the per-sample indirect Jacobian M_n = Σ diag(coef) W (B, H, H) (3·H² to
+            build, then N·H² multiply-adds per sample instead of 3·N·H²). d_in is then not
+            formed.
+        dc_total: unused (the GRU has no cell state); accepted so that every cell's step_vjp
+            takes the same arguments.
+        into: if given (needs `vjp_weights(p, inputs=True)`), a contiguous (…, H + I) tensor
+            the step adds (∂/∂h_{n−1} | ∂/∂x_n) into; dh_{n−1} is then its first H columns.
+
+    Returns:
+        ((dh_{n−1} (…, H),), d_in (…, 3H) = ∂/∂gx_n in PyTorch's block order (r, z, n), or None
+        with fold). The input gradient is d_in W_ih.
+    """
+    (dh,) = d_state
+    if fold:
+        m = _fold(s.coef.squeeze(1), w.w)  # M_n (B, H, H), the indirect Jacobian
+        return (torch.baddbmm(dh * s.z, dh, m),), None
+    lead = dh.shape[:-1]
+    H = dh.shape[-1]
+    u = torch.mul(dh.unsqueeze(-2), s.coef).view(*lead, 4 * H)  # (ghn, r, z, n) cotangents
+    if into is not None:
+        flat = into.view(-1, into.shape[-1])
+        flat[:, :H].addmm_(u[..., : 3 * H].reshape(-1, 3 * H), w.w_nrz)
+        flat[:, H:].addmm_(u[..., H:].reshape(-1, 3 * H), w.w_ih)
+        dh_prev = into[..., :H]
+        dh_prev.addcmul_(dh, s.z)
+        return (dh_prev,), u[..., H:]
+    dh_prev = torch.addcmul((u[..., : 3 * H].reshape(-1, 3 * H) @ w.w_nrz).view(*lead, H),
+                            dh, s.z)
+    return (dh_prev,), u[..., H:]

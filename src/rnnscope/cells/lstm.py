@@ -20,6 +20,8 @@ E = ∂h/∂c = [W_hr] diag(o (1−tanh²c))                                    
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..recurrent import LayerParams
@@ -262,3 +264,159 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     top = torch.cat([dh_dh, dh_dc], dim=-1)
     bottom = torch.cat([k, torch.diag_embed(f)], dim=-1)
     return torch.cat([top, bottom], dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The one-step vector-Jacobian product (the contract every cell module shares: `vjp_weights`,
+# `vjp_saved`, `step_vjp`; see cells/__init__.py)
+
+
+class VJPWeights(NamedTuple):
+    """One layer/direction's weights as the step VJP reads them (detached views, made once).
+
+    w_hh (4H, P) PyTorch's recurrent weight (P = H_out); w_ifg (3, H, P) and w_o (H, P) its
+    gate blocks; w_hr (P, H) the projection or None; w_in (4H, P + I) = [W_hh | W_ih] with
+    `vjp_weights(p, inputs=True)` (for `step_vjp(..., into=)`), else None.
+    """
+
+    w_hh: torch.Tensor
+    w_ifg: torch.Tensor
+    w_o: torch.Tensor
+    w_hr: torch.Tensor | None
+    w_in: torch.Tensor | None = None
+
+
+class VJPSaved(NamedTuple):
+    """What one LSTM step's VJP reads, besides the weights; each field (…, H) or (…, 3, H),
+    broadcast against the cotangents' leading dimensions.
+
+    e = ∂(o ⊙ tanh c_n)/∂c_n = o (1 − tanh² c_n); d_o = ∂(o ⊙ tanh c_n)/∂pre_o =
+    tanh(c_n) o (1 − o); d_ifg (…, 3, H) = ∂c_n/∂(pre_i, pre_f, pre_g) =
+    (g i (1 − i), c_{n−1} f (1 − f), i (1 − g²)); f the forget gate.
+    """
+
+    e: torch.Tensor
+    d_o: torch.Tensor
+    d_ifg: torch.Tensor
+    f: torch.Tensor
+
+
+def vjp_weights(p: LayerParams, *, inputs: bool = False) -> VJPWeights:
+    """The detached weight views `step_vjp` reads (make them once per layer/direction);
+    inputs=True also joins W_ih for `step_vjp(..., into=)`."""
+    w_hh = p.w_hh.detach()
+    H = w_hh.shape[0] // 4
+    w = w_hh.view(4, H, -1)
+    w_in = torch.cat([w_hh, p.w_ih.detach()], dim=1) if inputs else None
+    return VJPWeights(w_hh, w[:3], w[3], None if p.w_hr is None else p.w_hr.detach(), w_in)
+
+
+def vjp_saved(i, f, g, o, c_prev, c) -> VJPSaved:
+    """`VJPSaved` for any number of steps at once from the gates i, f, g, o, the cell state
+    entering the step c_prev and the one it makes c, all the same shape (…, H)."""
+    tanh_c = torch.tanh(c)
+    o_tc = o * tanh_c
+    ig = i * g
+    c_f = c_prev * f
+    d_ifg = torch.stack([torch.addcmul(ig, ig, i, value=-1), torch.addcmul(c_f, c_f, f, value=-1),
+                         torch.addcmul(i, ig, g, value=-1)], dim=-2)
+    return VJPSaved(e=torch.addcmul(o, o_tc, tanh_c, value=-1),
+                    d_o=torch.addcmul(o_tc, o_tc, o, value=-1), d_ifg=d_ifg, f=f)
+
+
+def vjp_saved_from_trace(p: LayerParams, tr: LayerTrace, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step of a replayed layer/direction, (B, T, …) in processing order,
+    detached (nonlinearity: unused, taken by every cell's version)."""
+    i, f, g, o = (tr.in_steps(tr.gates[k]).detach() for k in ("i", "f", "g", "o"))
+    return vjp_saved(i, f, g, o, tr.prev_c.detach(), tr.in_steps(tr.c).detach())
+
+
+def vjp_saved_from_states(p: LayerParams, x: torch.Tensor, h_prev: torch.Tensor,
+                          h: torch.Tensor, c0: torch.Tensor, *, nonlinearity: str = "tanh"):
+    """`VJPSaved` of every step at once, (T, B, …), from a layer's time-major input x
+    (T, B, I), the states entering its steps h_prev (T, B, P), the states they made h (unused
+    here) and c0 (B, H): the gates need no loop over time, the cell states one elementwise
+    recurrence."""
+    T, B = x.shape[:2]
+    H = p.w_hh.shape[0] // 4
+    bias = [b.detach() for b in (p.b_ih, p.b_hh) if b is not None]
+    x2, w_ih = x.reshape(T * B, -1), p.w_ih.detach().t()
+    pre = torch.addmm(sum(bias), x2, w_ih) if bias else torch.mm(x2, w_ih)
+    pre = pre.addmm_(h_prev.reshape(T * B, -1), p.w_hh.detach().t()).view(T, B, 4 * H)
+    act = torch.empty_like(pre)  # σ for i, f, o; tanh for g
+    torch.sigmoid(pre[..., :2 * H], out=act[..., :2 * H])
+    torch.tanh(pre[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+    torch.sigmoid(pre[..., 3 * H:], out=act[..., 3 * H:])
+    i, f, g, o = act.split(H, dim=-1)
+    c = _cell_states(i * g, f, c0)  # (T + 1, B, H): c_{-1} = c0, then c_0 … c_{T-1}
+    return vjp_saved(i, f, g, o, c[:-1], c[1:])
+
+
+def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """(T + 1, B, H) cell states c_s = f_s c_{s−1} + i_s g_s from c_{−1} = c0."""
+    c = ig.new_empty((ig.shape[0] + 1,) + tuple(ig.shape[1:]))
+    c[0] = c0
+    cs = c.unbind(0)
+    for s, (ig_s, f_s) in enumerate(zip(ig.unbind(0), f.unbind(0))):
+        torch.addcmul(ig_s, f_s, cs[s], out=cs[s + 1])
+    return c
+
+
+def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
+             dc_total: torch.Tensor | None = None, into: torch.Tensor | None = None):
+    """One step's VJP: from the cotangents of the state a step makes, (h_n, c_n), to those of
+    the state it started from, (h_{n−1}, c_{n−1}), and of its input projection gx_n.
+
+    Args:
+        w: `vjp_weights(p)`.
+        s: the step's `VJPSaved`, broadcastable against the cotangents ((B, H) against stacked
+            rows (R, B, ·); (B, 1, H) against per-sample rows (B, N, ·)).
+        d_state: (dh (…, P), dc (…, H)), h_n and c_n taken as independent (dc does not include
+            the path through h_n = o_n tanh c_n; this step adds it).
+        fold: d_state holds N rows per sample, (B, N, ·), and s is (B, 1, ·): fold the i, f, g
+            blocks into one (B, H, P) matrix K_n = Σ diag(d_ifg) W per sample (3·H·P to build,
+            then 2·N·H·P multiply-adds per sample instead of 4·N·H·P). d_in is then not formed.
+        dc_total: if given, (…, H) receives the total ∂/∂c_n (h_n moving with c_n): the
+            cell-state span Jacobian's row.
+        into: if given (needs `vjp_weights(p, inputs=True)`), a contiguous (…, P + I) tensor
+            the step adds (∂/∂h_{n−1} | ∂/∂x_n) into, with one GEMM; dh_{n−1} is then its first
+            P columns (what was in them plus the step's part), and d_state's dc (then the
+            caller's running buffer) is turned into dc_{n−1} in place.
+
+    Returns:
+        ((dh_{n−1} (…, P), dc_{n−1} (…, H)), d_in (…, 4H) = ∂/∂gx_n = ∂/∂pre_n, or None with
+        fold). The input gradient is d_in W_ih.
+    """
+    dh, dc = d_state
+    dm = dh if w.w_hr is None else dh @ w.w_hr  # ∂/∂(o ⊙ tanh c_n)
+    if into is not None:  # the caller's running buffers: dc becomes dc_{n−1} in place
+        dct = dc.addcmul_(dm, s.e)
+    elif dc_total is not None:
+        dct = torch.addcmul(dc, dm, s.e, out=dc_total)
+    else:
+        dct = torch.addcmul(dc, dm, s.e)
+    if fold:
+        k = _fold(s.d_ifg.squeeze(1), w.w_ifg)  # K_n (B, H, P)
+        dh_prev = torch.baddbmm((dm * s.d_o) @ w.w_o, dct, k)
+        return (dh_prev, dct * s.f), None
+    lead = dct.shape[:-1]
+    H = dct.shape[-1]
+    d_in = dct.new_empty(*lead, 4, H)
+    torch.mul(dct.unsqueeze(-2), s.d_ifg, out=d_in[..., :3, :])
+    torch.mul(dm, s.d_o, out=d_in[..., 3, :])
+    d_in = d_in.view(*lead, 4 * H)
+    if into is not None:
+        P = w.w_hh.shape[1]
+        into.view(-1, into.shape[-1]).addmm_(d_in.view(-1, 4 * H), w.w_in)
+        return (into[..., :P], dct.mul_(s.f)), d_in
+    dh_prev = (d_in.view(-1, 4 * H) @ w.w_hh).view(*lead, -1)
+    return (dh_prev, dct * s.f), d_in
+
+
+def _fold(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_g diag(coef[:, g]) w[g]: coef (B, G, H), w (G, H, P) -> (B, H, P), accumulated block
+    by block (no (B, G, H, P) temporary)."""
+    out = coef[:, 0].unsqueeze(-1) * w[0]
+    for g in range(1, w.shape[0]):
+        out.addcmul_(coef[:, g].unsqueeze(-1), w[g])
+    return out
