@@ -70,8 +70,10 @@ def test_cell_jacobians_equal_autograd_on_the_reference_loop(config):
 def test_step_jacobians_split_exactly(config):
     kind, cfg, state, layer, direction, B, T, seed, with_hx = config
     m, x, hx = _build(kind, cfg, B, T, seed, with_hx)
-    sj = rnnscope.step_jacobians(m, x, hx, layer=layer, direction=direction, state=state)
-    cj = rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state)
+    sj = rnnscope.step_jacobians(m, x, hx, layer=layer, direction=direction, state=state,
+                                 keep="full")
+    cj = rnnscope.cell_jacobians(m, x, hx, layer=layer, direction=direction, state=state,
+                                 keep="full")
     if kind in ("gru",) or (kind == "lstm" and state == "c"):
         gate = "z" if kind == "gru" else "f"
         lt = rnnscope.replay(m, x, hx).layers[layer][direction]

@@ -234,3 +234,14 @@ def test_drawn_tensors_round_trip_bit_for_bit(vals, dtype):
     finite = torch.isfinite(t)
     assert torch.equal(back[finite].view(torch.int64 if dtype == torch.float64 else torch.int32),
                        t[finite].view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+def test_profile_summaries_skip_distances_no_sequence_has():
+    # every sequence shorter than T: the distances past the longest one hold no measurement,
+    # so the summaries are those of the measured distances (found by the drawn round trip)
+    p = rnnscope.GradientProfile(torch.tensor([[1.0, 2.0, 1.0, 0.0], [3.0, 4.0, 2.0, 0.0]],
+                                              dtype=torch.float64),
+                                 lengths=torch.tensor([3, 3]))
+    assert p.by_distance()[3].isnan()
+    assert p.effective_memory() == 3 and p.decay_ratio() == 2.0 / 1.5
+    json.dumps(p.to_dict(), allow_nan=False)

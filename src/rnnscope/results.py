@@ -303,6 +303,14 @@ class GradientProfile(Result):
         dev = torch.where(mask, (v - mean) ** 2, torch.zeros_like(v))
         return (dev.sum(0) / (mask.sum(0) - 1).clamp_min(1)).sqrt()
 
+    def _measured_by_distance(self) -> torch.Tensor:
+        """`by_distance()` cut to the distances some sequence has: with `lengths` all shorter
+        than T, the distances past the longest sequence hold no measurement (nan)."""
+        bd = self.by_distance()
+        if self.lengths is None or self.lengths.numel() == 0:
+            return bd
+        return bd[:max(int(self.lengths.max()), 1)]
+
     def decay_ratio(self) -> float:
         """Mean norm at the farthest step over the mean norm at the output step: the first
         timestep over the last, with no epsilon.
@@ -310,7 +318,7 @@ class GradientProfile(Result):
         A gradient that vanished entirely at the last step gives inf (0 at both ends gives nan);
         non-finite norms give nan. Values ≪ 1 mean the early timesteps receive far less gradient.
         """
-        bd = self.by_distance()
+        bd = self._measured_by_distance()
         first, last = float(bd[-1]), float(bd[0])
         if not (math.isfinite(first) and math.isfinite(last)):
             return math.nan
@@ -320,7 +328,7 @@ class GradientProfile(Result):
 
     def decay_rate(self) -> float:
         """Fitted per-step decay rate r: norm at distance k ≈ A·exp(−r·k) (r > 0 decays)."""
-        return fit_decay_rate(self.by_distance())
+        return fit_decay_rate(self._measured_by_distance())
 
     def half_life(self) -> float:
         """Steps over which the gradient halves: ln 2 / decay_rate (inf if it does not decay)."""
@@ -328,9 +336,10 @@ class GradientProfile(Result):
 
     def effective_memory(self, threshold: float = 0.01) -> int | None:
         """Timesteps with a mean norm above threshold × max; None if any norm is non-finite."""
-        if not self.finite:
+        bd = self._measured_by_distance()
+        if not self.finite or not bool(torch.isfinite(bd).all()):  # a mean can overflow
             return None
-        return effective_memory(self.by_distance(), threshold)
+        return effective_memory(bd, threshold)
 
     def summary(self, threshold: float = 0.01) -> dict:
         return {"decay_ratio": self.decay_ratio(), "decay_rate": self.decay_rate(),
