@@ -26,6 +26,7 @@ from .lag import lag_profile
 from .profile import compare, gradient_profile, profile_drawn, random_inputs
 from .site import (Capture, ModelCall, _as_leaf, capturing, model_call, recurrent_axes,
                    unwrap_model)
+from .modern.protocol import describe_decay, is_decay_recurrence
 from .recurrent import RETAIN_GATE, describe, is_recurrent
 from .replay import replay
 from .results import Comparison, json_list, json_number
@@ -94,6 +95,38 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_sampl
     return out
 
 
+def decay_analysis(module: nn.Module, x: torch.Tensor, *, jac_samples: int,
+                   progress: Progress = _noop, name: str = "") -> dict:
+    """`recurrent_analysis` for a decay recurrence (modern/protocol.py: minGRU, LRU, ...): one
+    layer, closed forms; the same keys, plus `linear_in_state` (the highway is the whole
+    Jacobian when True)."""
+    spec = describe_decay(module)
+    batch_dim = 0 if spec.batch_first else 1
+    n = min(jac_samples, x.shape[batch_dim])
+    xj = x.narrow(batch_dim, 0, n)
+    progress(f"{name}: Jacobians")
+    cj = cell_jacobians(module, xj, keep="norms")
+    # one-step paths: free for a linear recurrence (diag(a), indirect 0); for sLSTM they are
+    # (4H)² spectral norms per step that no report figure uses (those are the LSTM's)
+    sj = step_jacobians(module, xj, keep="norms") if spec.linear else None
+    lyap = lyapunov_spectrum(module, xj, k=1)[..., 0]
+    finite = torch.isfinite(lyap)
+    out = {"kind": spec.kind, "nonlinearity": "", "linear_in_state": spec.linear,
+           "input_size": getattr(module, "input_size", x.shape[-1]),
+           "hidden_size": getattr(module, "hidden_size", None), "proj_size": 0,
+           "num_layers": 1, "num_directions": 1, "state": spec.state, "jacobian_samples": n,
+           "layers": [{"layer": 0, "direction": 0, "cell_jacobians": cj.to_dict(),
+                       "step_paths": _step_paths(sj) if sj is not None else None,
+                       "max_lyapunov": json_number(lyap[finite].mean().item()
+                                                   if finite.any() else math.nan),
+                       "lyapunov_samples": int(finite.sum())}]}
+    progress(f"{name}: gate statistics")
+    out["gates"] = gate_stats(module, x).to_dict()
+    progress(f"{name}: state gradients")
+    out["state_gradients"] = state_gradients(module, x).to_dict()
+    return out
+
+
 def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, num_layers,
                           forget_init, seed, jac_samples) -> None:
     """Every option of `compare_study` in range and its memory estimate within what the
@@ -130,7 +163,7 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
                   num_layers: int = 1, forget_init: str = "default", seed: int = 0,
                   device: str = "cpu", jac_samples: int = 4,
                   progress: Progress = _noop) -> dict:
-    """RNN vs LSTM vs GRU vs Transformer on the same seeded inputs."""
+    """RNN vs LSTM vs GRU vs Transformer (and any of models.KINDS) on the same seeded inputs."""
     t0 = time.perf_counter()
     config = {"models": list(models), "seq_len": seq_len, "hidden_size": hidden_size,
               "input_size": input_size, "samples": samples, "num_layers": num_layers,
@@ -154,6 +187,9 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
         if is_recurrent(m):
             recurrent[name] = recurrent_analysis(m, x, jac_samples=jac_samples,
                                                  progress=progress, name=name)
+        elif is_decay_recurrence(m):
+            recurrent[name] = decay_analysis(m, x, jac_samples=jac_samples, progress=progress,
+                                             name=name)
     table = decay_table(DECAY_FORGET, DECAY_LENGTHS)
     return {"command": "compare", "config": config, "versions": versions(),
             "comparison": cmp.to_dict(), "recurrent": recurrent,

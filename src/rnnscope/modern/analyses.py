@@ -156,7 +156,8 @@ def step_jacobians(spec: DecaySpec, x, hx, *, keep: str) -> StepJacobians:
     N = direct.shape[-1]
     indirect = spectral = None
     if keep == "full":
-        indirect = torch.zeros(B, T, N, N, dtype=direct.dtype).masked_fill(
+        # exactly zero, real even where the decay is complex (total = diag(direct) + 0)
+        indirect = torch.zeros(B, T, N, N, dtype=torch.float64).masked_fill(
             bad[:, None, None, None], math.nan)
     else:
         spectral = torch.zeros(B, T, dtype=torch.float64).masked_fill(bad[:, None], math.nan)

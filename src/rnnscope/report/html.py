@@ -124,11 +124,14 @@ def reading_highway(results: dict) -> str:
             share1 = (sum(_f(row[-2]) for row in cj["share"]) / len(cj["share"])
                       if steps > 1 else 1)
             sharek = sum(_f(row[-1 - k]) for row in cj["share"]) / len(cj["share"])
-            gate = "forget gates f" if rec["kind"] == "lstm" else "retain gates z"
+            gate = {"lstm": "forget gates f", "gru": "retain gates z"}.get(rec["kind"],
+                                                                       "decays a")
             s += (f"; the highway alone (the product of the {gate}, largest unit) is "
                   f"{_num(dmax)}. The direct path carries {_num(100 * share1)}% of the "
                   f"Jacobian's energy over one step and {_num(100 * sharek)}% over {k} steps; "
                   "the rest flows through h and the next step's gates (the indirect paths).")
+            if rec.get("linear_in_state"):
+                s += " This recurrence is linear in its state: the highway is the whole Jacobian."
         else:
             s += "; a vanilla RNN has no highway: every path goes through W_hh and tanh′."
         out.append(s)
@@ -163,13 +166,13 @@ def reading_gates(results: dict) -> str:
         for s in rec["gates"]["layers"]:
             mt = sorted(_f(v) for v in s["memory_time"])
             med = mt[len(mt) // 2]
-            gate = "forget gate f" if s["gate"] == "f" else "retain gate z"
+            gate = {"f": "forget gate f", "z": "retain gate z"}.get(s["gate"], "decay |a|")
             txt = (f"<b>{_e(name)}</b> layer {_num(s['layer'])}"
                    f"{' dir 1' if s['direction'] else ''}: mean {gate} {_num(s['mean'])}, median "
                    f"memory time 1/(1−f̄) {_num(med)} steps for a sequence of {T}; "
                    f"{_num(100 * _f(s['saturation']['>0.99']))}% of gate values exceed 0.99 "
                    f"and {_num(100 * _f(s['saturation']['<0.1']))}% are below 0.1.")
-            if med < T / 10:
+            if med < T / 10 and s["gate"] in ("f", "z"):  # the bias fixes are LSTM/GRU's
                 if results["command"] == "compare":
                     fix_one, fix_chrono = "--forget-bias 1.0", "--forget-bias chrono"
                 else:  # inspect analyses the user's model: the fix is in their code
