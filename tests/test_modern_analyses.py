@@ -61,7 +61,8 @@ def initial_state(kind, m, B, gen):
     """A random initial state as the cell's `step` takes it, and as `hx` for the module."""
     if kind == "slstm":
         H = m.hidden_size
-        s = (torch.randn(B, H, generator=gen, dtype=D64), torch.randn(B, H, generator=gen, dtype=D64),
+        s = (torch.randn(B, H, generator=gen, dtype=D64),
+             torch.randn(B, H, generator=gen, dtype=D64),
              torch.rand(B, H, generator=gen, dtype=D64) + 0.5,
              torch.randn(B, H, generator=gen, dtype=D64))
         return s, tuple(p.unsqueeze(0) for p in s)
@@ -255,7 +256,8 @@ def test_gate_stats_is_the_decay(kind):
     if kind == "slstm":  # the forget gate f_t along the trajectory, from the equations
         traj = [s0] + states(m, x, s0)[:-1]
         H = m.hidden_size
-        f = torch.stack([torch.sigmoid(x[:, t] @ m.W_f.t() + m.b_f + traj[t][0] @ m.R[2 * H:3 * H].t())
+        R_f = m.R[2 * H:3 * H]
+        f = torch.stack([torch.sigmoid(x[:, t] @ m.W_f.t() + m.b_f + traj[t][0] @ R_f.t())
                          for t in range(T)], 1)
         mags = f
     else:  # |diagonal| of the autograd step Jacobian (|λ| = sqrt(det) of a 2×2 block for the LRU)
@@ -276,10 +278,6 @@ def test_gate_stats_is_the_decay(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_and_lag_profiles_match_autograd(kind):
     m, x, s0, hx = case(kind)
-    xg = x.clone().requires_grad_(True)
-    y = torch.stack([s[0] if kind == "slstm" else s for s in states(m, xg, s0)], 1)
-    y = y if kind == "slstm" else m.readout(xg, y)
-    (g,) = torch.autograd.grad(y[:, -1].sum(), xg)
     prof = gradient_profile(m, x)  # time dim read from the module itself
     # the profile runs forward without hx: compare with zero initial state
     zero = initial_state(kind, m, x.shape[0], torch.Generator().manual_seed(0))[0]

@@ -40,7 +40,8 @@ VARIANTS = {
     "mamba": ("mamba", "default"),
     "slstm": ("slstm", "default"),
 }
-DEFAULT_VARIANTS = ("rnn", "lstm", "lstm-fb1", "lstm-chrono", "gru")  # `experiment` without --variants
+# `experiment` without --variants
+DEFAULT_VARIANTS = ("rnn", "lstm", "lstm-fb1", "lstm-chrono", "gru")
 VARIANT_HELP = {
     "rnn": "tanh RNN", "lstm": "LSTM, PyTorch default init",
     "lstm-fb1": "LSTM, effective forget bias 1", "lstm-chrono": "LSTM, chrono init (t_max = T)",
@@ -228,5 +229,6 @@ def run_experiment(cfg: ExperimentConfig, *, progress: Callable = None) -> dict:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-__all__ = ["ExperimentConfig", "SequenceModel", "VARIANTS", "DEFAULT_VARIANTS", "build_variant", "run_experiment",
+__all__ = ["ExperimentConfig", "SequenceModel", "VARIANTS", "DEFAULT_VARIANTS",
+           "build_variant", "run_experiment",
            "summarise", "train_variant"]
