@@ -19,6 +19,10 @@ Closed-form one-step Jacobians (rnnscope.cells) are used for nn.RNN/LSTM/GRU and
 user-written cells (forward(x_t, state) -> new_state) go through torch.func autograd Jacobians.
 Multi-layer modules: the Jacobians of layer l hold that layer's input (the output of layer
 l − 1) fixed — they describe layer l's own recurrence.
+Decay recurrences (rnnscope.modern.protocol: minGRU, minLSTM, LRU, RG-LRU, the selective SSM,
+sLSTM, or a user's module implementing the protocol) dispatch to modern/analyses.py: closed
+forms from the decays when linear in the state (CellJacobians.highway_is_whole), the
+closed-form full step Jacobians through the sweeps below otherwise.
 
 Shape legend: B batch, T steps, N state size (H for RNN/GRU and LSTM "c"; H_out for LSTM "h";
 H_out + H for LSTM "full"), k exponents.
