@@ -45,6 +45,6 @@ def test_summary_definitions():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="variants must be a non-empty subset"):
-        ExperimentConfig(variants=("lstm", "mamba")).check()
+        ExperimentConfig(variants=("lstm", "mamba2")).check()  # mamba is a variant now
     with pytest.raises(ValueError, match="steps must be a positive int"):
         ExperimentConfig(steps=0).check()

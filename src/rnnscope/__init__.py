@@ -18,8 +18,9 @@ from .results import (CellJacobians, Comparison, DecayTable, GateLayerStats, Gat
                       StateGradientLayer, StateGradients, StepJacobians, effective_memory)
 from .theory import decay_table, memory_time
 from .modern import LRU, RGLRU, SLSTM, MinGRU, MinLSTM, SelectiveSSM, linear_scan
-from .modern.sensitivity import (ParameterSensitivity, linear_recurrence_sensitivity,
-                                 parameter_sensitivity)
+from .modern.analyses import DecayCellJacobians
+from .modern.sensitivity import (CurseOfMemory, ParameterSensitivity, curse_of_memory,
+                                 linear_recurrence_sensitivity, parameter_sensitivity)
 
 __all__ = [
     # measurements
@@ -37,4 +38,5 @@ __all__ = [
     # modern recurrences (issue 13): cells, their scan, parameter sensitivity
     "MinGRU", "MinLSTM", "LRU", "RGLRU", "SelectiveSSM", "SLSTM", "linear_scan",
     "parameter_sensitivity", "linear_recurrence_sensitivity", "ParameterSensitivity",
+    "curse_of_memory", "CurseOfMemory", "DecayCellJacobians",
 ]

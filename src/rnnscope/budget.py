@@ -131,6 +131,31 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
     return (2 * elem * params, seq + jac) if split else 2 * elem * params + seq + jac
 
 
+# State values per hidden unit of the modern recurrences `compare` builds (models.KINDS): the
+# LRU's complex state counts twice, the S6 layer has 16 states per channel, sLSTM four parts.
+MODERN_STATE = {"mingru": 1, "minlstm": 1, "lru": 2, "rglru": 1, "mamba": 16, "slstm": 4}
+
+
+def modern_bytes(kind: str, *, input_size: int, hidden_size: int, samples: int, seq_len: int,
+                 jac_samples: int, elem: int = 4) -> tuple[float, float]:
+    """(parameter bytes, analysis bytes) of `compare` on one modern recurrence.
+
+    Parameters: at most 4·H·(I + H) + 4·H values, twice. Analyses: the batch's states,
+    decays and their gradients with the graph, 16 values per state value (N = MODERN_STATE·H)
+    per sample and step in the model's dtype, plus the drawn inputs S·T·I·(8 + 3e); the
+    Jacobian samples' per-step results in float64 (8 arrays of J·T·N); sLSTM also holds its
+    closed-form full step Jacobians, J·T·(4H)² values, three copies while they are built.
+    """
+    H, S, T = hidden_size, samples, seq_len
+    N = MODERN_STATE[kind] * H
+    params = 4 * H * (input_size + H) + 4 * H
+    seq = S * T * N * 16 * elem + S * T * input_size * (8 + 3 * elem)
+    jac = jac_samples * T * N * 8 * 8
+    if kind == "slstm":
+        jac += 3 * jac_samples * T * (4 * H) ** 2 * 8
+    return 2 * elem * params, seq + jac
+
+
 def transformer_bytes(*, input_size: int, d_model: int, nhead: int, num_layers: int,
                       samples: int, seq_len: int, elem: int = 4, split: bool = False):
     """Peak bytes of the gradient profile of the causal Transformer `compare` builds.
@@ -159,7 +184,11 @@ def compare_bytes(models, *, seq_len: int, hidden_size: int, input_size: int, sa
     so the estimate is every model's parameters plus the largest analysis."""
     per_model = []
     for kind in models:
-        if kind == "transformer":
+        if kind in MODERN_STATE:
+            per_model.append(modern_bytes(kind, input_size=input_size, hidden_size=hidden_size,
+                                          samples=samples, seq_len=seq_len,
+                                          jac_samples=jac_samples))
+        elif kind == "transformer":
             nhead = 4 if hidden_size % 4 == 0 else 1
             per_model.append(transformer_bytes(input_size=input_size, d_model=hidden_size,
                                                nhead=nhead, num_layers=num_layers,

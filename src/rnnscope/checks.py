@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .modern.protocol import is_decay_recurrence
 from .recurrent import RecurrentSpec
 from .site import unwrap_model
 
@@ -322,7 +323,8 @@ def _check_tensor_args(fn: str, model: nn.Module, named: list, *, grad: bool) ->
             if t.is_meta:
                 raise ValueError(f"{fn}: {what} is a meta tensor (a shape with no values); "
                                  "pass real data")
-            if t.is_complex():
+            # a decay recurrence's state may be complex (the LRU's); it checks its own hx
+            if t.is_complex() and not (top == "hx" and is_decay_recurrence(model)):
                 raise TypeError(f"{fn}: {what} has complex dtype {t.dtype}; rnnscope measures "
                                 "real-valued gradients and does not drop imaginary parts: pass "
                                 "real features, e.g. torch.view_as_real(x).flatten(-2)")

@@ -83,6 +83,11 @@ def _csv(kind, allowed=None):
     return parse
 
 
+def _kind_name(text: str) -> str:
+    """A model or variant name, case-insensitive ("LRU" is "lru")."""
+    return text.lower()
+
+
 class Progress:
     """A progress bar on stderr when it is a terminal; silent otherwise or with --quiet."""
 
@@ -409,7 +414,7 @@ def _output_options(p: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def build_parser() -> StrictParser:
-    from .models import FORGET_INITS, MODEL_KINDS
+    from .models import DEFAULT_KINDS, FORGET_INITS, MODEL_KINDS
 
     p = StrictParser(prog="rnnscope", description="Measure and explain gradient flow back "
                      "through time in recurrent networks.")
@@ -419,8 +424,9 @@ def build_parser() -> StrictParser:
     c = sub.add_parser("compare", help="RNN vs LSTM vs GRU vs Transformer gradient flow report",
                        description="Compare gradient flow of freshly initialised models on the "
                        "same seeded inputs; write report.html, figures and results.json.")
-    c.add_argument("--models", type=_csv(str, MODEL_KINDS), default=list(MODEL_KINDS),
-                   help=f"comma-separated kinds from {','.join(MODEL_KINDS)} (default all)")
+    c.add_argument("--models", type=_csv(_kind_name, MODEL_KINDS), default=list(DEFAULT_KINDS),
+                   help=f"comma-separated kinds from {','.join(MODEL_KINDS)}, any case "
+                   f"(default {','.join(DEFAULT_KINDS)})")
     c.add_argument("--seq-len", type=_positive_int, default=100, metavar="T",
                    help="sequence length (default 100)")
     c.add_argument("--hidden-size", type=_positive_int, default=128, metavar="H",
@@ -471,7 +477,7 @@ def build_parser() -> StrictParser:
     _common(i)
     i.set_defaults(func=_cmd_inspect)
 
-    from .experiments import VARIANTS
+    from .experiments import DEFAULT_VARIANTS, VARIANTS
 
     e = sub.add_parser("experiment", help="train variants on the copy or adding task",
                        description="Train model variants on a long-memory task while the "
@@ -490,8 +496,10 @@ def build_parser() -> StrictParser:
                    help="Adam learning rate (default 3e-3)")
     e.add_argument("--clip", type=_positive_float, default=1.0,
                    help="gradient-norm clipping bound (default 1.0)")
-    e.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=list(VARIANTS),
-                   help=f"comma-separated from {','.join(VARIANTS)} (default all)")
+    e.add_argument("--variants", type=_csv(_kind_name, tuple(VARIANTS)),
+                   default=list(DEFAULT_VARIANTS),
+                   help=f"comma-separated from {','.join(VARIANTS)}, any case (default "
+                   f"{','.join(DEFAULT_VARIANTS)})")
     _common(e, jacobians=False)
     e.set_defaults(func=_cmd_experiment)
 

@@ -9,6 +9,7 @@ heatmap over training, and the forget/retain-gate memory-time distribution befor
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -17,9 +18,12 @@ import torch
 from torch import nn
 
 from .gates import chrono_init, gate_stats, init_forget_bias
+from .models import build_model
+from .modern.protocol import is_decay_recurrence
 from .monitor import AlertPolicy, GradientMonitor
 from .profile import gradient_profile
 from .codec import encode_float
+from .recurrent import is_recurrent
 from .tasks import make_task
 
 VARIANTS = {
@@ -28,23 +32,38 @@ VARIANTS = {
     "lstm-fb1": ("lstm", "1.0"),
     "lstm-chrono": ("lstm", "chrono"),
     "gru": ("gru", "default"),
+    # the modern recurrences (models.KINDS), with their papers' initialisations
+    "mingru": ("mingru", "default"),
+    "minlstm": ("minlstm", "default"),
+    "lru": ("lru", "default"),
+    "rglru": ("rglru", "default"),
+    "mamba": ("mamba", "default"),
+    "slstm": ("slstm", "default"),
 }
+# `experiment` without --variants
+DEFAULT_VARIANTS = ("rnn", "lstm", "lstm-fb1", "lstm-chrono", "gru")
 VARIANT_HELP = {
     "rnn": "tanh RNN", "lstm": "LSTM, PyTorch default init",
     "lstm-fb1": "LSTM, effective forget bias 1", "lstm-chrono": "LSTM, chrono init (t_max = T)",
     "gru": "GRU, PyTorch default init",
+    "mingru": "minGRU (Feng et al. 2024)", "minlstm": "minLSTM (Feng et al. 2024)",
+    "lru": "LRU (Orvieto et al. 2023)", "rglru": "RG-LRU (De et al. 2024)",
+    "mamba": "selective SSM, S6 (Gu & Dao 2023)", "slstm": "sLSTM (Beck et al. 2024)",
 }
 
 
 class SequenceModel(nn.Module):
-    """A recurrent layer and a linear read-out at every step: (B, T, I) -> (B, T, O)."""
+    """A recurrent layer (any recurrent kind of models.KINDS) and a linear read-out at every
+    step: (B, T, I) -> (B, T, O)."""
 
     def __init__(self, kind: str, input_size: int, hidden_size: int, output_size: int):
         super().__init__()
-        cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind]
         self.input_size = input_size
-        self.rnn = cls(input_size, hidden_size, batch_first=True)
-        self.head = nn.Linear(hidden_size, output_size)
+        self.rnn = build_model(kind, input_size, hidden_size)
+        # the recurrent layer's output width: H, but I for the LRU (y_t = Re(C h_t) + D u_t)
+        with torch.no_grad():
+            width = self.rnn(torch.zeros(1, 1, input_size))[0].shape[-1]
+        self.head = nn.Linear(width, output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(x)[0])
@@ -72,7 +91,7 @@ class ExperimentConfig:
     hidden_size: int = 64
     lr: float = 3e-3
     clip: float = 1.0
-    variants: tuple = tuple(VARIANTS)
+    variants: tuple = DEFAULT_VARIANTS
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 100
@@ -136,7 +155,9 @@ def train_variant(name: str, cfg: ExperimentConfig, *, progress: Callable = None
     px, py = probe.batch()
     model = build_variant(name, task, cfg.hidden_size, seed=cfg.seed).to(cfg.device)
     cls = type(task)
-    gated = type(model.rnn) in (nn.LSTM, nn.GRU)
+    gated = type(model.rnn) in (nn.LSTM, nn.GRU) or is_decay_recurrence(model.rnn)
+    # the monitor watches nn.RNN/LSTM/GRU; a modern layer trains unmonitored (no heatmap)
+    monitored = is_recurrent(model.rnn)
     out = {"variant": name, "description": VARIANT_HELP[name],
            "profile_init": _profile(model, cls, px, py),
            "gates_init": gate_stats(model.rnn, px).to_dict() if gated else None}
@@ -144,14 +165,15 @@ def train_variant(name: str, cfg: ExperimentConfig, *, progress: Callable = None
     curve, eval_curve, clipped = [], [], 0
     policy = AlertPolicy(warn=False, clip_after=0)
     t0 = time.perf_counter()
-    with GradientMonitor(model, every=1, replay_every=0, alerts=policy,
-                         history=cfg.steps) as mon:
+    with (GradientMonitor(model, every=1, replay_every=0, alerts=policy, history=cfg.steps)
+          if monitored else contextlib.nullcontext()) as mon:
         for step in range(cfg.steps):
             x, y = task.batch()
             loss = cls.per_sample_loss(model(x), y).mean()
             opt.zero_grad()
             loss.backward()
-            mon.step()
+            if mon is not None:
+                mon.step()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             clipped += int(norm > cfg.clip)
             opt.step()
@@ -160,7 +182,7 @@ def train_variant(name: str, cfg: ExperimentConfig, *, progress: Callable = None
                 eval_curve.append([step + 1, encode_float(_evaluate(model, cls, eval_batches))])
             if progress is not None and (step + 1) % max(cfg.steps // 20, 1) == 0:
                 progress(f"{name}: step {step + 1}/{cfg.steps}")
-        history = [r.to_dict() for r in mon.history]  # the records' JSON form
+        history = [r.to_dict() for r in mon.history] if mon is not None else []  # JSON form
     out.update({
         "train_loss": curve, "eval_loss": eval_curve, "seconds": round(time.perf_counter() - t0, 2),
         "clipped_fraction": clipped / cfg.steps,
@@ -207,5 +229,6 @@ def run_experiment(cfg: ExperimentConfig, *, progress: Callable = None) -> dict:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-__all__ = ["ExperimentConfig", "SequenceModel", "VARIANTS", "build_variant", "run_experiment",
+__all__ = ["ExperimentConfig", "SequenceModel", "VARIANTS", "DEFAULT_VARIANTS",
+           "build_variant", "run_experiment",
            "summarise", "train_variant"]

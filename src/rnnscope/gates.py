@@ -16,6 +16,8 @@ from .checks import check_model, check_number, count_nonfinite, public
 from .recurrent import GATES, RETAIN_GATE, describe
 from .replay import Trace, replay
 from .results import GateLayerStats, GateStats
+from .modern import analyses as decay
+from .modern.protocol import describe_decay, is_decay_recurrence
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -33,6 +35,10 @@ def gate_stats(module: nn.Module | Trace, inputs=None, hx=None, *,
         >>> 0 < stats.layers[0].mean < 1
         True
     """
+    if is_decay_recurrence(module):  # modern/protocol.py: the decay is the gate
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins <= 0:
+            raise ValueError(f"bins must be a positive int; got {bins!r}")
+        return decay.gate_stats(describe_decay(module), inputs, hx, bins=bins)
     given = module if isinstance(module, Trace) else None
     spec = given.spec if given is not None else describe(module)
     module = spec.module

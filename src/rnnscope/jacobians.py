@@ -19,6 +19,10 @@ Closed-form one-step Jacobians (rnnscope.cells) are used for nn.RNN/LSTM/GRU and
 user-written cells (forward(x_t, state) -> new_state) go through torch.func autograd Jacobians.
 Multi-layer modules: the Jacobians of layer l hold that layer's input (the output of layer
 l − 1) fixed — they describe layer l's own recurrence.
+Decay recurrences (rnnscope.modern.protocol: minGRU, minLSTM, LRU, RG-LRU, the selective SSM,
+sLSTM, or a user's module implementing the protocol) dispatch to modern/analyses.py: closed
+forms from the decays when linear in the state (CellJacobians.highway_is_whole), the
+closed-form full step Jacobians through the sweeps below otherwise.
 
 Shape legend: B batch, T steps, N state size (H for RNN/GRU and LSTM "c"; H_out for LSTM "h";
 H_out + H for LSTM "full"), k exponents.
@@ -45,6 +49,8 @@ from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, LyapunovSpectrum, StateGradientLayer, StateGradients,
                       StepJacobians, highway_energy_share, spectral_norm)
 from .span_sweep import span_jacobians
+from .modern import analyses as decay
+from .modern.protocol import describe_decay, is_decay_recurrence
 
 CHUNK = 16  # default chunk_size: steps of one-step Jacobians built at once, memory O(chunk·B·N²)
 
@@ -130,6 +136,9 @@ def _is_custom_cell(module) -> bool:
 def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recurrence:
     if method not in ("auto", "closed", "autograd"):
         raise ValueError(f"method must be 'auto', 'closed' or 'autograd'; got {method!r}")
+    if is_decay_recurrence(module):  # modern/protocol.py: closed-form full step Jacobians
+        return _decay_recurrence(module, inputs, hx, layer=layer, direction=direction,
+                                 state=state, method=method)
     given = module if isinstance(module, Trace) else None
     if given is not None and method == "autograd":
         raise ValueError("method='autograd' runs the module itself; pass (module, inputs, hx) "
@@ -186,6 +195,30 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
                        cols=slice(0, P) if state == "h" else None,
                        entry=entry if state == "c" else None, unbatched=tr.unbatched,
                        valid=valid, closed=closed)
+
+
+def _decay_spec(module, *, layer, direction, state, method):
+    """The DecaySpec of a module implementing the decay-recurrence protocol, options checked."""
+    spec = describe_decay(module)
+    if layer != 0 or direction != 0:
+        raise ValueError(f"a {type(module).__name__} has one layer and one direction; got "
+                         f"layer={layer}, direction={direction}")
+    if state not in (None, spec.state):
+        raise ValueError(f"state must be {spec.state!r} for a {type(module).__name__}; "
+                         f"got {state!r}")
+    if method not in ("auto", "closed"):
+        raise ValueError(f"a {type(module).__name__} is measured by its closed-form decays; "
+                         f"method must be 'auto' or 'closed'; got {method!r}")
+    return spec
+
+
+def _decay_recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recurrence:
+    """A nonlinear decay recurrence (sLSTM) as a _Recurrence over its closed-form full step
+    Jacobians (the linear ones never get here: their analyses are closed forms)."""
+    spec = _decay_spec(module, layer=layer, direction=direction, state=state, method=method)
+    step, B, T, M, unbatched = decay.nonlinear_steps(spec, inputs, hx)
+    return _Recurrence(step, B, T, M, M, spec.state, spec.kind, torch.arange(T),
+                       unbatched=unbatched)
 
 
 def _carried(step: Callable, valid: torch.Tensor) -> Callable:
@@ -341,6 +374,9 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
+    if is_decay_recurrence(module) and _decay_spec(module, layer=layer, direction=direction,
+                                                   state=state, method=method).linear:
+        return decay.step_jacobians(describe_decay(module), inputs, hx, keep=keep)
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
     T, chunk = rec.T, _chunk(chunk_size)
@@ -441,6 +477,15 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
+    if is_decay_recurrence(module):  # modern/protocol.py
+        dspec = _decay_spec(module, layer=layer, direction=direction, state=state,
+                            method=method)
+        if dspec.linear:  # the decay product is the whole Jacobian
+            return decay.cell_jacobians(dspec, inputs, hx, keep=keep)
+        rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
+                          method=method)
+        return decay.as_decay_cell_jacobians(_finish_cell_jacobians(
+            rec, *_dense_span_jacobians(rec, keep, _chunk(chunk_size)), layer=layer, direction=direction), False)
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
     chunk = _chunk(chunk_size)
@@ -544,6 +589,9 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
         `LyapunovSpectrum` whose `.exponents` is (B, k) float64, sorted descending per sample
         ((k,) for unbatched inputs).
     """
+    if is_decay_recurrence(module) and _decay_spec(module, layer=layer, direction=direction,
+                                                   state=None, method=method).linear:
+        return decay.lyapunov_spectrum(describe_decay(module), inputs, hx, k=k, warmup=warmup)
     spec = module.spec if isinstance(module, Trace) else (
         None if _is_custom_cell(module) else describe(module))
     spec_kind_state = None if spec is None else ("full" if spec.kind == "lstm" else "h")
@@ -610,6 +658,9 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
     if isinstance(module, Trace):
         return _trace_state_gradients_from_loss(module, loss=loss, keep=keep,
                                                 retain_graph=True)
+    if is_decay_recurrence(module):  # modern/protocol.py: one reverse scan of the decays
+        return decay.state_gradients(describe_decay(module), inputs, hx, loss=loss, keep=keep,
+                                     loss_name=_loss_name(loss))
     if _is_custom_cell(module):
         return _custom_state_gradients(module, inputs, hx, loss=loss, keep=keep)
     spec = describe(module)

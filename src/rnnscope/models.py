@@ -1,5 +1,6 @@
-"""The reference models that `compare` and the experiments build: RNN, LSTM, GRU and a small
-causal Transformer encoder, with the forget-bias initialisations of rnnscope.gates."""
+"""The reference models that `compare` and the experiments build: RNN, LSTM, GRU, the modern
+recurrences of rnnscope.modern and a small causal Transformer encoder, with the forget-bias
+initialisations of rnnscope.gates (LSTM and GRU only)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ from torch import nn
 
 from .checks import check_number
 from .gates import chrono_init, init_forget_bias
+from .modern import LRU, RGLRU, SLSTM, MinGRU, MinLSTM, SelectiveSSM
 
-MODEL_KINDS = ("rnn", "lstm", "gru", "transformer")
-DISPLAY = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "transformer": "Transformer"}
+# The one table of model kinds: name -> (display name, class or None for the built-ins below).
+# The modern recurrences take (input_size, hidden_size, batch_first=True) like nn.GRU.
+KINDS = {
+    "rnn": ("RNN", None), "lstm": ("LSTM", None), "gru": ("GRU", None),
+    "mingru": ("minGRU", MinGRU), "minlstm": ("minLSTM", MinLSTM), "lru": ("LRU", LRU),
+    "rglru": ("RG-LRU", RGLRU), "mamba": ("Mamba (S6)", SelectiveSSM), "slstm": ("sLSTM", SLSTM),
+    "transformer": ("Transformer", None),
+}
+MODEL_KINDS = tuple(KINDS)
+MODERN_KINDS = tuple(k for k, (_, cls) in KINDS.items() if cls is not None)
+DEFAULT_KINDS = ("rnn", "lstm", "gru", "transformer")  # `compare` without --models
+DISPLAY = {k: name for k, (name, _) in KINDS.items()}
 FORGET_INITS = ("default", "1.0", "chrono")
 
 
@@ -58,8 +70,9 @@ class CausalTransformer(nn.Module):
 def build_model(kind: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
                 forget_init: str = "default", t_max: int | None = None,
                 generator: torch.Generator | None = None) -> nn.Module:
-    """A batch-first model of the given kind; `forget_init` ("default", "1.0", "chrono")
-    applies to LSTM and GRU (chrono needs t_max, usually the sequence length)."""
+    """A batch-first model of the given kind (`KINDS`); `forget_init` ("default", "1.0",
+    "chrono") applies to LSTM and GRU (chrono needs t_max, usually the sequence length); the
+    modern recurrences keep their papers' initialisations."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind must be one of {', '.join(MODEL_KINDS)}; got {kind!r}")
     if forget_init not in FORGET_INITS:
@@ -72,6 +85,12 @@ def build_model(kind: str, input_size: int, hidden_size: int, *, num_layers: int
     if kind == "transformer":
         nhead = 4 if hidden_size % 4 == 0 else 1
         return CausalTransformer(input_size, hidden_size, nhead, num_layers)
+    modern = KINDS[kind][1]
+    if modern is not None:
+        if num_layers != 1:
+            raise ValueError(f"a {DISPLAY[kind]} model has one layer here; got "
+                             f"num_layers={num_layers} (use --layers 1 with it)")
+        return modern(input_size, hidden_size, batch_first=True)
     cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind]
     m = cls(input_size, hidden_size, num_layers=num_layers, batch_first=True)
     if kind != "rnn" and forget_init == "1.0":

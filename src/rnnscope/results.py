@@ -851,7 +851,7 @@ class StepJacobians(Result):
         mask = self._counted(B, T)
         out = {"indirect_spectral": masked_batch_mean(spec, mask)}
         if self.direct is not None:
-            out["direct_mean"] = masked_batch_mean(self.direct.double().abs().mean(2), mask)
+            out["direct_mean"] = masked_batch_mean(self.direct.abs().double().mean(2), mask)
         out["samples"] = B
         out["nonfinite_samples"] = 0 if self.nonfinite is None else int(self.nonfinite.sum())
         return out

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .modern.protocol import is_decay_recurrence
 from .recurrent import is_recurrent
 
 
@@ -189,7 +190,8 @@ def recurrent_axes(name: str, module: nn.Module, calls: list[RecurrentCall]) -> 
     if _is_cell(module):
         B = first.shape[0] if first.dim() == 2 else 1
         return Axes(B, len(calls), "steps", per_call=(1,) * len(calls))
-    batch_first = bool(getattr(module, "batch_first", False))
+    # decay recurrences (modern/protocol.py) are batch-first unless they say otherwise
+    batch_first = bool(getattr(module, "batch_first", is_decay_recurrence(module)))
     steps = []
     B = None
     for c in calls:
@@ -337,7 +339,8 @@ def capturing(model: nn.Module, site_module: nn.Module | None, cap: Capture, *,
         if site_module is not None:
             handles.append(site_module.register_forward_pre_hook(site_hook, with_kwargs=True))
         for name, m in model.named_modules():
-            if is_recurrent(m) or isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            if is_recurrent(m) or isinstance(m, (nn.RNNBase, nn.RNNCellBase)) or \
+                    is_decay_recurrence(m):
                 record(name or type(m).__name__, m)
         if site_module is not None and not any(m is site_module for _, m in
                                                model.named_modules()):

@@ -26,6 +26,7 @@ from .lag import lag_profile
 from .profile import compare, gradient_profile, profile_drawn, random_inputs
 from .site import (Capture, ModelCall, _as_leaf, capturing, model_call, recurrent_axes,
                    unwrap_model)
+from .modern.protocol import describe_decay, is_decay_recurrence
 from .recurrent import RETAIN_GATE, describe, is_recurrent
 from .replay import replay
 from .results import Comparison
@@ -99,6 +100,32 @@ def _streams(spec, x, batch_dim: int) -> bool:
     return stream.large(spec, x.shape[batch_dim], x.shape[1 - batch_dim])
 
 
+def decay_analysis(module: nn.Module, x: torch.Tensor, *, jac_samples: int,
+                   progress: Progress = _noop, name: str = "") -> RecurrentAnalysis:
+    """`recurrent_analysis` for a decay recurrence (modern/protocol.py: minGRU, LRU, ...): one
+    layer, closed forms; `linear_in_state` says whether the highway is the whole Jacobian."""
+    spec = describe_decay(module)
+    batch_dim = 0 if spec.batch_first else 1
+    n = min(jac_samples, x.shape[batch_dim])
+    xj = x.narrow(batch_dim, 0, n)
+    progress(f"{name}: Jacobians")
+    cj = cell_jacobians(module, xj, keep="norms")
+    # one-step paths: free for a linear recurrence (diag(a), indirect 0); for sLSTM they are
+    # (4H)² spectral norms per step that no report figure uses (those are the LSTM's)
+    sj = step_jacobians(module, xj, keep="norms") if spec.linear else None
+    lyap = lyapunov_spectrum(module, xj, k=1)
+    layer = LayerAnalysis(0, 0, cj.norms(), None if sj is None else StepPaths.of(sj), lyap)
+    progress(f"{name}: gate statistics")
+    gates = gate_stats(module, x)
+    progress(f"{name}: state gradients")
+    sg = state_gradients(module, x)
+    hidden = getattr(module, "hidden_size", None)
+    return RecurrentAnalysis(spec.kind, None, getattr(module, "input_size", x.shape[-1]),
+                             hidden if isinstance(hidden, int) else int(lyap.state_size),
+                             0, 1, 1, spec.state, n, (layer,), gates, sg,
+                             linear_in_state=spec.linear)
+
+
 def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, num_layers,
                           forget_init, seed, jac_samples) -> None:
     """Every option of `compare_study` in range and its memory estimate within what the
@@ -135,7 +162,7 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
                   num_layers: int = 1, forget_init: str = "default", seed: int = 0,
                   device: str = "cpu", jac_samples: int = 4,
                   progress: Progress = _noop) -> StudyResult:
-    """RNN vs LSTM vs GRU vs Transformer on the same seeded inputs."""
+    """RNN vs LSTM vs GRU vs Transformer (and any of models.KINDS) on the same seeded inputs."""
     t0 = time.perf_counter()
     config = {"models": list(models), "seq_len": seq_len, "hidden_size": hidden_size,
               "input_size": input_size, "samples": samples, "num_layers": num_layers,
@@ -159,6 +186,9 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
         if is_recurrent(m):
             recurrent[name] = recurrent_analysis(m, x, jac_samples=jac_samples,
                                                  progress=progress, name=name)
+        elif is_decay_recurrence(m):
+            recurrent[name] = decay_analysis(m, x, jac_samples=jac_samples, progress=progress,
+                                             name=name)
     table = decay_table(DECAY_FORGET, DECAY_LENGTHS)
     return StudyResult("compare", config, versions(), cmp, recurrent, table,
                        round(time.perf_counter() - t0, 3))

@@ -92,7 +92,7 @@ class LayerAnalysis(Result):
     layer: int
     direction: int
     cell_jacobians: JacobianNorms
-    step_paths: StepPaths
+    step_paths: StepPaths | None  # None where not measured (sLSTM: dense (4H)² steps)
     lyapunov: LyapunovSpectrum
 
     @property
@@ -106,7 +106,8 @@ class LayerAnalysis(Result):
     def to_dict(self) -> dict:
         return {"layer": self.layer, "direction": self.direction,
                 "cell_jacobians": self.cell_jacobians.to_dict(),
-                "step_paths": self.step_paths.to_dict(), "lyapunov": self.lyapunov.to_dict(),
+                "step_paths": None if self.step_paths is None else self.step_paths.to_dict(),
+                "lyapunov": self.lyapunov.to_dict(),
                 # for a reader of the file; recomputed from `lyapunov` when read
                 "max_lyapunov": encode_float(self.max_lyapunov),
                 "lyapunov_samples": self.lyapunov.finite_samples()}
@@ -115,8 +116,9 @@ class LayerAnalysis(Result):
     def from_dict(cls, d, where: str = "LayerAnalysis") -> "LayerAnalysis":
         f = d if isinstance(d, Fields) else Fields(d, where)
         cj = JacobianNorms.from_dict(f.obj("cell_jacobians"))
-        sp = StepPaths.from_dict(f.obj("step_paths"))
-        if sp.indirect_spectral.shape[0] != cj.spectral.shape[1]:
+        sp_d = f.obj("step_paths", optional=True)
+        sp = None if sp_d is None else StepPaths.from_dict(sp_d)
+        if sp is not None and sp.indirect_spectral.shape[0] != cj.spectral.shape[1]:
             raise SchemaError(f"{f.at('step_paths')}: {sp.indirect_spectral.shape[0]} steps, "
                               f"but cell_jacobians has {cj.spectral.shape[1]}")
         return cls(f.int("layer", low=0), f.int("direction", low=0), cj, sp,
@@ -137,6 +139,9 @@ class RecurrentAnalysis(Result):
         state_gradients: total ‖∂L/∂h_t‖ (and ‖∂L/∂c_t‖) per layer and direction.
         hx_given, calls: (inspect) whether the module received an initial state, and how
             many forward calls its sequence was joined from; None for compare.
+        linear_in_state: for a decay recurrence (rnnscope.modern), whether it is linear in its
+            state, so that the decay product (the highway) is the whole Jacobian; None for
+            nn.RNN/LSTM/GRU.
     """
 
     kind: str
@@ -153,6 +158,7 @@ class RecurrentAnalysis(Result):
     state_gradients: StateGradients
     hx_given: bool | None = None
     calls: int | None = None
+    linear_in_state: bool | None = None
 
     def _repr_fields(self) -> dict:
         return {k: getattr(self, k) for k in ("kind", "hidden_size", "num_layers",
@@ -169,6 +175,7 @@ class RecurrentAnalysis(Result):
         out["gates"] = None if self.gates is None else self.gates.to_dict()
         out["state_gradients"] = self.state_gradients.to_dict()
         out["hx_given"], out["calls"] = self.hx_given, self.calls
+        out["linear_in_state"] = self.linear_in_state
         return out
 
     @classmethod
@@ -181,6 +188,9 @@ class RecurrentAnalysis(Result):
         hx_given = f.d.get("hx_given")
         if hx_given is not None and not isinstance(hx_given, bool):
             raise SchemaError(f"{f.at('hx_given')} must be true, false or null")
+        linear = f.d.get("linear_in_state")
+        if linear is not None and not isinstance(linear, bool):
+            raise SchemaError(f"{f.at('linear_in_state')} must be true, false or null")
         return cls(f.str("kind"), f.str("nonlinearity", optional=True),
                    f.int("input_size", low=1), f.int("hidden_size", low=1),
                    f.int("proj_size", low=0), f.int("num_layers", low=1),
@@ -188,7 +198,7 @@ class RecurrentAnalysis(Result):
                    f.int("jacobian_samples", low=1), layers,
                    None if gates is None else GateStats.from_dict(gates),
                    StateGradients.from_dict(f.obj("state_gradients")), hx_given,
-                   f.int("calls", low=1, optional=True))
+                   f.int("calls", low=1, optional=True), linear)
 
 
 def _module_from_dict(f: Fields):

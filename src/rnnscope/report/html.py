@@ -91,12 +91,15 @@ def reading_highway(results) -> str:
              f"distance {k} is {_num(float(curves['spectral'][k]))}")
         if "direct_spectral" in curves:
             share1 = float(curves["share"][1]) if steps > 1 else 1.0
-            gate = "forget gates f" if rec.kind == "lstm" else "retain gates z"
+            gate = {"lstm": "forget gates f", "gru": "retain gates z"}.get(rec.kind,
+                                                                       "decays a")
             s += (f"; the highway alone (the product of the {gate}, largest unit) is "
                   f"{_num(float(curves['direct_spectral'][k]))}. The direct path carries "
                   f"{_num(100 * share1)}% of the Jacobian's energy over one step and "
                   f"{_num(100 * float(curves['share'][k]))}% over {k} steps; "
                   "the rest flows through h and the next step's gates (the indirect paths).")
+            if rec.linear_in_state:
+                s += " This recurrence is linear in its state: the highway is the whole Jacobian."
         else:
             s += "; a vanilla RNN has no highway: every path goes through W_hh and tanh′."
         out.append(s)
@@ -129,13 +132,13 @@ def reading_gates(results) -> str:
         for s in rec.gates.layers:
             mt = sorted(s.memory_time.tolist())
             med = mt[len(mt) // 2]
-            gate = "forget gate f" if s.gate == "f" else "retain gate z"
+            gate = {"f": "forget gate f", "z": "retain gate z"}.get(s.gate, "decay |a|")
             txt = (f"<b>{_e(name)}</b> layer {_num(s.layer)}"
                    f"{' dir 1' if s.direction else ''}: mean {gate} {_num(s.mean)}, median "
                    f"memory time 1/(1−f̄) {_num(med)} steps for a sequence of {T}; "
                    f"{_num(100 * s.saturation['>0.99'])}% of gate values exceed 0.99 "
                    f"and {_num(100 * s.saturation['<0.1'])}% are below 0.1.")
-            if med < T / 10:
+            if med < T / 10 and s.gate in ("f", "z"):  # the bias fixes are LSTM/GRU's
                 if results.command == "compare":
                     fix_one, fix_chrono = "--forget-bias 1.0", "--forget-bias chrono"
                 else:  # inspect analyses the user's model: the fix is in their code
