@@ -23,6 +23,7 @@ DATA_FIRST = {
     "chrono_init": ("module", "t_max"),
     "linear_scan": ("a", "b", "h0"),
     "linear_recurrence_sensitivity": ("lam", "t"),
+    "curse_of_memory": ("lams",),
     "effective_memory": ("norms", "threshold"),  # lives with the result objects (results.py)
 }
 
@@ -203,6 +204,7 @@ def _bad_calls():
             rnnscope.MinGRU(3, 4), x, chunk_size=0),
         "linear_recurrence_sensitivity": lambda: rnnscope.linear_recurrence_sensitivity(
             torch.tensor([0.5]), wrt="bogus"),
+        "curse_of_memory": lambda: rnnscope.curse_of_memory([0.5, 1.0], t=3),
     }
 
 

@@ -112,9 +112,9 @@ def plot_gate_stats(stats, axes=None, label: str = ""):
     if fresh:
         fig, axes = _new_axes(2)
     ax_h, ax_m = axes
-    gname = {"lstm": "forget gate f", "gru": "retain gate z"}.get(stats.kind, "gate")
-    if label:
-        gname = "retain gate (LSTM f, GRU z)"
+    gname = {"lstm": "forget gate f", "gru": "retain gate z"}.get(stats.kind, "decay |a|")
+    if label:  # several kinds share the axes
+        gname = "retain gate (LSTM f, GRU z; |a| of a decay recurrence)"
     for s in stats.layers:
         label_s = (f"{plain(label)} " if label else "") + f"layer {s.layer}" + (
             f" dir {s.direction}" if s.direction else "")

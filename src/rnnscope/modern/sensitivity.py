@@ -313,11 +313,16 @@ def curse_of_memory(lams, *, t: int = 400, samples: int = 256, seed: int = 0,
         True
     """
     lam = torch.as_tensor(lams, dtype=torch.float64).reshape(-1)
+    if lam.numel() == 0 or not bool(((lam >= 0) & (lam < 1)).all()):
+        raise ValueError(f"curse_of_memory: lams must be decays with 0 ≤ λ < 1 (the closed "
+                         f"forms diverge at 1); got {lam.tolist()}")
     if int(t) < 0 or int(samples) < 2:
-        raise ValueError(f"need t ≥ 0 and samples ≥ 2; got t={t}, samples={samples}")
+        raise ValueError(f"curse_of_memory: need t ≥ 0 and samples ≥ 2; got t={t}, "
+                         f"samples={samples}")
     for s in input_scales:
         if s not in INPUT_SCALES:
-            raise ValueError(f"input_scales must be from {INPUT_SCALES}; got {s!r}")
+            raise ValueError(f"curse_of_memory: input_scales must be from {INPUT_SCALES}; "
+                             f"got {s!r}")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, int(t) + 1, lam.numel(), generator=g, dtype=torch.float64)
     measured, stderr, closed = {}, {}, {}

@@ -37,7 +37,7 @@ def highway(results) -> dict:
                                           mean_unit=n_curves <= 3)
             i += 1
     axes[0].set_title(r"$\partial s_{T-1}/\partial s_t$: highway vs total "
-                      "(LSTM s = c; GRU, RNN s = h)")
+                      "(s: the state each Jacobian follows; c for the LSTM)")
     if not axes[1].lines:
         axes[1].set_visible(False)
     fig.tight_layout()

@@ -201,7 +201,8 @@ TITLES = {
         "there).", reading_step_paths),
     "gates": (
         "Forget and retain gates",
-        "Left: distribution of gate values (LSTM f, GRU z) over samples, steps and units; "
+        "Left: distribution of gate values (LSTM f, GRU z, the decay |a| of a modern linear "
+        "recurrence) over samples, steps and units; "
         "right: per-unit memory time 1/(1 − mean gate), cumulative.", reading_gates),
     "decay": (
         "Why long sequences remain hard",
