@@ -19,19 +19,6 @@ from .codec import Fields, encode_float, encode_tensor, encode_value
 F64, I64, BOOL = torch.float64, torch.int64, torch.bool
 
 
-def json_number(v):
-    """Transitional alias (the monitor and modern/sensitivity still call it): a float to its
-    JSON form, a JSON token back to a float. New code uses `rnnscope.codec`."""
-    from .codec import decode_float
-
-    return decode_float(v, "value") if isinstance(v, str) else encode_float(v)
-
-
-def json_list(t: torch.Tensor):
-    """Transitional alias of `codec.encode_tensor` (a bare nested list whatever the dtype)."""
-    return encode_tensor(t, default=t.dtype)
-
-
 def same_value(a, b) -> bool:
     """Exact equality of result fields: tensors by dtype, shape and values (NaN equals NaN,
     -0.0 equals 0.0), floats likewise, containers element by element."""

@@ -127,7 +127,10 @@ class ParameterSensitivity:
         return self.state_sq[group].sqrt()
 
     def to_dict(self) -> dict:
-        from ..results import json_list
+        from ..codec import encode_tensor
+
+        def json_list(t):  # a bare nested list whatever the dtype
+            return encode_tensor(t, default=t.dtype)
 
         return {"groups": {g: list(v) for g, v in self.groups.items()},
                 "state_sq": {g: json_list(v) for g, v in self.state_sq.items()},

@@ -30,10 +30,10 @@ class Alert:
     message: str
 
     def to_dict(self) -> dict:
-        from ..results import json_number
+        from ..codec import encode_float
 
         return {"kind": self.kind, "step": self.step, "layer": self.layer,
-                "value": json_number(self.value), "threshold": json_number(self.threshold),
+                "value": encode_float(self.value), "threshold": encode_float(self.threshold),
                 "message": self.message}
 
 
