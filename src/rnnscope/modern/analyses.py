@@ -46,7 +46,9 @@ class DecayCellJacobians(CellJacobians):
         highway_is_whole: True when the recurrence is linear in its state: then J = diag(direct)
             exactly (direct = ∏ a, the decay product), `total` adds nothing to it and the
             highway share is 1. False for sLSTM-like recurrences, whose state feeds its gates.
-        (the rest as `CellJacobians`; `direct` and `total` are complex for complex decays.)
+        (the rest as `CellJacobians`; `direct` and `total` are complex for complex decays,
+        and the norms are then those of the complex matrix: the LRU's real (Re, Im) form has
+        the same spectral norm and a Frobenius norm √2 larger.)
     """
 
     highway_is_whole: bool = False
