@@ -396,3 +396,11 @@ def test_incomplete_protocol_is_refused_loudly():
         cell_jacobians(MinGRU(3, 4), torch.randn(2, 5, 3), layer=1)
     with pytest.raises(ValueError, match="closed-form decays"):
         cell_jacobians(MinGRU(3, 4), torch.randn(2, 5, 3), method="autograd")
+
+
+def test_replay_refers_decay_recurrences_to_the_analyses():
+    from rnnscope import replay
+
+    with pytest.raises(TypeError, match=r"cannot replay a MinGRU.*decay recurrence.*"
+                                        r"module\.decay\(x\)"):
+        replay(MinGRU(3, 4), torch.randn(2, 5, 3))

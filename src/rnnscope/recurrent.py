@@ -148,6 +148,11 @@ def describe(module: nn.Module) -> RecurrentSpec:
         base = "RNNBase" if isinstance(module, nn.RNNBase) else "RNNCellBase"
         hint = (f" ({t.__name__} subclasses nn.{base} but none of nn.RNN/LSTM/GRU or their "
                 "cells, so its forward is not one of PyTorch's recurrences)")
+    elif getattr(module, "linear_in_state", None) is not None and callable(
+            getattr(module, "decay", None)):
+        hint = (f" ({t.__name__} is a decay recurrence: its per-step decay is "
+                f"module.decay(x), and gradient_profile, state_gradients, cell_jacobians, "
+                f"lyapunov_spectrum and gate_stats take the module itself)")
     raise TypeError(f"cannot replay a {t.__name__}: expected one of {supported}{hint}")
 
 
