@@ -897,6 +897,21 @@ def _check_lead(f: Fields, key: str, t, B, T) -> None:
         raise _shape_error(f, key, f"(B={B if B is not None else 'B'}, T={T}, ...)", t)
 
 
+def _jacobian_tensors(f: Fields, optional: dict) -> tuple[dict, dict, int, int]:
+    """The tensors of a span-Jacobian result read from `f`: "spectral" and "frobenius" (B, T)
+    plus the optional fields named with their dimension counts, each checked to lead with
+    (B, T); with the common fields of `_jacobian_common`, B and T."""
+    common = _jacobian_common(f)
+    B, T = common.pop("_BT")
+    spectral = f.tensor("spectral", F64, 2)
+    B = spectral.shape[0] if B is None else B
+    out = {"spectral": spectral, "frobenius": f.tensor("frobenius", F64, 2)}
+    out.update({k: f.tensor(k, F64, dims, optional=True) for k, dims in optional.items()})
+    for k, t in out.items():
+        _check_lead(f, k, t, B, T)
+    return out, common, B, T
+
+
 def masked_batch_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(T,) mean over dim 0 of (B, T) values where `mask`; nan where no entry is counted."""
     n = mask.sum(0)
@@ -991,16 +1006,7 @@ class CellJacobians(Result):
     @classmethod
     def from_dict(cls, d, where: str = "CellJacobians") -> "CellJacobians":
         f = d if isinstance(d, Fields) else Fields(d, where)
-        common = _jacobian_common(f)
-        B, T = common.pop("_BT")
-        spectral = f.tensor("spectral", F64, 2)
-        B = spectral.shape[0] if B is None else B
-        out = {"spectral": spectral, "frobenius": f.tensor("frobenius", F64, 2),
-               "share": f.tensor("share", F64, 2, optional=True),
-               "total": f.tensor("total", F64, 4, optional=True),
-               "direct": f.tensor("direct", F64, 3, optional=True)}
-        for k, t in out.items():
-            _check_lead(f, k, t, B, T)
+        out, common, _, _ = _jacobian_tensors(f, {"share": 2, "total": 4, "direct": 3})
         return cls(**out, **common)
 
     def plot(self, ax=None):
@@ -1105,16 +1111,10 @@ class JacobianNorms(Result):
         from .codec import SchemaError
 
         f = d if isinstance(d, Fields) else Fields(d, where)
-        common = _jacobian_common(f)
-        B, T = common.pop("_BT")
-        spectral = f.tensor("spectral", F64, 2)
-        B = spectral.shape[0] if B is None else B
-        out = {"spectral": spectral, "frobenius": f.tensor("frobenius", F64, 2),
-               "direct_mean": f.tensor("direct_mean", F64, 2, optional=True),
-               "direct_max": f.tensor("direct_max", F64, 2, optional=True),
-               "share": f.tensor("share", F64, 2, optional=True)}
+        out, common, B, T = _jacobian_tensors(f, {"direct_mean": 2, "direct_max": 2,
+                                                  "share": 2})
+        spectral = out["spectral"]
         for k, t in out.items():
-            _check_lead(f, k, t, B, T)
             if t is not None and t.shape != spectral.shape:
                 raise _shape_error(f, k, f"shaped like spectral {tuple(spectral.shape)}", t)
         if T == 0 or B == 0:

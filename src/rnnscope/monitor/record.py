@@ -114,15 +114,7 @@ class Record(_Values):
         step = d.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise ValueError(f"a monitor record needs an integer 'step'; got {step!r:.40}")
-        values = {}
-        for stat in STATISTICS:
-            if stat.scope == "model":
-                try:
-                    v = stat.from_json(d)
-                except (TypeError, ValueError, KeyError, AttributeError) as e:
-                    raise ValueError(f"step {step}: {stat.name}: {_why(e)}") from None
-                if v is not None:
-                    values[stat.name] = v
+        values = _decoded(STATISTICS, "model", d, f"step {step}")
         layers = {}
         raw_layers = d.get("layers", {})
         if not isinstance(raw_layers, Mapping):
@@ -130,20 +122,27 @@ class Record(_Values):
         for lname, ld in raw_layers.items():
             if not isinstance(ld, Mapping):
                 raise ValueError(f"step {step}: layer {lname!r:.60} must be an object")
-            lv = {}
-            for stat in STATISTICS:
-                if stat.scope == "layer":
-                    try:
-                        v = stat.from_json(ld)
-                    except (TypeError, ValueError, KeyError, AttributeError) as e:
-                        raise ValueError(f"step {step}: layer {lname!r:.60}: {stat.name}: "
-                                         f"{_why(e)}") from None
-                    if v is not None:
-                        lv[stat.name] = v
-            layers[lname] = LayerRecord(lv)
+            layers[lname] = LayerRecord(_decoded(STATISTICS, "layer", ld,
+                                                 f"step {step}: layer {lname!r:.60}"))
         skipped = d.get("skipped", {})
         return cls(step=step, exact=bool(d.get("exact", False)), values=values, layers=layers,
                    skipped=dict(skipped) if isinstance(skipped, Mapping) else {})
+
+
+def _decoded(statistics, scope: str, src: Mapping, where: str) -> dict:
+    """The values of the statistics of one scope ("model" or "layer") read from `src`, by
+    name; a field that does not decode is a ValueError naming `where` and the statistic."""
+    out = {}
+    for stat in statistics:
+        if stat.scope != scope:
+            continue
+        try:
+            v = stat.from_json(src)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{where}: {stat.name}: {_why(e)}") from None
+        if v is not None:
+            out[stat.name] = v
+    return out
 
 
 def _why(e: Exception) -> str:
