@@ -1,24 +1,36 @@
-"""Side-by-side timing: candidates run interleaved, round after round, so that the machine's
-drift hits all of them alike; the ratio of medians is what we report."""
+"""Side-by-side timing with torch.utils.benchmark: candidates run interleaved, round after
+round (one `Timer.timeit` per candidate per round), so that the machine's drift hits all of
+them alike; the ratio of medians is what we report. `Compare` prints the same measurements as
+torch's own table when asked."""
 
 from __future__ import annotations
 
 import statistics
-import time
+
+from torch.utils import benchmark
 
 
-def compare_times(candidates: dict, *, rounds: int = 5, warmup: int = 1) -> dict:
-    """candidates: name -> zero-arg callable. Returns name -> median seconds."""
+def compare_times(candidates: dict, *, rounds: int = 5, warmup: int = 1, number: int = 1,
+                  label: str = "", table: bool = False) -> dict:
+    """candidates: name -> zero-arg callable. Returns name -> median seconds per call.
+
+    Each round times every candidate once with `benchmark.Timer(...).timeit(number)` (which
+    handles threads and synchronisation as torch's benchmarks do); the rounds are interleaved.
+    With table=True, torch's `benchmark.Compare` table of the same measurements is printed too.
+    """
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, label=label or "benchmark",
+                                    description=name)
+              for name, fn in candidates.items()}
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
-    times = {name: [] for name in candidates}
+    measured = {name: [] for name in candidates}
     for _ in range(rounds):
-        for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        for name, timer in timers.items():
+            measured[name].append(timer.timeit(number))
+    if table:
+        benchmark.Compare([m for ms in measured.values() for m in ms]).print()
+    return {name: statistics.median(m.median for m in ms) for name, ms in measured.items()}
 
 
 def report(title: str, times: dict, baseline: str, target: str) -> dict:
