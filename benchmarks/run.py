@@ -25,9 +25,21 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     groups = ["core", "jacobians", "monitor", "lag", "modern"] if args.only is None else [args.only]
+    rows = []
     for g in groups:
         mod = __import__(f"bench_{g}")
-        mod.run(quick=args.quick)
+        rows += [r for r in (mod.run(quick=args.quick) or []) if isinstance(r, dict)]
+    print_summary(rows)
+
+
+def print_summary(rows: list) -> None:
+    """One line per measured comparison: its target, and whether the ratio measured in this
+    run met it (rows that state a machine-checkable goal) or only the target text."""
+    from timing import goal_status
+    print("\nSummary (ratios measured side by side in this run)")
+    for row in rows:
+        status = goal_status(row) or f"target: {row.get('target', '')}"
+        print(f"  {row['title'][:70]:<70s} {status}")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,27 @@ def compare_times(candidates: dict, *, rounds: int = 5, warmup: int = 1, number:
     return {name: statistics.median(m.median for m in ms) for name, ms in measured.items()}
 
 
-def report(title: str, times: dict, baseline: str, target: str) -> dict:
-    """Print medians and ratios against `baseline`; return a row for the summary table."""
+def report(title: str, times: dict, baseline: str, target: str, *,
+           goal: tuple | None = None) -> dict:
+    """Print medians and ratios against `baseline`; return a row for the summary table.
+
+    goal: (candidate, "<=" or ">=", value) states the issue's target as the ratio
+    times[candidate] / times[baseline], so that `run.py` can say whether it was met.
+    """
     print(f"\n{title}")
     base = times[baseline]
     for name, t in times.items():
         print(f"  {name:<44s} {t * 1e3:10.1f} ms   {t / base:6.2f}x of {baseline}")
-    return {"title": title, "times": times, "baseline": baseline, "target": target}
+    return {"title": title, "times": times, "baseline": baseline, "target": target,
+            "goal": goal}
+
+
+def goal_status(row: dict) -> str:
+    """'met' / 'MISSED' with the measured ratio, or '' when the row states no goal."""
+    goal = row.get("goal")
+    if not goal:
+        return ""
+    candidate, op, value = goal
+    ratio = row["times"][candidate] / row["times"][row["baseline"]]
+    met = ratio <= value if op == "<=" else ratio >= value
+    return f"{'met' if met else 'MISSED'}: {ratio:.2f}x (goal {op} {value}x)"
