@@ -62,3 +62,33 @@ def test_generators_are_seeded_and_validated():
         make_task("parity", 10)
     with pytest.raises(ValueError, match="T ≥ 2"):
         AddingTask(1)
+
+
+def test_copy_recall_loss_and_accuracy_read_only_the_recall_steps():
+    task = CopyTask(T=25, batch_size=300, seed=4, n_copy=5)
+    x, y = task.batch()
+    L = task.length
+    assert L == 35 and task.recall_steps == slice(30, 35)
+    assert (x.argmax(-1)[:, 29] == 9).all()  # the marker is the step just before the recall
+    # a perfect copier: the right class with a large margin everywhere
+    perfect = F.one_hot(y, 9).float() * 50.0
+    assert (task.recall_accuracy(perfect, y) == 1).all()
+    assert task.recall_loss(perfect, y).max() < 1e-12
+    # blanks everywhere: every recalled symbol wrong, whatever the full loss says
+    blanks = torch.zeros(300, L, 9)
+    blanks[..., 0] = 50.0
+    assert (task.recall_accuracy(blanks, y) == 0).all()
+    # uniform over the 8 symbols on the recall steps: exactly the memoryless log 8
+    uniform = torch.full((300, L, 9), -1e9)
+    uniform[:, :30, 0] = 0.0
+    uniform[:, 30:, 1:] = 0.0
+    assert task.recall_loss(uniform, y).mean().item() == pytest.approx(math.log(8), rel=1e-6)
+    assert task.recall_baseline == pytest.approx(math.log(8))
+    # one wrong symbol of five in one sample, by hand
+    one_off = perfect.clone()
+    wrong = int(y[0, 32]) % 8 + 1  # another symbol
+    one_off[0, 32] = F.one_hot(torch.tensor(wrong), 9).float() * 50.0
+    acc = task.recall_accuracy(one_off, y)
+    assert acc[0].item() == pytest.approx(0.8) and (acc[1:] == 1).all()
+    with pytest.raises(ValueError, match=r"outputs must be \(B, T'=35, 9\)"):
+        task.recall_loss(perfect[:, :-1], y[:, :-1])

@@ -79,6 +79,37 @@ class CopyTask:
         ce = F.cross_entropy(outputs.transpose(1, 2), y, reduction="none")  # (B, T')
         return ce.mean(1)
 
+    @property
+    def recall_steps(self) -> slice:
+        """The steps whose targets are the remembered symbols: the last n_copy of T + 2·n_copy."""
+        return slice(self.T + self.n_copy, self.length)
+
+    @property
+    def recall_baseline(self) -> float:
+        """Memoryless cross-entropy per recalled symbol: log n_symbols (uniform guessing)."""
+        return math.log(self.n_symbols)
+
+    def _recall(self, outputs, y):
+        if outputs.dim() != 3 or outputs.shape[1] != self.length or y.shape != outputs.shape[:2]:
+            raise ValueError(f"outputs must be (B, T'={self.length}, {self.output_size}) with y "
+                             f"(B, {self.length}) for this copy task; got "
+                             f"{tuple(outputs.shape)} and {tuple(y.shape)}")
+        return outputs[:, self.recall_steps], y[:, self.recall_steps]
+
+    def recall_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the recall steps only: outputs (B, T', 9) -> (B,).
+
+        Only this part of the loss needs memory across the delay; compare with
+        `recall_baseline`."""
+        out, target = self._recall(outputs, y)
+        return F.cross_entropy(out.transpose(1, 2), target, reduction="none").mean(1)
+
+    def recall_accuracy(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Fraction of the n_copy symbols recalled exactly (arg max over all 9 classes, so a
+        blank counts as wrong): outputs (B, T', 9) -> (B,). Chance is 1/n_symbols."""
+        out, target = self._recall(outputs, y)
+        return (out.argmax(-1) == target).float().mean(1)
+
 
 @dataclass
 class AddingTask:
