@@ -153,3 +153,21 @@ def test_analyses_build_one_chunk_at_a_time_and_agree(seed):
         hs.append(s[0])
     grads = torch.autograd.grad(torch.stack(hs, 1).sum(), hs)
     close(sg.layers[0][0].h_full, torch.stack(grads, 1), what="state gradients")
+
+
+def test_a_reused_buffer_gives_the_fresh_result_even_when_written_in_between():
+    m, x, hx = draw(4)
+    B, T = x.shape[:2]
+    M = 4 * m.hidden_size
+    with torch.no_grad():
+        whole = m.step_jacobians(x, hx, chunk_size=T)
+        at = m.step_jacobian_fn(x, hx)
+        buf = torch.empty(B, 6, M, M).to(D64).fill_(float("nan"))
+        for start in range(0, T, 6):  # the same buffer chunk after chunk (last one shorter)
+            S = min(6, T - start)
+            got = at(slice(start, start + S), out=buf[:, :S])
+            assert got.data_ptr() == buf.data_ptr()
+            close(got, whole[:, start:start + S], rtol=1e-12, what=f"chunk at {start}")
+            if start == 6:
+                buf.fill_(3.0)  # the caller writes into it: its zeros must be rebuilt
+    assert not torch.isnan(buf).any()

@@ -169,17 +169,35 @@ class SLSTM(ModernRecurrence):
 
     def step_jacobian_fn(self, x: torch.Tensor, hx=None):
         """The closed-form step Jacobians a chunk at a time: runs the trajectory once (O(B·T·H)
-        memory) and returns `at(steps) -> (B, S, 4H, 4H)`, ∂s_t/∂s_{t−1} for the S steps of the
-        slice `steps` (module docstring). Memory per call is O(B·S·(4H)²): the analyses call it
-        on chunks of `chunk_size` steps, so the T dense Jacobians are never held at once."""
+        memory) and returns `at(steps, out=None) -> (B, S, 4H, 4H)`, ∂s_t/∂s_{t−1} for the S
+        steps of the slice `steps` (module docstring). Memory per call is O(B·S·(4H)²): the
+        analyses call it on chunks of `chunk_size` steps, so the T dense Jacobians are never
+        held at once. `out`, a (B, S, 4H, 4H) tensor (a view is fine), receives the result: a
+        caller that reduces chunk after chunk can reuse one buffer (fresh pages of a large new
+        tensor cost more to touch than the Jacobians cost to compute).
+
+        Example:
+            >>> m, x = SLSTM(3, 4), torch.randn(2, 10, 3)
+            >>> at = m.step_jacobian_fn(x)
+            >>> assert torch.allclose(at(slice(2, 5)), m.step_jacobians(x)[:, 2:5])
+        """
         prev, pre = self._trajectory(x, hx)
         T = pre.shape[1]
+        # The buffer this function last filled, as (data_ptr, shape, strides, version after
+        # the fill): handed back untouched (its version counter unchanged), its structural
+        # zeros — 12 of the 16 H×H blocks but their diagonals — are still in place.
+        last = [None]
 
         def at(steps: slice, out: torch.Tensor | None = None) -> torch.Tensor:
             if not isinstance(steps, slice) or steps.step not in (None, 1):
                 raise TypeError(f"steps must be a contiguous slice of 0..T−1 (T={T}); got "
                                 f"{steps!r}")
-            return self._step_jacobians(tuple(p[:, steps] for p in prev), pre[:, steps], out)
+            key = None if out is None else (out.data_ptr(), out.shape, out.stride())
+            zeroed = key is not None and last[0] == (*key, out._version)
+            res = self._step_jacobians(tuple(p[:, steps] for p in prev), pre[:, steps], out,
+                                       zeroed=zeroed)
+            last[0] = None if key is None else (*key, res._version)
+            return res
 
         return at
 
@@ -204,10 +222,11 @@ class SLSTM(ModernRecurrence):
             at(sl, out=out[:, sl])
         return out
 
-    def _step_jacobians(self, prev: tuple, pre: torch.Tensor, out: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+    def _step_jacobians(self, prev: tuple, pre: torch.Tensor, out: torch.Tensor | None = None,
+                        *, zeroed: bool = False) -> torch.Tensor:
         """(B, S, 4H, 4H) from the previous states (each (B, S, H)) and pre-activations
-        (B, S, 4H) of S steps, written into `out` if given.
+        (B, S, 4H) of S steps, written into `out` if given (zeroed: its structural zeros are
+        already in place).
 
         Every block of the h column is Σ_g diag(coef_g) R_g over the gates g = z, i, f, o (the
         module docstring's formulas expanded): one contraction of the (B, S, 4, 4, H)
@@ -243,10 +262,14 @@ class SLSTM(ModernRecurrence):
         for q, coef in enumerate((dh, dc, dn, dm)):  # one pass per term, in place
             target = blocks[:, :, q, :, 0]  # (B, S, H, H)
             first, *rest = coef.items()
-            target.copy_(first[1].unsqueeze(-1) * R[first[0]])
+            if torch.is_grad_enabled():  # out= does not record a graph
+                target.copy_(first[1].unsqueeze(-1) * R[first[0]])
+            else:
+                torch.mul(first[1].unsqueeze(-1), R[first[0]], out=target)  # no temporary
             for g, v in rest:
                 target.addcmul_(v.unsqueeze(-1), R[g])
-        blocks[:, :, :, :, 1:] = 0
+        if not zeroed:
+            blocks[:, :, :, :, 1:] = 0
         # ∂f'/∂m_{t−1} = f'(1 − s), ∂i'/∂m_{t−1} = −i' s
         dc_dm = c_p * f_s * (1 - s) - z * i_s * s
         dn_dm = n_p * f_s * (1 - s) - i_s * s
