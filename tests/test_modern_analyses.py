@@ -398,9 +398,10 @@ def test_incomplete_protocol_is_refused_loudly():
         cell_jacobians(MinGRU(3, 4), torch.randn(2, 5, 3), method="autograd")
 
 
-def test_replay_refers_decay_recurrences_to_the_analyses():
+def test_replay_of_a_decay_recurrence_is_its_decay_trace():
     from rnnscope import replay
+    from rnnscope.modern.decay_trace import DecayTrace
 
-    with pytest.raises(TypeError, match=r"cannot replay a MinGRU.*decay recurrence.*"
-                                        r"module\.decay\(x\)"):
-        replay(MinGRU(3, 4), torch.randn(2, 5, 3))
+    m, x = MinGRU(3, 4), torch.randn(2, 5, 3)
+    tr = replay(m, x)  # the decays as gates: tests/test_modern_replay.py
+    assert isinstance(tr, DecayTrace) and torch.equal(tr.decay, m.decay(x))

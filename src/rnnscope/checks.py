@@ -473,6 +473,11 @@ def _is_trace(obj) -> bool:
     return isinstance(obj, Trace)
 
 
+def _is_decay_trace(obj) -> bool:
+    from .modern.decay_trace import DecayTrace
+    return isinstance(obj, DecayTrace)
+
+
 def check_trace_call(fn: str, inputs, hx) -> None:
     """A `Trace` from `replay` stands for (module, inputs, hx): it was checked when replayed,
     and the inputs it ran on cannot be given again."""
@@ -566,6 +571,13 @@ def public(fn: str, *, grad: bool = False, call: bool = False, module: bool = Fa
                                          a.get("at"), grad=grad)
                     if module and _is_trace(a.get("module")):
                         check_trace_call(fn, a.get("inputs"), a.get("hx"))
+                    elif module and _is_decay_trace(a.get("module")):
+                        # a replay of a decay recurrence stands for the run it holds
+                        check_trace_call(fn, a.get("inputs"), a.get("hx"))
+                        tr = a["module"]
+                        a["module"], a["inputs"], a["hx"] = tr.module, tr.inputs, tr.hx
+                        check_module_call(fn, tr.module, tr.inputs, tr.hx, grad=grad)
+                        args, kwargs = bound.args, bound.kwargs
                     elif module:
                         if a.get("inputs", ()) is None:
                             raise TypeError(f"{fn}: inputs are missing; pass (module, inputs, "

@@ -21,6 +21,8 @@ from torch.nn.utils.rnn import PackedSequence
 from . import cells
 from .cells.layer_trace import LayerTrace
 from .checks import check_initial_state, check_inputs, check_packed, public
+from .modern.decay_trace import DecayTrace, decay_trace
+from .modern.protocol import is_decay_recurrence
 from .recurrent import RecurrentSpec, check_subclass, describe
 
 
@@ -161,7 +163,7 @@ def _dropout_mask(spec: RecurrentSpec, gen: torch.Generator, like: torch.Tensor,
 
 
 @public("replay", module=True)
-def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace:
+def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace | DecayTrace:
     """Re-run a recurrent module step by step and expose every state and gate.
 
     Args:
@@ -185,6 +187,11 @@ def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace:
         A `Trace` whose output/h_n/c_n equal `module(inputs, hx)` and whose tensors are part of
         the autograd graph of the module's own parameters (and of the inputs).
 
+        For a decay recurrence (MinGRU, MinLSTM, LRU, RGLRU, SelectiveSSM, SLSTM or a module
+        implementing rnnscope.modern.protocol) a `DecayTrace` instead: its states `.h`, its
+        per-step decay `.decay` (B, T, *S) and `.gates["a"]` = |a_t| (B, T, N), the gate that
+        plays the forget gate's role; the analyses take it as they take a `Trace`.
+
     Raises:
         TypeError / ValueError: unsupported module, bad inputs or state, a subclass whose
             forward differs, or training-mode dropout that cannot be reproduced (no rng_state,
@@ -199,6 +206,13 @@ def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace:
         >>> tr.layers[0][0].gates["f"].shape
         torch.Size([2, 7, 5])
     """
+    if is_decay_recurrence(module):  # nothing fused to re-run: the decay is module.decay(x)
+        if rng_state is not None or isinstance(inputs, PackedSequence):
+            raise ValueError(f"a {type(module).__name__} is replayed from a plain (B, T, I) "
+                             "tensor without rng_state (it draws no dropout masks); got "
+                             + ("a PackedSequence" if isinstance(inputs, PackedSequence)
+                                else "rng_state"))
+        return decay_trace(module, inputs, hx)
     spec = describe(module)
     is_packed = isinstance(inputs, PackedSequence)
     lengths = rows = None

@@ -110,15 +110,41 @@ def _states(spec: DecaySpec, x, hx, B: int, T: int) -> torch.Tensor:
     return _checked(spec, "hidden_states(x, hx)", h, B, T).detach()
 
 
-def _full_steps(spec: DecaySpec, x, hx, B: int, T: int) -> torch.Tensor:
-    """A (B, T, M, M), the closed-form step Jacobians of a nonlinear recurrence."""
-    with torch.no_grad():
-        A = spec.module.step_jacobians(x, hx)
-    A = _checked(spec, "step_jacobians(x, hx)", A, B, T)
-    if A.dim() != 4 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"{type(spec.module).__name__}.step_jacobians must return (B, T, M, M); "
-                         f"got {tuple(A.shape)}")
-    return A.detach()
+def _full_steps(spec: DecaySpec, x, hx, B: int, T: int) -> tuple[callable, int]:
+    """(at, M): `at(sl)` gives the closed-form step Jacobians A[:, sl] (B, S, M, M) of a
+    nonlinear recurrence, a chunk of steps at a time when the module has `step_jacobian_fn`
+    (then the T dense Jacobians are never held at once), else sliced from one
+    `step_jacobians(x, hx)` call."""
+    name = type(spec.module).__name__
+    fn = getattr(spec.module, "step_jacobian_fn", None)
+    if callable(fn):
+        with torch.no_grad():
+            raw = fn(x, hx)
+        if not callable(raw):
+            raise TypeError(f"{name}.step_jacobian_fn(x, hx) must return a callable "
+                            f"steps -> (B, S, M, M); got {type(raw).__name__}")
+    else:
+        with torch.no_grad():
+            A_all = _checked(spec, "step_jacobians(x, hx)", spec.module.step_jacobians(x, hx),
+                             B, T).detach()
+        raw = lambda sl: A_all[:, sl]  # noqa: E731
+    M = None
+
+    def at(sl: slice) -> torch.Tensor:
+        nonlocal M
+        with torch.no_grad():
+            A = raw(sl)
+        S = len(range(T)[sl])
+        if not isinstance(A, torch.Tensor) or A.dim() != 4 or A.shape[:2] != (B, S) \
+                or A.shape[-1] != A.shape[-2] or (M is not None and A.shape[-1] != M):
+            got = tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__
+            raise ValueError(f"{name}'s step Jacobians must be (B={B}, S={S}, M, M) for the "
+                             f"{S} steps asked; got {got}")
+        M = A.shape[-1]
+        return A.detach()
+
+    M = at(slice(0, 1)).shape[-1]
+    return at, M
 
 
 def _highway(spec: DecaySpec, x, hx, B: int, T: int, M: int) -> torch.Tensor | None:
@@ -235,12 +261,11 @@ def nonlinear_steps(spec: DecaySpec, x, hx):
     jacobians.py's chunked span products and QR (`jacobians._Recurrence`)."""
     xb, unbatched = batch_major(spec, x)
     B, T = xb.shape[:2]
-    A = _full_steps(spec, x, hx, B, T)
-    M = A.shape[-1]
+    at, M = _full_steps(spec, x, hx, B, T)
     d = _highway(spec, x, hx, B, T, M)
 
     def step(sl):
-        return (d[:, sl] if d is not None else None), A[:, sl]
+        return (d[:, sl] if d is not None else None), at(sl)
 
     return step, B, T, M, unbatched
 
@@ -249,9 +274,10 @@ def nonlinear_steps(spec: DecaySpec, x, hx):
 # State gradients
 
 
-def state_gradients(spec: DecaySpec, x, hx, *, loss, keep: str, loss_name: str
-                    ) -> StateGradients:
-    """Total ∂L/∂h_t (and ∂L/∂c_t where the table names a cell state) for every step."""
+def state_gradients(spec: DecaySpec, x, hx, *, loss, keep: str, loss_name: str,
+                    chunk: int = 16) -> StateGradients:
+    """Total ∂L/∂h_t (and ∂L/∂c_t where the table names a cell state) for every step; a
+    nonlinear recurrence's step Jacobians are built `chunk` steps at a time."""
     xb, _ = batch_major(spec, x)
     B, T = xb.shape[:2]
     h = _states(spec, x, hx, B, T)
@@ -270,13 +296,16 @@ def state_gradients(spec: DecaySpec, x, hx, *, loss, keep: str, loss_name: str
         nxt = torch.cat([a[:, 1:].conj(), torch.zeros_like(a[:, :1])], 1)
         g = linear_scan(nxt.flip(1), direct.flip(1)).flip(1)
     else:
-        A = _full_steps(spec, x, hx, B, T)
-        M = A.shape[-1]
-        inj = torch.zeros(B, T, M, dtype=A.dtype, device=A.device)
+        at, M = _full_steps(spec, x, hx, B, T)
+        inj = torch.zeros(B, T, M, dtype=direct.dtype, device=direct.device)
         inj[..., :direct.shape[-1]] = direct
         gs = [inj[:, T - 1]]
-        for t in range(T - 2, -1, -1):  # g_t = d_t + A_{t+1}ᴴ g_{t+1}
-            gs.append(inj[:, t] + (A[:, t + 1].mH @ gs[-1].unsqueeze(-1)).squeeze(-1))
+        # g_t = d_t + A_{t+1}ᴴ g_{t+1}, backward over chunks of steps: one chunk of A at a time
+        for stop in range(T, 1, -chunk):
+            start = max(stop - chunk, 1)
+            A = at(slice(start, stop)).to(direct.dtype)  # A_start … A_{stop−1}
+            for t in range(stop - 2, start - 2, -1):
+                gs.append(inj[:, t] + (A[:, t + 1 - start].mH @ gs[-1].unsqueeze(-1)).squeeze(-1))
         full = torch.stack(gs[::-1], 1)  # (B, T, M)
         g = full[..., :direct.shape[-1]]
         if spec.entry.cell_gradient is not None:

@@ -30,6 +30,10 @@ Required when linear_in_state is False (a recurrence whose state feeds its own g
         are products of these; state gradients run their transposes backward.
     highway(x, hx=None) -> d  (B, T, M)   (optional)
         The diagonal of A counted as the highway (0 where there is none).
+    step_jacobian_fn(x, hx=None) -> at   (optional)
+        `at(steps)` gives A[:, steps] (B, S, M, M) for a contiguous slice of steps, the
+        trajectory run once. When present, the analyses build A `chunk_size` steps at a time
+        (memory O(B·chunk·M²) instead of O(B·T·M²)); sLSTM has it.
 
 Shapes: B batch, T time, S one sample's state shape, N = prod(S) the flattened state size.
 

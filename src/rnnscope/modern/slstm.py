@@ -167,12 +167,75 @@ class SLSTM(ModernRecurrence):
         m_new = torch.maximum(log_f + m, i_pre)
         return torch.exp(log_f + m - m_new)
 
-    def step_jacobians(self, x: torch.Tensor, hx=None) -> torch.Tensor:
-        """Closed-form ∂s_t/∂s_{t−1} (B, T, 4H, 4H), s = (h, c, n, m) (module docstring)."""
-        (_, c_p, n_p, m_p), pre = self._trajectory(x, hx)
+    def step_jacobian_fn(self, x: torch.Tensor, hx=None):
+        """The closed-form step Jacobians a chunk at a time: runs the trajectory once (O(B·T·H)
+        memory) and returns `at(steps, out=None) -> (B, S, 4H, 4H)`, ∂s_t/∂s_{t−1} for the S
+        steps of the slice `steps` (module docstring). Memory per call is O(B·S·(4H)²): the
+        analyses call it on chunks of `chunk_size` steps, so the T dense Jacobians are never
+        held at once. `out`, a (B, S, 4H, 4H) tensor (a view is fine), receives the result: a
+        caller that reduces chunk after chunk can reuse one buffer (fresh pages of a large new
+        tensor cost more to touch than the Jacobians cost to compute).
+
+        Example:
+            >>> m, x = SLSTM(3, 4), torch.randn(2, 10, 3)
+            >>> at = m.step_jacobian_fn(x)
+            >>> assert torch.allclose(at(slice(2, 5)), m.step_jacobians(x)[:, 2:5])
+        """
+        prev, pre = self._trajectory(x, hx)
+        T = pre.shape[1]
+        # The buffer this function last filled, as (data_ptr, shape, strides, version after
+        # the fill): handed back untouched (its version counter unchanged), its structural
+        # zeros — 12 of the 16 H×H blocks but their diagonals — are still in place.
+        last = [None]
+
+        def at(steps: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+            if not isinstance(steps, slice) or steps.step not in (None, 1):
+                raise TypeError(f"steps must be a contiguous slice of 0..T−1 (T={T}); got "
+                                f"{steps!r}")
+            key = None if out is None else (out.data_ptr(), out.shape, out.stride())
+            zeroed = key is not None and last[0] == (*key, out._version)
+            res = self._step_jacobians(tuple(p[:, steps] for p in prev), pre[:, steps], out,
+                                       zeroed=zeroed)
+            last[0] = None if key is None else (*key, res._version)
+            return res
+
+        return at
+
+    def step_jacobians(self, x: torch.Tensor, hx=None, *, chunk_size: int | None = None
+                       ) -> torch.Tensor:
+        """Closed-form ∂s_t/∂s_{t−1} (B, T, 4H, 4H), s = (h, c, n, m) (module docstring).
+
+        chunk_size: steps whose Jacobians are built at once (None: 16); the result is the same
+        whatever its value, only the temporaries (≈ 20 (B, chunk, H, H) blocks) are bounded by
+        it. The result itself is B·T·(4H)² values: for long sequences use `step_jacobian_fn`
+        (or rnnscope's step_jacobians / cell_jacobians, which do) and reduce chunk by chunk.
+        """
+        chunk = 16 if chunk_size is None else chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+        at = self.step_jacobian_fn(x, hx)
+        xb, _ = self._batch_major(x)
+        B, T, M = xb.shape[0], xb.shape[1], 4 * self.hidden_size
+        out = torch.empty(B, T, M, M, dtype=xb.dtype, device=xb.device)
+        for start in range(0, T, chunk):
+            sl = slice(start, min(start + chunk, T))
+            at(sl, out=out[:, sl])
+        return out
+
+    def _step_jacobians(self, prev: tuple, pre: torch.Tensor, out: torch.Tensor | None = None,
+                        *, zeroed: bool = False) -> torch.Tensor:
+        """(B, S, 4H, 4H) from the previous states (each (B, S, H)) and pre-activations
+        (B, S, 4H) of S steps, written into `out` if given (zeroed: its structural zeros are
+        already in place).
+
+        Every block of the h column is Σ_g diag(coef_g) R_g over the gates g = z, i, f, o (the
+        module docstring's formulas expanded): one contraction of the (B, S, 4, 4, H)
+        coefficients with R, written in place; the c, n, m columns are diagonal.
+        """
+        _, c_p, n_p, m_p = prev
         H = self.hidden_size
-        z_pre, i_pre, f_pre, o_pre = pre.chunk(4, dim=-1)  # (B, T, H)
-        R_z, R_i, R_f, R_o = self.R.view(4, H, H).unbind(0)
+        B, S = pre.shape[:2]
+        z_pre, i_pre, f_pre, o_pre = pre.chunk(4, dim=-1)  # (B, S, H)
         log_f = self._log_f(f_pre)
         lf_d = torch.ones_like(f_pre) if self.forget_gate == "exp" else torch.sigmoid(-f_pre)
         s = (log_f + m_p >= i_pre).to(pre.dtype)
@@ -181,23 +244,37 @@ class SLSTM(ModernRecurrence):
         z, o = torch.tanh(z_pre), torch.sigmoid(o_pre)
         c = f_s * c_p + i_s * z
         n = f_s * n_p + i_s
-        col = lambda v: v.unsqueeze(-1)  # (B, T, H) -> (B, T, H, 1): scales the rows of R
 
-        dm_dh = col(s * lf_d) * R_f + col(1 - s) * R_i  # (B, T, H, H)
-        dfs_dm, dfs_dh = f_s * (1 - s), col(f_s) * (col(lf_d) * R_f - dm_dh)
-        dis_dm, dis_dh = -i_s * s, col(i_s) * (R_i - dm_dh)
-        dc_dm = c_p * dfs_dm + z * dis_dm
-        dc_dh = col(c_p) * dfs_dh + col(z) * dis_dh + col(i_s * (1 - z * z)) * R_z
-        dn_dm = n_p * dfs_dm + dis_dm
-        dn_dh = col(n_p) * dfs_dh + dis_dh
+        # ∂(h, c, n, m)_t/∂h_{t−1} = Σ_g diag(coef_g) R_g: the nonzero coefficients, (B, S, H)
+        # each, keyed by gate index (z 0, i 1, f 2, o 3)
+        dm = {1: 1 - s, 2: s * lf_d}  # ∂m_t/∂h_{t−1}
+        dfs = {1: -f_s * dm[1], 2: f_s * (lf_d - dm[2])}  # ∂f'/∂h_{t−1}
+        dis = {1: i_s * (1 - dm[1]), 2: -i_s * dm[2]}  # ∂i'/∂h_{t−1}
+        dc = {0: i_s * (1 - z * z), **{g: c_p * dfs[g] + z * dis[g] for g in (1, 2)}}
+        dn = {g: n_p * dfs[g] + dis[g] for g in (1, 2)}
         a, b = o / n, o * c / (n * n)  # ∂h/∂c, −∂h/∂n
-        dh_dh = col(a) * dc_dh - col(b) * dn_dh + col(c / n * o * (1 - o)) * R_o
-        diag = torch.diag_embed
-        zero = torch.zeros_like(dh_dh)
-        rows = [
-            [dh_dh, diag(a * f_s), diag(-b * f_s), diag(a * dc_dm - b * dn_dm)],
-            [dc_dh, diag(f_s), zero, diag(dc_dm)],
-            [dn_dh, zero, diag(f_s), diag(dn_dm)],
-            [dm_dh, zero, zero, diag(s)],
-        ]
-        return torch.cat([torch.cat(r, dim=-1) for r in rows], dim=-2)
+        dh = {0: a * dc[0], **{g: a * dc[g] - b * dn[g] for g in (1, 2)}, 3: c / n * o * (1 - o)}
+
+        if out is None:
+            out = torch.empty(B, S, 4 * H, 4 * H, dtype=pre.dtype, device=pre.device)
+        blocks = out.view(B, S, 4, H, 4, H)  # [b, s, row block, row, column block, column]
+        R = self.R.view(4, H, H)
+        for q, coef in enumerate((dh, dc, dn, dm)):  # one pass per term, in place
+            target = blocks[:, :, q, :, 0]  # (B, S, H, H)
+            first, *rest = coef.items()
+            if torch.is_grad_enabled():  # out= does not record a graph
+                target.copy_(first[1].unsqueeze(-1) * R[first[0]])
+            else:
+                torch.mul(first[1].unsqueeze(-1), R[first[0]], out=target)  # no temporary
+            for g, v in rest:
+                target.addcmul_(v.unsqueeze(-1), R[g])
+        if not zeroed:
+            blocks[:, :, :, :, 1:] = 0
+        # ∂f'/∂m_{t−1} = f'(1 − s), ∂i'/∂m_{t−1} = −i' s
+        dc_dm = c_p * f_s * (1 - s) - z * i_s * s
+        dn_dm = n_p * f_s * (1 - s) - i_s * s
+        diagonals = {(0, 1): a * f_s, (0, 2): -b * f_s, (0, 3): a * dc_dm - b * dn_dm,
+                     (1, 1): f_s, (1, 3): dc_dm, (2, 2): f_s, (2, 3): dn_dm, (3, 3): s}
+        for (q, p), v in diagonals.items():
+            blocks[:, :, q, :, p].diagonal(dim1=-2, dim2=-1).copy_(v)
+        return out
