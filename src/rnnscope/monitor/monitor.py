@@ -58,9 +58,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..checks import narrow_state
-from ..recurrent import describe, is_recurrent
+from ..recurrent import GATES, describe, is_recurrent
 from ..site import pad_packed
 from . import capture
+from . import grad_norms as _grad_norms
 from . import statistics as _statistics
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
 from .capture import Call as _Call, Capture as _Capture, chains as _chains
@@ -361,13 +362,14 @@ class GradientMonitor:
         active = [st for st in _statistics.STATISTICS  # read at each step: extensible
                   if (st.schedule == "cheap" and cheap) or (st.schedule == "exact" and exact)]
         skipped = {}
-        model_ctx = _ModelContext(self.model) if cheap else None
+        model_ctx = (_ModelContext(self.model, self.modules, self.specs) if cheap
+                     else None)
         contexts = {}
         for st in active:
             if st.scope == "model":
                 st.update(model_ctx, _adder(stats, st, None))
         for name, cap in self._caps.items():
-            ctx = contexts[name] = _LayerContext(self, name, cap, world)
+            ctx = contexts[name] = _LayerContext(self, name, cap, world, model_ctx)
             for st in active:
                 if st.scope != "layer":
                     continue
@@ -455,24 +457,49 @@ def _adder(stats: StatSet, st, layer):
 
 
 class _ModelContext:
-    """What model-wide statistics read: every parameter gradient, and their norms."""
+    """What model-wide statistics read: every parameter gradient, and their norms; and for
+    the recurrent submodules' parameters, the norm of each gate block.
 
-    def __init__(self, model: nn.Module):
+    All norms come from one fused pass (`grad_norms.tensor_norms`): each recurrent parameter's
+    gradient as its G gate blocks (LSTM i, f, g, o; GRU r, z, n; one block otherwise), every
+    other gradient whole. A parameter's norm is the root sum of squares of its blocks' norms.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict, specs: dict):
+        blocks_of: dict = {}  # id(parameter) -> gate blocks it splits into
+        for name, m in modules.items():
+            G = len(GATES[specs[name].kind]) or 1
+            for pname, p in m.named_parameters(recurse=False):
+                blocks_of.setdefault(id(p), 1 if pname.startswith("weight_hr") else G)
         self.param_names, self.param_grads = [], []
+        views, spans = [], []  # spans: per parameter, (id, first view, number of views)
         for n, p in model.named_parameters():
             if p.grad is not None:
+                g = p.grad.detach()
                 self.param_names.append(n)
-                self.param_grads.append(p.grad.detach())
-        self.param_norms = (torch.stack([g.norm() for g in self.param_grads])
-                            .to(torch.float64).cpu() if self.param_grads else None)
+                self.param_grads.append(g)
+                parts = _grad_norms.param_views(g, blocks_of.get(id(p), 1))
+                spans.append((id(p), len(views), len(parts)))
+                views.extend(parts)
+        norms = _grad_norms.tensor_norms(views)  # (views,) float64 CPU
+        self.block_norms = {}  # id(parameter) -> (G,) float64 norms of its gate blocks
+        per_param = []
+        for key, start, count in spans:
+            b = norms[start:start + count]
+            self.block_norms[key] = b
+            per_param.append(b[0] if count == 1 else b.pow(2).sum().sqrt())
+        self.param_norms = torch.stack(per_param) if per_param else None
 
 
 class _LayerContext:
     """What a submodule's statistics read at one step: its capture, its chains of calls, and
     (computed once, on first use) the exact replay of them."""
 
-    def __init__(self, mon: GradientMonitor, name: str, cap: _Capture, world: int):
+    def __init__(self, mon: GradientMonitor, name: str, cap: _Capture, world: int,
+                 model_ctx: _ModelContext | None = None):
         self.name, self.cap, self.world = name, cap, world
+        # id(parameter) -> (G,) gate-block gradient norms (cheap steps; from the fused pass)
+        self.block_norms = {} if model_ctx is None else model_ctx.block_norms
         self.module, self.spec = mon.modules[name], mon.specs[name]
         self.policy, self.max_batch = mon.policy, mon.max_batch
         self.chains = _chains(cap)

@@ -161,23 +161,18 @@ class ParamNorms(Statistic):
     states = {"norm": "max"}
 
     def update(self, ctx, add):
-        spec = ctx.spec
-        G = len(GATES[spec.kind]) or 1
+        # the gate-block norms of every parameter come from the model-wide fused pass
+        # (`grad_norms`); one (G,) vector per parameter, split into gates in compute()
         for pname, p in ctx.module.named_parameters(recurse=False):
-            if p.grad is None:
-                continue
-            if pname.startswith("weight_hr"):
-                add("norm", p.grad.norm().cpu(), pname, "")
-                continue
-            blocks = p.grad.detach().reshape(G, spec.hidden_size, -1)
-            norms_b = blocks.to(torch.float64).norm(dim=(1, 2)).cpu()
-            for lab, v in zip(GATES[spec.kind] or ("",), norms_b):
-                add("norm", v, pname, lab)
+            if p.grad is not None and id(p) in ctx.block_norms:
+                add("norm", ctx.block_norms[id(p)], pname)
 
     def compute(self, states, ctx):
         out: dict = {}
-        for (_, pname, gate), v in states.items():
-            out.setdefault(pname, {})[gate] = float(v)
+        gates = GATES[ctx.spec.kind]
+        for (_, pname), v in states.items():
+            labels = gates if gates and v.numel() == len(gates) else ("",)
+            out[pname] = {lab: float(x) for lab, x in zip(labels, v.reshape(-1).tolist())}
         return out or None
 
     def to_json(self, value):
