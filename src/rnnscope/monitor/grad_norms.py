@@ -34,28 +34,21 @@ def _exact(t: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.linalg.vector_norm(t.detach().to(torch.float64), dim=dim)
 
 
-def _unsafe(n: torch.Tensor) -> torch.Tensor:
-    """Bool mask of norms a float32 sum of squares may have got wrong."""
-    return ~(torch.isfinite(n) & (n >= SAFE_LO) & (n <= SAFE_HI))
+def _safe(lo: float, hi: float) -> bool:
+    """Whether norms in [lo, hi] from a float32 sum of squares are right (False for NaN)."""
+    return SAFE_LO <= lo and hi <= SAFE_HI
 
 
-def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(n,) float64 CPU: the 2-norm of each tensor (any shapes, one device)."""
+def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """The 2-norm of each tensor (any shapes and dtypes, one device), as float64 numbers."""
     if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
+        return []
     if not FUSED:
-        return torch.stack([_exact(t).cpu() for t in tensors])
-    wide = [t.dtype == torch.float64 for t in tensors]
-    if all(wide):
-        norms = torch._foreach_norm([t.detach() for t in tensors])
-        return torch.stack(norms).cpu()
-    norms = torch.stack([n.to(torch.float64) for n in
-                         torch._foreach_norm([t.detach() for t in tensors])]).cpu()
-    redo = _unsafe(norms)
-    if bool(redo.any()):
-        for i in redo.nonzero().flatten().tolist():
-            if not wide[i]:
-                norms[i] = _exact(tensors[i]).cpu()
+        return [float(_exact(t)) for t in tensors]
+    norms = torch.stack(torch._foreach_norm(tensors)).to("cpu", torch.float64).tolist()
+    for i, v in enumerate(norms):  # rare: vanishing / exploding / non-finite
+        if not _safe(v, v) and tensors[i].dtype != torch.float64:
+            norms[i] = float(_exact(tensors[i]))
     return norms
 
 
@@ -63,10 +56,11 @@ def row_norms(g: torch.Tensor) -> torch.Tensor:
     """float64 CPU norms over the last dimension of g (e.g. (B, T, I) -> (B, T))."""
     if not FUSED or g.dtype == torch.float64:
         return _exact(g, -1).cpu()
-    n = torch.linalg.vector_norm(g.detach(), dim=-1).to(torch.float64).cpu()
-    if bool(_unsafe(n).any()):  # rare: vanishing / exploding / non-finite rows
+    n = torch.linalg.vector_norm(g.detach(), dim=-1)
+    lo, hi = torch.aminmax(n)
+    if not _safe(float(lo), float(hi)):  # rare: vanishing / exploding / non-finite rows
         return _exact(g, -1).cpu()
-    return n
+    return n.to("cpu", torch.float64)
 
 
 def param_views(grad: torch.Tensor, blocks: int) -> list[torch.Tensor]:

@@ -50,6 +50,7 @@ those of one process on the concatenated batch. Rank 0 logs.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import deque
 
@@ -481,14 +482,15 @@ class _ModelContext:
                 parts = _grad_norms.param_views(g, blocks_of.get(id(p), 1))
                 spans.append((id(p), len(views), len(parts)))
                 views.extend(parts)
-        norms = _grad_norms.tensor_norms(views)  # (views,) float64 CPU
-        self.block_norms = {}  # id(parameter) -> (G,) float64 norms of its gate blocks
+        norms = _grad_norms.tensor_norms(views)  # float64 numbers, one per view
+        self.block_norms = {}  # id(parameter) -> its gate blocks' norms (G float64 numbers)
         per_param = []
         for key, start, count in spans:
             b = norms[start:start + count]
             self.block_norms[key] = b
-            per_param.append(b[0] if count == 1 else b.pow(2).sum().sqrt())
-        self.param_norms = torch.stack(per_param) if per_param else None
+            per_param.append(b[0] if count == 1 else math.sqrt(sum(v * v for v in b)))
+        # (parameters,) float64 CPU
+        self.param_norms = torch.tensor(per_param, dtype=torch.float64) if per_param else None
 
 
 class _LayerContext:

@@ -107,7 +107,7 @@ class GlobalNorm(Statistic):
 
     def update(self, ctx, add):
         if ctx.param_norms is not None:
-            add("norm", ctx.param_norms.pow(2).sum().sqrt())
+            add("norm", math.sqrt(sum(v * v for v in ctx.param_norms.tolist())))
 
     def compute(self, states, ctx):
         t = states.get(("norm",))
@@ -132,7 +132,7 @@ class NonfiniteParams(Statistic):
     def update(self, ctx, add):
         if ctx.param_norms is None:
             return
-        for i in (~torch.isfinite(ctx.param_norms)).nonzero().flatten().tolist():
+        for i in [i for i, v in enumerate(ctx.param_norms.tolist()) if not math.isfinite(v)]:
             add("count", int((~torch.isfinite(ctx.param_grads[i])).sum()), ctx.param_names[i])
 
     def compute(self, states, ctx):
@@ -165,7 +165,7 @@ class ParamNorms(Statistic):
         # (`grad_norms`); one (G,) vector per parameter, split into gates in compute()
         for pname, p in ctx.module.named_parameters(recurse=False):
             if p.grad is not None and id(p) in ctx.block_norms:
-                add("norm", ctx.block_norms[id(p)], pname)
+                add("norm", torch.tensor(ctx.block_norms[id(p)], dtype=torch.float64), pname)
 
     def compute(self, states, ctx):
         out: dict = {}
