@@ -61,7 +61,9 @@ from torch.nn.utils.rnn import PackedSequence
 from ..checks import narrow_state
 from ..recurrent import GATES, describe, is_recurrent
 from ..site import pad_packed
+from ..modern.protocol import DecaySpec, describe_decay, is_decay_recurrence
 from . import capture
+from . import decay_capture
 from . import grad_norms as _grad_norms
 from . import statistics as _statistics
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
@@ -116,11 +118,15 @@ class GradientMonitor:
         self.replay_schedule = as_schedule(replay_every)
         self.max_batch = max_batch
         self.modules = {(name or type(m).__name__): m for name, m in model.named_modules()
-                        if is_recurrent(m)}
+                        if is_recurrent(m) or is_decay_recurrence(m)}
         if not self.modules:
-            raise ValueError(f"{type(model).__name__} contains no nn.RNN/LSTM/GRU or cell to "
-                             "monitor")
-        self.specs = {name: describe(m) for name, m in self.modules.items()}
+            raise ValueError(f"{type(model).__name__} contains no nn.RNN/LSTM/GRU, cell or "
+                             "decay recurrence (MinGRU, LRU, ... or a rnnscope.modern.protocol "
+                             "module) to monitor")
+        # decay recurrences (decay_capture.py) are described by the protocol, the rest by
+        # recurrent.describe
+        self.specs = {name: (describe(m) if is_recurrent(m) else describe_decay(m))
+                      for name, m in self.modules.items()}
         self.loggers = make_loggers(loggers)
         self.policy = alerts if alerts is not None else AlertPolicy()
         self._alert_state = AlertState(self.policy)
@@ -144,10 +150,12 @@ class GradientMonitor:
         if self.attached:
             return self
         for name, m in self.modules.items():
-            self._handles.append(m.register_forward_pre_hook(
-                self._make_pre_hook(name), with_kwargs=True))
-            self._handles.append(m.register_forward_hook(
-                self._make_post_hook(name), with_kwargs=True))
+            if isinstance(self.specs[name], DecaySpec):
+                pre, post = decay_capture.make_hooks(self, name, self.specs[name])
+            else:
+                pre, post = self._make_pre_hook(name), self._make_post_hook(name)
+            self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(post, with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -370,7 +378,9 @@ class GradientMonitor:
             if st.scope == "model":
                 st.update(model_ctx, _adder(stats, st, None))
         for name, cap in self._caps.items():
-            ctx = contexts[name] = _LayerContext(self, name, cap, world, model_ctx)
+            kind = (_DecayLayerContext if isinstance(self.specs[name], DecaySpec)
+                    else _LayerContext)
+            ctx = contexts[name] = kind(self, name, cap, world, model_ctx)
             for st in active:
                 if st.scope != "layer":
                     continue
@@ -469,7 +479,7 @@ class _ModelContext:
     def __init__(self, model: nn.Module, modules: dict, specs: dict):
         blocks_of: dict = {}  # id(parameter) -> gate blocks it splits into
         for name, m in modules.items():
-            G = len(GATES[specs[name].kind]) or 1
+            G = len(GATES.get(specs[name].kind, ())) or 1  # decay recurrences: no gate blocks
             for pname, p in m.named_parameters(recurse=False):
                 blocks_of.setdefault(id(p), 1 if pname.startswith("weight_hr") else G)
         self.param_names, self.param_grads = [], []
@@ -530,6 +540,26 @@ class _LayerContext:
         if self._parts is None:
             self._parts = capture.joined_state_parts(self.replays())
         return self._parts
+
+
+class _DecayLayerContext(_LayerContext):
+    """A decay recurrence's context: its calls replayed through the protocol
+    (`decay_capture`); the decay |a| stands where the retain gate stands."""
+
+    gate_name = "|a|"
+    decay = True
+
+    def replays(self) -> list:
+        if self._replays is None:
+            try:
+                self._replays = decay_capture.replay_chains(self.spec, self.cap, self.max_batch)
+                for chain in self._replays:
+                    for r in chain:
+                        r.state_parts  # noqa: B018 - where the protocol's methods can fail
+            except (ValueError, TypeError, RuntimeError) as e:
+                self._replays = []
+                raise _ReplaySkipped(f"exact replay skipped: {type(e).__name__}: {e}") from None
+        return self._replays
 
 
 def _accumulate_into(entry: list):
