@@ -107,7 +107,9 @@ class GlobalNorm(Statistic):
 
     def update(self, ctx, add):
         if ctx.param_norms is not None:
-            add("norm", math.sqrt(sum(v * v for v in ctx.param_norms.tolist())))
+            # a float64 tensor: StatSet would make a Python float a float32 tensor first
+            add("norm", torch.tensor(math.sqrt(sum(v * v for v in ctx.param_norms.tolist())),
+                                     dtype=torch.float64))
 
     def compute(self, states, ctx):
         t = states.get(("norm",))
