@@ -12,16 +12,20 @@ every step) and replay_every=100 (one exact replay per 100 steps); the replay st
 is measured on its own and amortised over 100 steps.
 
     PYTHONPATH=src python benchmarks/bench_monitor.py     # 1 and 2 threads, with `uptime`
+    ... bench_monitor.py --cpu-time --one-thread         # process CPU time (a busy machine)
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,9 +103,25 @@ def _ce_per_step(logits, y):  # (B, T, V) logits, (B, T) targets: a loss at ever
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def measure(make_model, batches, loss_fn, rounds: int) -> dict:
+def cpu_times(candidates: dict, *, rounds: int) -> dict:
+    """As `timing.compare_times` (Timer, interleaved rounds, median), but timing the process's
+    CPU time (time.process_time) instead of the wall clock: on a machine shared with other
+    jobs the waits for a core are not counted. Meaningful at one thread."""
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, timer=time.process_time)
+              for name, fn in candidates.items()}
+    for fn in candidates.values():
+        fn()
+    measured = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            measured[name].append(timer.timeit(1).median)
+    return {name: statistics.median(ts) for name, ts in measured.items()}
+
+
+def measure(make_model, batches, loss_fn, rounds: int, cpu: bool = False) -> dict:
     """Per-step seconds of: bare, cheap statistics every step (no replay), a step with the
-    exact replay (every=1, replay_every=1), and the default settings amortised."""
+    exact replay (every=1, replay_every=1), and the default settings amortised. cpu=True:
+    process CPU time (`cpu_times`) instead of wall time (`compare_times`)."""
     torch.manual_seed(0)
     bare_m, cheap_m, full_m = make_model(), make_model(), make_model()
     cheap_m.load_state_dict(bare_m.state_dict())
@@ -109,9 +129,11 @@ def measure(make_model, batches, loss_fn, rounds: int) -> dict:
     quiet = AlertPolicy(warn=False)
     cheap = GradientMonitor(cheap_m, replay_every=0, alerts=quiet).attach()
     full = GradientMonitor(full_m, every=1, replay_every=1, alerts=quiet).attach()
-    t = compare_times({"bare": _loop(bare_m, batches, loss_fn),
-                       "cheap": _loop(cheap_m, batches, loss_fn, cheap),
-                       "replay": _loop(full_m, batches, loss_fn, full)}, rounds=rounds)
+    candidates = {"bare": _loop(bare_m, batches, loss_fn),
+                  "cheap": _loop(cheap_m, batches, loss_fn, cheap),
+                  "replay": _loop(full_m, batches, loss_fn, full)}
+    t = (cpu_times(candidates, rounds=rounds) if cpu
+         else compare_times(candidates, rounds=rounds))
     cheap.close()
     full.close()
     t = {k: v / len(batches) for k, v in t.items()}
@@ -132,13 +154,14 @@ def _print(title: str, t: dict, target: str) -> None:
           f"{t['default'] / bare:.3f}x (target {target})")
 
 
-def run(quick: bool = False):
+def run(quick: bool = False, cpu: bool = False):
     rounds = 3 if quick else 7
-    print(f"\n(g) GradientMonitor overhead, CPU, {torch.get_num_threads()} thread(s)")
-    t_lstm = measure(Model, _batches(2 if quick else 4), _ce_last, rounds)
+    clock = "process CPU time" if cpu else "wall time"
+    print(f"\n(g) GradientMonitor overhead, CPU, {torch.get_num_threads()} thread(s), {clock}")
+    t_lstm = measure(Model, _batches(2 if quick else 4), _ce_last, rounds, cpu)
     _print("  2-layer LSTM B=32 T=100 I=64 H=256, loss at the last step, Adam", t_lstm, "≤ 1.05")
     t_char = measure(lambda: CharLM(48), _char_batches(10 if quick else 30), _ce_per_step,
-                     rounds)
+                     rounds, cpu)
     _print("  char LM: Embedding(48, 32) -> 2-layer LSTM H=64 (dropout 0.3) -> Linear, "
            "B=32 T=50, loss at every step, Adam", t_char, "≤ 1.05")
     return [{"title": "monitor (2-layer LSTM)", "times": t_lstm, "baseline": "bare",
@@ -148,9 +171,9 @@ def run(quick: bool = False):
 
 
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv
-    for threads in (1, 2):
+    quick, cpu = "--quick" in sys.argv, "--cpu-time" in sys.argv
+    for threads in (1,) if "--one-thread" in sys.argv else (1, 2):
         torch.set_num_threads(threads)
         print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-        run(quick=quick)
+        run(quick=quick, cpu=cpu)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

@@ -36,6 +36,16 @@ backward through the same graph (retain_graph=True) adds to the gradients, as it
 every statistic describes the summed gradient the optimizer will see. The exact replay takes at
 most `max_batch` samples over all independent calls.
 
+Decay recurrences (MinGRU, MinLSTM, LRU, RGLRU, SelectiveSSM, SLSTM and any module that
+implements `rnnscope.modern.protocol`) are monitored through the protocol (`decay_capture`):
+cheap per-step gradients at their input and outputs and parameter norms; at exact steps the
+true ∂L/∂h_t from the protocol's decays (or closed-form step Jacobians), and the decay |a_t| in
+place of the retain gate (saturation near 1, memory time 1/(1 − |a|)).
+
+The cheap statistics cost one fused norm pass over every parameter gradient's gate blocks and
+one row-norm per hooked input (`grad_norms`), in the gradients' dtype with a float64 recompute
+where a float32 sum of squares could under- or overflow.
+
 Each figure is a statistic class in `statistics` that declares its name, its schedule (cheap or
 exact), how it is computed from the captured tensors and its cross-rank reduction; `step()`
 returns a typed, frozen `Record` of their values (`record.layers["rnn"].input_grad.mean`), and
@@ -87,7 +97,8 @@ class GradientMonitor:
     """Training-time gradient-flow monitor. See the module docstring for what it measures.
 
     Args:
-        model: the model being trained; every nn.RNN/LSTM/GRU and cell inside is monitored.
+        model: the model being trained; every nn.RNN/LSTM/GRU, cell and decay recurrence
+            (rnnscope.modern.protocol) inside is monitored.
         every: cheap statistics schedule (int n: every n steps; or a callable step -> bool).
         replay_every: exact replay schedule (same forms; 0 or None: never).
         max_batch: samples replayed at exact steps (the first ones, over all the step's
