@@ -18,9 +18,9 @@ B, T, I, H = 3, 6, 4, 5
 
 
 class Wrap(nn.Module):
-    def __init__(self, cls):
+    def __init__(self, cls, batch_first=True):
         super().__init__()
-        self.rnn = cls(I, H)
+        self.rnn = cls(I, H, batch_first=batch_first)
         self.rnn.double()
 
     def forward(self, x):
@@ -65,15 +65,19 @@ def _oracle(mod, x, head):
             "x": mean(x.grad.unbind(1)), "y": mean(y.grad.unbind(1))}
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-def test_decay_monitor_matches_autograd_oracle(cls):
+@pytest.mark.parametrize("cls,batch_first",
+                         [(c, True) for c in CLASSES] + [(rnnscope.MinGRU, False),
+                                                        (rnnscope.LRU, False)],
+                         ids=lambda v: v.__name__ if isinstance(v, type) else f"bf={v}")
+def test_decay_monitor_matches_autograd_oracle(cls, batch_first):
     torch.manual_seed(0)
-    model = Wrap(cls)
+    model = Wrap(cls, batch_first)
     head = nn.Linear(model(torch.zeros(1, 1, I, dtype=torch.float64))[0].shape[-1], 2).double()
-    x = torch.randn(B, T, I, dtype=torch.float64)
+    x = torch.randn(B, T, I, dtype=torch.float64)  # batch-major; the module's layout below
     with GradientMonitor(model, every=1, replay_every=1, max_batch=B,
                          alerts=AlertPolicy(warn=False)) as mon:
-        out, hn = model(x)
+        out, hn = model(x if batch_first else x.transpose(0, 1))
+        out = out if batch_first else out.transpose(0, 1)
         _loss(out, hn, head).backward()
         rec = mon.step()
     grad_norms = {n: float(p.grad.norm()) for n, p in model.rnn.named_parameters()}
@@ -92,7 +96,8 @@ def test_decay_monitor_matches_autograd_oracle(cls):
     torch.testing.assert_close(torch.tensor(lay.output_grad.mean), torch.tensor(want["y"]),
                                rtol=1e-8, atol=1e-12)
     # the decay statistics: per unit mean |a_t| over samples and steps
-    a = model.rnn.decay(x) if model.rnn.linear_in_state else model.rnn.decay(x, None)
+    xm = x if batch_first else x.transpose(0, 1)
+    a = model.rnn.decay(xm) if model.rnn.linear_in_state else model.rnn.decay(xm, None)
     unit = a.detach().abs().reshape(B, T, -1).mean(dim=(0, 1))
     g = lay.gates[(0, 0)]
     assert g.gate == "|a|"
