@@ -21,6 +21,7 @@ from ..jacobians import trace_state_gradients
 from ..recurrent import RETAIN_GATE
 from ..replay import replay
 from ..site import pad_packed
+from .grad_norms import row_norms
 
 
 @dataclass
@@ -214,7 +215,7 @@ def nonfinite_values(g: torch.Tensor, norms: torch.Tensor) -> int:
 def input_norms(call: Call) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(T,) sum over samples of ‖∂L/∂x_t‖, (T,) samples that have step t, non-finite values."""
     g = call.input_grad
-    n = g.to(torch.float64).norm(dim=-1).cpu()  # (B, T)
+    n = row_norms(g)  # (B, T) float64
     bad = nonfinite_values(g, n)
     if call.input_lengths is None:
         return n.sum(0), torch.full((n.shape[1],), float(n.shape[0]), dtype=torch.float64), bad
@@ -230,13 +231,22 @@ def pool_cell_steps(entries: list, pos: list) -> tuple[torch.Tensor, torch.Tenso
     P = max(pos[:len(entries)]) + 1
     sums = torch.zeros(P, dtype=torch.float64)
     counts = torch.zeros(P, dtype=torch.float64)
+    at = torch.as_tensor(pos[:len(entries)], dtype=torch.long)
+    counts.index_add_(0, at, torch.tensor([float(B) for _, B in entries], dtype=torch.float64))
+    got = [(g, p) for (g, _), p in zip(entries, pos) if g is not None]
+    if not got:
+        return sums, counts, 0
+    gs = [g for g, _ in got]
+    if all(g.shape == gs[0].shape for g in gs):  # the usual case: one stacked (calls, B, ·)
+        stacked = torch.stack(gs)
+        n = row_norms(stacked)  # (calls, B)
+        sums.index_add_(0, torch.as_tensor([p for _, p in got], dtype=torch.long), n.sum(1))
+        return sums, counts, nonfinite_values(stacked, n)
     bad = 0
-    for (g, B), p in zip(entries, pos):
-        counts[p] += B
-        if g is not None:
-            n = g.to(torch.float64).norm(dim=-1)  # (B,)
-            sums[p] += float(n.sum())
-            bad += nonfinite_values(g, n)
+    for g, p in got:
+        n = row_norms(g)  # (B,)
+        sums[p] += float(n.sum())
+        bad += nonfinite_values(g, n)
     return sums, counts, bad
 
 

@@ -36,6 +36,16 @@ backward through the same graph (retain_graph=True) adds to the gradients, as it
 every statistic describes the summed gradient the optimizer will see. The exact replay takes at
 most `max_batch` samples over all independent calls.
 
+Decay recurrences (MinGRU, MinLSTM, LRU, RGLRU, SelectiveSSM, SLSTM and any module that
+implements `rnnscope.modern.protocol`) are monitored through the protocol (`decay_capture`):
+cheap per-step gradients at their input and outputs and parameter norms; at exact steps the
+true ∂L/∂h_t from the protocol's decays (or closed-form step Jacobians), and the decay |a_t| in
+place of the retain gate (saturation near 1, memory time 1/(1 − |a|)).
+
+The cheap statistics cost one fused norm pass over every parameter gradient's gate blocks and
+one row-norm per hooked input (`grad_norms`), in the gradients' dtype with a float64 recompute
+where a float32 sum of squares could under- or overflow.
+
 Each figure is a statistic class in `statistics` that declares its name, its schedule (cheap or
 exact), how it is computed from the captured tensors and its cross-rank reduction; `step()`
 returns a typed, frozen `Record` of their values (`record.layers["rnn"].input_grad.mean`), and
@@ -50,6 +60,7 @@ those of one process on the concatenated batch. Rank 0 logs.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import deque
 
@@ -58,9 +69,12 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..checks import narrow_state
-from ..recurrent import describe, is_recurrent
+from ..recurrent import GATES, describe, is_recurrent
 from ..site import pad_packed
+from ..modern.protocol import DecaySpec, describe_decay, is_decay_recurrence
 from . import capture
+from . import decay_capture
+from . import grad_norms as _grad_norms
 from . import statistics as _statistics
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
 from .capture import Call as _Call, Capture as _Capture, chains as _chains
@@ -83,7 +97,8 @@ class GradientMonitor:
     """Training-time gradient-flow monitor. See the module docstring for what it measures.
 
     Args:
-        model: the model being trained; every nn.RNN/LSTM/GRU and cell inside is monitored.
+        model: the model being trained; every nn.RNN/LSTM/GRU, cell and decay recurrence
+            (rnnscope.modern.protocol) inside is monitored.
         every: cheap statistics schedule (int n: every n steps; or a callable step -> bool).
         replay_every: exact replay schedule (same forms; 0 or None: never).
         max_batch: samples replayed at exact steps (the first ones, over all the step's
@@ -114,11 +129,15 @@ class GradientMonitor:
         self.replay_schedule = as_schedule(replay_every)
         self.max_batch = max_batch
         self.modules = {(name or type(m).__name__): m for name, m in model.named_modules()
-                        if is_recurrent(m)}
+                        if is_recurrent(m) or is_decay_recurrence(m)}
         if not self.modules:
-            raise ValueError(f"{type(model).__name__} contains no nn.RNN/LSTM/GRU or cell to "
-                             "monitor")
-        self.specs = {name: describe(m) for name, m in self.modules.items()}
+            raise ValueError(f"{type(model).__name__} contains no nn.RNN/LSTM/GRU, cell or "
+                             "decay recurrence (MinGRU, LRU, ... or a rnnscope.modern.protocol "
+                             "module) to monitor")
+        # decay recurrences (decay_capture.py) are described by the protocol, the rest by
+        # recurrent.describe
+        self.specs = {name: (describe(m) if is_recurrent(m) else describe_decay(m))
+                      for name, m in self.modules.items()}
         self.loggers = make_loggers(loggers)
         self.policy = alerts if alerts is not None else AlertPolicy()
         self._alert_state = AlertState(self.policy)
@@ -142,10 +161,12 @@ class GradientMonitor:
         if self.attached:
             return self
         for name, m in self.modules.items():
-            self._handles.append(m.register_forward_pre_hook(
-                self._make_pre_hook(name), with_kwargs=True))
-            self._handles.append(m.register_forward_hook(
-                self._make_post_hook(name), with_kwargs=True))
+            if isinstance(self.specs[name], DecaySpec):
+                pre, post = decay_capture.make_hooks(self, name, self.specs[name])
+            else:
+                pre, post = self._make_pre_hook(name), self._make_post_hook(name)
+            self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(post, with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -361,13 +382,16 @@ class GradientMonitor:
         active = [st for st in _statistics.STATISTICS  # read at each step: extensible
                   if (st.schedule == "cheap" and cheap) or (st.schedule == "exact" and exact)]
         skipped = {}
-        model_ctx = _ModelContext(self.model) if cheap else None
+        model_ctx = (_ModelContext(self.model, self.modules, self.specs) if cheap
+                     else None)
         contexts = {}
         for st in active:
             if st.scope == "model":
                 st.update(model_ctx, _adder(stats, st, None))
         for name, cap in self._caps.items():
-            ctx = contexts[name] = _LayerContext(self, name, cap, world)
+            kind = (_DecayLayerContext if isinstance(self.specs[name], DecaySpec)
+                    else _LayerContext)
+            ctx = contexts[name] = kind(self, name, cap, world, model_ctx)
             for st in active:
                 if st.scope != "layer":
                     continue
@@ -455,24 +479,50 @@ def _adder(stats: StatSet, st, layer):
 
 
 class _ModelContext:
-    """What model-wide statistics read: every parameter gradient, and their norms."""
+    """What model-wide statistics read: every parameter gradient, and their norms; and for
+    the recurrent submodules' parameters, the norm of each gate block.
 
-    def __init__(self, model: nn.Module):
+    All norms come from one fused pass (`grad_norms.tensor_norms`): each recurrent parameter's
+    gradient as its G gate blocks (LSTM i, f, g, o; GRU r, z, n; one block otherwise), every
+    other gradient whole. A parameter's norm is the root sum of squares of its blocks' norms.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict, specs: dict):
+        blocks_of: dict = {}  # id(parameter) -> gate blocks it splits into
+        for name, m in modules.items():
+            G = len(GATES.get(specs[name].kind, ())) or 1  # decay recurrences: no gate blocks
+            for pname, p in m.named_parameters(recurse=False):
+                blocks_of.setdefault(id(p), 1 if pname.startswith("weight_hr") else G)
         self.param_names, self.param_grads = [], []
+        views, spans = [], []  # spans: per parameter, (id, first view, number of views)
         for n, p in model.named_parameters():
             if p.grad is not None:
+                g = p.grad.detach()
                 self.param_names.append(n)
-                self.param_grads.append(p.grad.detach())
-        self.param_norms = (torch.stack([g.norm() for g in self.param_grads])
-                            .to(torch.float64).cpu() if self.param_grads else None)
+                self.param_grads.append(g)
+                parts = _grad_norms.param_views(g, blocks_of.get(id(p), 1))
+                spans.append((id(p), len(views), len(parts)))
+                views.extend(parts)
+        norms = _grad_norms.tensor_norms(views)  # float64 numbers, one per view
+        self.block_norms = {}  # id(parameter) -> its gate blocks' norms (G float64 numbers)
+        per_param = []
+        for key, start, count in spans:
+            b = norms[start:start + count]
+            self.block_norms[key] = b
+            per_param.append(b[0] if count == 1 else math.sqrt(sum(v * v for v in b)))
+        # (parameters,) float64 CPU
+        self.param_norms = torch.tensor(per_param, dtype=torch.float64) if per_param else None
 
 
 class _LayerContext:
     """What a submodule's statistics read at one step: its capture, its chains of calls, and
     (computed once, on first use) the exact replay of them."""
 
-    def __init__(self, mon: GradientMonitor, name: str, cap: _Capture, world: int):
+    def __init__(self, mon: GradientMonitor, name: str, cap: _Capture, world: int,
+                 model_ctx: _ModelContext | None = None):
         self.name, self.cap, self.world = name, cap, world
+        # id(parameter) -> (G,) gate-block gradient norms (cheap steps; from the fused pass)
+        self.block_norms = {} if model_ctx is None else model_ctx.block_norms
         self.module, self.spec = mon.modules[name], mon.specs[name]
         self.policy, self.max_batch = mon.policy, mon.max_batch
         self.chains = _chains(cap)
@@ -501,6 +551,26 @@ class _LayerContext:
         if self._parts is None:
             self._parts = capture.joined_state_parts(self.replays())
         return self._parts
+
+
+class _DecayLayerContext(_LayerContext):
+    """A decay recurrence's context: its calls replayed through the protocol
+    (`decay_capture`); the decay |a| stands where the retain gate stands."""
+
+    gate_name = "|a|"
+    decay = True
+
+    def replays(self) -> list:
+        if self._replays is None:
+            try:
+                self._replays = decay_capture.replay_chains(self.spec, self.cap, self.max_batch)
+                for chain in self._replays:
+                    for r in chain:
+                        r.state_parts  # noqa: B018 - where the protocol's methods can fail
+            except (ValueError, TypeError, RuntimeError) as e:
+                self._replays = []
+                raise _ReplaySkipped(f"exact replay skipped: {type(e).__name__}: {e}") from None
+        return self._replays
 
 
 def _accumulate_into(entry: list):

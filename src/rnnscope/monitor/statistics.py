@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from ..recurrent import GATES, RETAIN_GATE
-from . import capture, output_lag
+from . import capture, decay_capture, grad_norms, output_lag
 
 GATE_BINS = 20
 
@@ -107,7 +107,9 @@ class GlobalNorm(Statistic):
 
     def update(self, ctx, add):
         if ctx.param_norms is not None:
-            add("norm", ctx.param_norms.pow(2).sum().sqrt())
+            # a float64 tensor: StatSet would make a Python float a float32 tensor first
+            add("norm", torch.tensor(math.sqrt(sum(v * v for v in ctx.param_norms.tolist())),
+                                     dtype=torch.float64))
 
     def compute(self, states, ctx):
         t = states.get(("norm",))
@@ -132,7 +134,7 @@ class NonfiniteParams(Statistic):
     def update(self, ctx, add):
         if ctx.param_norms is None:
             return
-        for i in (~torch.isfinite(ctx.param_norms)).nonzero().flatten().tolist():
+        for i in [i for i, v in enumerate(ctx.param_norms.tolist()) if not math.isfinite(v)]:
             add("count", int((~torch.isfinite(ctx.param_grads[i])).sum()), ctx.param_names[i])
 
     def compute(self, states, ctx):
@@ -161,23 +163,19 @@ class ParamNorms(Statistic):
     states = {"norm": "max"}
 
     def update(self, ctx, add):
-        spec = ctx.spec
-        G = len(GATES[spec.kind]) or 1
-        for pname, p in ctx.module.named_parameters(recurse=False):
-            if p.grad is None:
-                continue
-            if pname.startswith("weight_hr"):
-                add("norm", p.grad.norm().cpu(), pname, "")
-                continue
-            blocks = p.grad.detach().reshape(G, spec.hidden_size, -1)
-            norms_b = blocks.to(torch.float64).norm(dim=(1, 2)).cpu()
-            for lab, v in zip(GATES[spec.kind] or ("",), norms_b):
-                add("norm", v, pname, lab)
+        # the gate-block norms of every parameter come from the model-wide fused pass
+        # (`grad_norms`); one (G,) vector per parameter, split into gates in compute()
+        # a decay recurrence keeps its weights in submodules (MinGRU's nn.Linear): recurse
+        for pname, p in ctx.module.named_parameters(recurse=getattr(ctx, "decay", False)):
+            if p.grad is not None and id(p) in ctx.block_norms:
+                add("norm", torch.tensor(ctx.block_norms[id(p)], dtype=torch.float64), pname)
 
     def compute(self, states, ctx):
         out: dict = {}
-        for (_, pname, gate), v in states.items():
-            out.setdefault(pname, {})[gate] = float(v)
+        gates = GATES.get(ctx.spec.kind, ())
+        for (_, pname), v in states.items():
+            labels = gates if gates and v.numel() == len(gates) else ("",)
+            out[pname] = {lab: float(x) for lab, x in zip(labels, v.reshape(-1).tolist())}
         return out or None
 
     def to_json(self, value):
@@ -261,6 +259,47 @@ class InputProfile(Statistic):
         return {"input_grad/lag0": value.mean[-1], "input_grad/first_step": value.mean[0]}
 
 
+class OutputProfile(InputProfile):
+    """Per-timestep mean ‖∂L/∂y_t‖ at the submodule's output sequence, from a hook on it
+    (decay recurrences, `decay_capture`; the fused modules' output gradient is read only at
+    exact steps). Same value type as `input_grad`."""
+
+    name, scope, schedule = "output_grad", "layer", "cheap"
+
+    def update(self, ctx, add):
+        rows, bad = [], 0
+        for chain in ctx.chains:
+            gs = [getattr(c, "output_grad", None) for c in chain]
+            gs = [g for g in gs if g is not None]
+            if gs:
+                n = [grad_norms.row_norms(g) for g in gs]  # (B, T) each
+                rows.append((torch.cat([v.sum(0) for v in n]),
+                             torch.cat([torch.full((v.shape[1],), float(v.shape[0]),
+                                                   dtype=torch.float64) for v in n])))
+                bad += sum(capture.nonfinite_values(g, v) for g, v in zip(gs, n))
+        if not rows:
+            return
+        add("sum", capture.pad_sum([r[0] for r in rows]) / ctx.world)
+        add("count", capture.pad_sum([r[1] for r in rows]))
+        add("nonfinite", float(bad))
+
+    def to_json(self, value):
+        out = {"output_grad": [_json(v) for v in value.mean]}
+        if value.nonfinite:
+            out["output_grad_nonfinite"] = value.nonfinite
+        return out
+
+    def from_json(self, d):
+        if d.get("output_grad") is None:
+            return None
+        return InputGrad(_nums(d["output_grad"]), int(d.get("output_grad_nonfinite", 0)))
+
+    def scalars(self, value):
+        if not value.mean:
+            return {}
+        return {"output_grad/last_step": value.mean[-1], "output_grad/first_step": value.mean[0]}
+
+
 # ----------------------------------------------------------------------------------------------
 # Per recurrent submodule, exact
 
@@ -281,7 +320,7 @@ class StateGradients(Statistic):
     states = {"sum": "sum", "count": "sum"}
 
     def update(self, ctx, add):
-        if ctx.spec.is_cell:
+        if getattr(ctx.spec, "is_cell", False):
             cap = ctx.cap
             for which, entries in cap.cell_state.items():
                 if not any(e[0] is not None for e in entries):
@@ -337,6 +376,12 @@ class GateSummary:
     hist: tuple[float, ...]
 
 
+def _gate_name(ctx) -> str | None:
+    """The gate whose statistics `gates` gives: the retain gate of an LSTM/GRU, "|a|" (the
+    decay's modulus) of a decay recurrence, None for none."""
+    return getattr(ctx, "gate_name", None) or RETAIN_GATE.get(ctx.spec.kind)
+
+
 class RetainGates(Statistic):
     """Forget (LSTM) / retain (GRU) gate statistics: value[(layer, direction)] -> GateSummary."""
 
@@ -344,7 +389,7 @@ class RetainGates(Statistic):
     states = {"sum": "sum", "count": "sum", "hist": "sum"}
 
     def update(self, ctx, add):
-        if ctx.spec.is_cell or ctx.spec.kind not in RETAIN_GATE:
+        if getattr(ctx.spec, "is_cell", False) or _gate_name(ctx) is None:
             return
         for (layer, d), p in ctx.state_parts().items():
             if p["gate"] is None:
@@ -363,7 +408,7 @@ class RetainGates(Statistic):
             unit = t / max(float(states[("count", layer, d)]), 1)
             hist = states[("hist", layer, d)]
             out[(layer, d)] = GateSummary(
-                gate=RETAIN_GATE[ctx.spec.kind], mean=float(unit.mean()),
+                gate=_gate_name(ctx), mean=float(unit.mean()),
                 frac_units_hi=float((unit > p.saturation_hi).double().mean()),
                 frac_units_lo=float((unit < p.saturation_lo).double().mean()),
                 memory_time_median=float((1 / (1 - unit)).median()),
@@ -415,6 +460,14 @@ class OutputLag(Statistic):
     states = {"sum": "sum", "count": "sum"}
 
     def update(self, ctx, add):
+        if getattr(ctx, "decay", False):  # said in the record, when the loss is per step
+            for chain in ctx.replays():
+                for r in chain:
+                    g = r.call.grad_out.get("out")
+                    if g is not None and output_lag.is_per_step(g[:r.keep], None):
+                        ctx.note(self.name, decay_capture.NO_OUTPUT_LAG)
+                        return
+            return
         if ctx.spec.is_cell:
             return
         for chain in ctx.replays():
@@ -481,7 +534,8 @@ class OutputLag(Statistic):
 
 
 STATISTICS: tuple[Statistic, ...] = (GlobalNorm(), NonfiniteParams(), ParamNorms(),
-                                     InputProfile(), StateGradients(), RetainGates(),
+                                     InputProfile(), OutputProfile(), StateGradients(),
+                                     RetainGates(),
                                      OutputLag())
 
 

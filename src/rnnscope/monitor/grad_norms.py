@@ -1,0 +1,70 @@
+"""Gradient norms for the monitor's cheap statistics, fused and in the gradients' own dtype.
+
+The cheap statistics are norms: of every parameter gradient (the global norm), of each gate
+block of a recurrent parameter's gradient, and of each (sample, step) row of the gradient at a
+recurrent layer's input. Computed one tensor at a time in float64 (a float64 copy of every
+gradient, then a norm) they cost more than the rest of the monitor together. Here:
+
+- all parameter blocks go through one `torch._foreach_norm` (one fused kernel on GPUs, one C++
+  loop on CPUs, no Python per tensor), in the gradients' dtype, stacked and moved to the host
+  once;
+- row norms are one `linalg.vector_norm` in the gradient's dtype.
+
+A float32 sum of squares underflows below ~1e-19 per value and overflows above ~1e19, exactly
+where vanishing and exploding gradients live. So a norm outside [SAFE_LO, SAFE_HI] (or not
+finite) is recomputed in float64 from its tensor: inside that range the float32 result agrees
+with the float64 one to a few float32 ulps (tests/test_monitor_fused.py checks both paths give
+the same record); outside it the value is the float64 one, as before.
+
+`FUSED = False` switches back to the one-tensor-at-a-time float64 path (the reference the tests
+compare against).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FUSED = True
+# Inside this range a float32 sum of squares neither underflows nor overflows (each value's
+# square stays in float32's normal range up to a relative loss far below float32 rounding).
+SAFE_LO, SAFE_HI = 1e-10, 1e10
+
+
+def _exact(t: torch.Tensor, dim=None) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.detach().to(torch.float64), dim=dim)
+
+
+def _safe(lo: float, hi: float) -> bool:
+    """Whether norms in [lo, hi] from a float32 sum of squares are right (False for NaN)."""
+    return SAFE_LO <= lo and hi <= SAFE_HI
+
+
+def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """The 2-norm of each tensor (any shapes and dtypes, one device), as float64 numbers."""
+    if not tensors:
+        return []
+    if not FUSED:
+        return [float(_exact(t)) for t in tensors]
+    norms = torch.stack(torch._foreach_norm(tensors)).to("cpu", torch.float64).tolist()
+    for i, v in enumerate(norms):  # rare: vanishing / exploding / non-finite
+        if not _safe(v, v) and tensors[i].dtype != torch.float64:
+            norms[i] = float(_exact(tensors[i]))
+    return norms
+
+
+def row_norms(g: torch.Tensor) -> torch.Tensor:
+    """float64 CPU norms over the last dimension of g (e.g. (B, T, I) -> (B, T))."""
+    if not FUSED or g.dtype == torch.float64:
+        return _exact(g, -1).cpu()
+    n = torch.linalg.vector_norm(g.detach(), dim=-1)
+    lo, hi = torch.aminmax(n)
+    if not _safe(float(lo), float(hi)):  # rare: vanishing / exploding / non-finite rows
+        return _exact(g, -1).cpu()
+    return n.to("cpu", torch.float64)
+
+
+def param_views(grad: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    """A gradient as `blocks` equal row blocks (views when contiguous): (G·H, ·) -> G pieces."""
+    if blocks == 1:
+        return [grad]
+    return list(grad.reshape(blocks, -1).unbind(0))
