@@ -224,9 +224,9 @@ class DecayReplayed:
             nxt = torch.cat([a[:, 1:].conj(), torch.zeros_like(a[:, :1])], 1)
             g = linear_scan(nxt.flip(1), direct.flip(1)).flip(1)
         else:
-            A = _full_steps(spec, x, hx, B, T)  # (B, T, M, M)
-            M, N = A.shape[-1], direct.shape[-1]
-            inj = torch.zeros(B, T, M, dtype=A.dtype, device=A.device)
+            at, M = _full_steps(spec, x, hx, B, T)  # at(sl) -> (B, S, M, M), chunk by chunk
+            N = direct.shape[-1]
+            inj = torch.zeros(B, T, M, dtype=direct.dtype, device=direct.device)
             inj[..., :N] = direct
             off = 0  # h_n parts fill the full state in order (sLSTM: h, c, n, m)
             for gp in g_hn:
@@ -236,8 +236,13 @@ class DecayReplayed:
                 inj[:, T - 1, off:off + gp.shape[-1]] += gp.to(inj.dtype)
                 off += gp.shape[-1]
             gs = [inj[:, T - 1]]
-            for t in range(T - 2, -1, -1):  # s_t = d_t + A_{t+1}ᴴ s_{t+1}
-                gs.append(inj[:, t] + (A[:, t + 1].mH @ gs[-1].unsqueeze(-1)).squeeze(-1))
+            chunk = 16  # the dense (B, S, M, M) step Jacobians are held a chunk at a time
+            for stop in range(T, 1, -chunk):  # s_t = d_t + A_{t+1}ᴴ s_{t+1}, t = stop−2 .. start−1
+                start = max(1, stop - chunk)
+                A = at(slice(start, stop)).to(inj.dtype)  # A_start .. A_{stop−1}
+                for t in range(stop - 2, start - 2, -1):
+                    nxt = (A[:, t + 1 - start].mH @ gs[-1].unsqueeze(-1)).squeeze(-1)
+                    gs.append(inj[:, t] + nxt)
             full = torch.stack(gs[::-1], 1)  # (B, T, M)
             g = full[..., :N]
             if spec.entry.cell_gradient is not None:
