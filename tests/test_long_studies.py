@@ -157,3 +157,16 @@ def test_compare_refuses_an_impossible_length_before_any_work(monkeypatch):
                                           r"[\d.]+ [GT]B of memory"):
         compare_study(seq_len=10 ** 6)
     assert time.perf_counter() - t0 < 5 and not built
+
+
+def test_compare_says_the_transformer_profile_is_quadratic_in_time(monkeypatch):
+    said = []
+    compare_study(models=("transformer",), seq_len=8, hidden_size=4, input_size=3, samples=2,
+                  progress=said.append)
+    assert said == ["gradient profiles"]
+    monkeypatch.setattr(studies, "LONG_ATTENTION", 5)
+    said.clear()
+    res = compare_study(models=("transformer",), seq_len=8, hidden_size=4, input_size=3,
+                        samples=2, progress=said.append)
+    assert len(said) == 1 and "O(T²) time" in said[0] and "T=8" in said[0]
+    assert res.comparison.profiles["Transformer"].per_sample.shape == (2, 8)  # measured, not dropped
