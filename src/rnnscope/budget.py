@@ -166,9 +166,10 @@ def transformer_bytes(*, input_size: int, d_model: int, nhead: int, num_layers: 
     Parameters (≈ 6·d² + d·I per layer with a 2·d feed-forward, twice); activations saved for
     the backward, budgeted at 28·d values per sample, step and layer (q, k, v, attention
     output, two norms, the feed-forward's 2·d hidden and their gradients); and the drawn inputs
-    S·T·I·(8 + 3e). No S·heads·T² term: the encoder calls attention with need_weights=False,
-    so PyTorch's fused CPU kernel runs it in blocks (measured: 0.80 GB at T=1200 and 0.97 GB at
-    T=2400, S=50, d=128, linear in T; the formula gives 0.94 and 1.87 GB).
+    S·T·I·(8 + 3e). No S·heads·T² term and no T² mask: the model calls
+    `scaled_dot_product_attention(..., is_causal=True)`, whose fused CPU kernel attends in
+    blocks (measured with the encoder's own masked forward, which also held a (T, T) mask:
+    0.80 GB at T=1200 and 0.97 GB at T=2400, S=50, d=128; the formula gives 0.94 and 1.87 GB).
     """
     S, T, d = samples, seq_len, d_model
     params = num_layers * (6 * d * d + 10 * d) + d * (input_size + 1)

@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .checks import check_number
 from .gates import chrono_init, init_forget_bias
@@ -31,8 +32,13 @@ FORGET_INITS = ("default", "1.0", "chrono")
 class CausalTransformer(nn.Module):
     """A small causal Transformer encoder over (B, T, I) sequences, returning (B, T, d_model).
 
-    Input projection, fixed sinusoidal positions, `num_layers` pre-norm encoder layers with a
-    causal mask (step t attends to steps ≤ t, like an RNN reading left to right), no dropout.
+    Input projection, fixed sinusoidal positions, `num_layers` pre-norm encoder layers with
+    causal attention (step t attends to steps ≤ t, like an RNN reading left to right), no
+    dropout. The layers are `nn.TransformerEncoderLayer`s (their parameters and state_dict),
+    run by `forward` through `F.scaled_dot_product_attention(..., is_causal=True)`: no (T, T)
+    mask is ever built and PyTorch's fused kernel attends in blocks, so memory is linear in T
+    (the encoder's own forward with `generate_square_subsequent_mask` holds T² floats, 0.4 GB
+    at T = 10 000, twice over while it checks the mask is causal).
     """
 
     def __init__(self, input_size: int, d_model: int = 128, nhead: int = 4, num_layers: int = 1,
@@ -62,9 +68,21 @@ class CausalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, I) -> (B, T, d_model)
         T = x.shape[1]
-        z = self.proj(x) + self.positions(T, x)
-        mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device, dtype=x.dtype)
-        return self.encoder(z, mask=mask, is_causal=True)
+        z = self.proj(x) + self.positions(T, x)  # (B, T, d)
+        for layer in self.encoder.layers:  # pre-norm: z + SA(LN(z)), then z + FF(LN(z))
+            z = z + self._attention(layer.self_attn, layer.norm1(z))
+            z = z + layer.linear2(F.relu(layer.linear1(layer.norm2(z))))
+        return z
+
+    @staticmethod
+    def _attention(attn: nn.MultiheadAttention, z: torch.Tensor) -> torch.Tensor:
+        """Causal multi-head self-attention with `attn`'s weights, (B, T, d) -> (B, T, d)."""
+        B, T, d = z.shape
+        heads = attn.num_heads
+        q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.view(B, T, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, d/heads)
+        return attn.out_proj(y.transpose(1, 2).reshape(B, T, d))
 
 
 def build_model(kind: str, input_size: int, hidden_size: int, *, num_layers: int = 1,

@@ -37,6 +37,8 @@ Progress = Callable[[str], None]
 
 DECAY_FORGET = (0.9, 0.95, 0.99, 0.999)
 DECAY_LENGTHS = (100, 500, 1000)
+# Past this many steps `compare` says that the Transformer's profile costs O(T²) time.
+LONG_ATTENTION = 2000
 
 
 def versions() -> dict:
@@ -178,7 +180,13 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
         m = build_model(kind, input_size, hidden_size, num_layers=num_layers,
                         forget_init=forget_init, t_max=seq_len, generator=gen)
         built[DISPLAY[kind]] = m.to(device).eval()
-    progress("gradient profiles")
+    if "transformer" in models and seq_len > LONG_ATTENTION:
+        # attention is the one O(T²) part of compare (in time; its memory is linear): said,
+        # not silently dropped or shortened
+        progress(f"gradient profiles (the Transformer's causal attention takes O(T²) time: "
+                 f"at T={seq_len} it sets the time of this stage)")
+    else:
+        progress("gradient profiles")
     cmp = compare(built, seq_len=seq_len, samples=samples, seed=seed)
     x = random_inputs(next(iter(built.values())), seq_len=seq_len, samples=samples, seed=seed)
     recurrent = {}
