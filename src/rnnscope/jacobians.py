@@ -50,6 +50,7 @@ from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
                       StateGradients, StepJacobians, highway_energy_share, spectral_norm)
 from .span_sweep import span_jacobians, span_norms
+from .spectral import spectral_norms
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
@@ -391,7 +392,9 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             kept.append(indirect.detach().cpu())
             ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); amax keeps nan
         else:
-            norms.append(spectral_norm(indirect).cpu())  # nan/inf for a non-finite matrix
+            # one batched Gram + eigvalsh for the chunk's B·S matrices; nan/inf for a
+            # non-finite matrix (spectral.py: exact to float64 rounding)
+            norms.append(spectral_norms(indirect).cpu())
             ok = torch.isfinite(norms[-1])
         if direct is not None:
             ok &= torch.isfinite(direct).all(-1)

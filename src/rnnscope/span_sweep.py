@@ -228,21 +228,21 @@ def span_norms(total: torch.Tensor, direct: torch.Tensor | None, chunk: int | No
 def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share) -> None:
     """Norms of a chunk of Jacobians js (B, S, N, N) for steps sl, written in place.
 
-    One float64 copy, scaled once per matrix (Y = J / max|J|), serves all three: the spectral
+    One float64 copy, scaled as it is made (Y = J / max|J|, per matrix), serves all three: the spectral
     norm (`spectral.spectral_norm_of_scaled`), the Frobenius norm s·‖Y‖_F and the highway
     share."""
     B, S, N, _ = js.shape
-    j64 = js.to(torch.float64).reshape(B * S, N, N)
-    y, s, finite = scaled(j64)
+    y, s, finite = scaled(js.reshape(B * S, N, N))  # float64, read once from js
     spectral[:, sl] = spectral_norm_of_scaled(y, s, finite).view(B, S).cpu()
     # ‖J‖_F = s ‖Y‖_F; inf/nan for a non-finite J, 0 for J = 0 (as matrix_norm gives)
     fro2 = (y * y).sum((-2, -1))
     frob[:, sl] = torch.where(finite, fro2.sqrt() * s, s).view(B, S).cpu()
     if direct is not None:
-        share[:, sl] = _share(j64, y, s, finite, direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
+        share[:, sl] = _share(js.reshape(B * S, N, N), y, s, finite,
+                              direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
 
 
-def _share(j64: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
+def _share(j: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
            d: torch.Tensor) -> torch.Tensor:
     """`results.highway_energy_share(J, d)` for J = s Y (K, N, N), d (K, N) float64, from the
     scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of (·)/s. Y's
@@ -250,7 +250,7 @@ def _share(j64: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Te
     scaled (|d| > 1e100 s), or some J is 0 or non-finite, the general function takes over."""
     dn = d / s.unsqueeze(-1)
     if not bool((finite & (dn.abs().amax(-1) <= 1e100)).all()):
-        return highway_energy_share(j64, d)
+        return highway_energy_share(j, d)  # (converts j to float64 itself)
     rest = y.clone()
     rest.diagonal(dim1=-2, dim2=-1).sub_(dn)
     rest2 = (rest * rest).sum((-2, -1))
