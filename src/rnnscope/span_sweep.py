@@ -247,12 +247,16 @@ def _share(j: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tens
     """`results.highway_energy_share(J, d)` for J = s Y (K, N, N), d (K, N) float64, from the
     scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of (·)/s. Y's
     largest entry is 1, so the denominator cannot underflow; where |d| could overflow once
-    scaled (|d| > 1e100 s), or some J is 0 or non-finite, the general function takes over."""
+    scaled (|d| > 1e100 s), or J is 0 or non-finite, the general function takes over for those
+    matrices alone (the others get the same bits as in a batch without them)."""
     dn = d / s.unsqueeze(-1)
-    if not bool((finite & (dn.abs().amax(-1) <= 1e100)).all()):
-        return highway_energy_share(j, d)  # (converts j to float64 itself)
+    ok = finite & (dn.abs().amax(-1) <= 1e100)
     rest = y.clone()
     rest.diagonal(dim1=-2, dim2=-1).sub_(dn)
     rest2 = (rest * rest).sum((-2, -1))
     d2 = (dn * dn).sum(-1)
-    return d2 / (d2 + rest2)
+    out = d2 / (d2 + rest2)
+    if not bool(ok.all()):
+        idx = (~ok).nonzero()[:, 0]
+        out[idx] = highway_energy_share(j[idx], d[idx])
+    return out
