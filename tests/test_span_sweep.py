@@ -1,5 +1,6 @@
 """The adjoint span sweep against a float64 autograd oracle on the reference loop, against the
-dense sweep of cell_jacobians, and its certified spectral norms against SVD."""
+dense sweep of cell_jacobians; its norms against matrix_norm (the spectral-norm routine itself
+is tested in test_spectral.py)."""
 
 import dataclasses
 import math
@@ -12,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnscope
 from rnnscope import jacobians, span_sweep
 from rnnscope.recurrent import describe
-from rnnscope.span_sweep import certified_spectral_norm, span_jacobians
+from rnnscope.span_sweep import span_jacobians, span_norms
 from reference import KINDS, oracle_cell_jacobians
 
 # (kind, module options, state, layer, direction, with hx)
@@ -199,49 +200,6 @@ def test_the_trace_and_the_model_are_left_as_found():
     assert lt.gates["f"].requires_grad and lt.c.requires_grad  # cached with the graph, as fresh
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert all(p.grad is None for p in m.parameters())
-
-
-# ----------------------------------------------------------------------------------------------
-# Certified spectral norms
-
-
-def _hard_matrices(N=12):
-    torch.manual_seed(0)
-    eye = torch.eye(N, dtype=torch.float64)
-    q1, _ = torch.linalg.qr(torch.randn(N, N, dtype=torch.float64))
-    q2, _ = torch.linalg.qr(torch.randn(N, N, dtype=torch.float64))
-    clustered = q1 @ torch.diag(1 - 1e-7 * torch.arange(N, dtype=torch.float64)) @ q2.T
-    gap = q1 @ torch.diag(torch.tensor([1.0, 0.999] + [0.5] * (N - 2),
-                                       dtype=torch.float64)) @ q2.T
-    rank1 = torch.outer(torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64))
-    return torch.stack([eye, 3 * eye, clustered, gap, rank1, 1e-200 * torch.randn(N, N).double(),
-                        1e150 * torch.randn(N, N).double(), torch.randn(N, N).double(),
-                        torch.diag(torch.linspace(0.1, 2, N).double())])
-
-
-def test_certified_spectral_norm_equals_svd_on_hard_cases():
-    x = _hard_matrices()
-    want = torch.linalg.matrix_norm(x, ord=2)
-    got, q = certified_spectral_norm(x)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
-    assert q.shape == (*x.shape[:2], span_sweep.BLOCK)
-
-
-def test_certified_spectral_norm_with_a_misleading_start():
-    x = _hard_matrices()
-    _, vecs = torch.linalg.eigh(x @ x.mT)
-    start = vecs[..., :span_sweep.BLOCK]  # the *bottom* eigenvectors: iterations stay there
-    got, _ = certified_spectral_norm(x, start)
-    torch.testing.assert_close(got, torch.linalg.matrix_norm(x, ord=2), rtol=1e-10, atol=0)
-
-
-def test_certified_spectral_norm_of_zero_and_non_finite_matrices():
-    x = torch.zeros(4, 3, 3, dtype=torch.float64)
-    x[1, 0, 0] = math.inf
-    x[2, 1, 2] = math.nan
-    x[3] = torch.eye(3)
-    got, _ = certified_spectral_norm(x)
-    assert got[0] == 0 and got[1] == math.inf and math.isnan(got[2]) and got[3] == 1
 
 
 def test_cell_jacobians_dispatches_to_the_adjoint_sweep():

@@ -30,6 +30,7 @@ H_out + H for LSTM "full"), k exponents.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -46,9 +47,10 @@ from .options import Keep, Loss, Method, State
 from .profile import per_sample_loss
 from .recurrent import check_subclass, describe, is_recurrent
 from .replay import Trace, check_replayable, replay
-from .results import (CellJacobians, LyapunovSpectrum, StateGradientLayer, StateGradients,
-                      StepJacobians, highway_energy_share, spectral_norm)
-from .span_sweep import span_jacobians
+from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
+                      StateGradients, StepJacobians, highway_energy_share, spectral_norm)
+from .span_sweep import span_jacobians, span_norms
+from .spectral import spectral_norms
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
@@ -390,7 +392,9 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             kept.append(indirect.detach().cpu())
             ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); amax keeps nan
         else:
-            norms.append(spectral_norm(indirect).cpu())  # nan/inf for a non-finite matrix
+            # one batched Gram + eigvalsh for the chunk's B·S matrices; nan/inf for a
+            # non-finite matrix (spectral.py: exact to float64 rounding)
+            norms.append(spectral_norms(indirect).cpu())
             ok = torch.isfinite(norms[-1])
         if direct is not None:
             ok &= torch.isfinite(direct).all(-1)
@@ -491,6 +495,11 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
     chunk = _chunk(chunk_size)
     if rec.closed is not None:  # the closed-form adjoint sweep (unpacked traces)
         lt, p, nonlinearity = rec.closed
+        if keep == "full":  # the Jacobians now, their norms when first read
+            sw = span_jacobians(lt, p, kind=rec.kind, state=rec.state,
+                                nonlinearity=nonlinearity, keep="jacobians", chunk_size=chunk)
+            return _deferred_cell_jacobians(rec, sw.total, sw.direct, chunk, layer=layer,
+                                            direction=direction)
         sw = span_jacobians(lt, p, kind=rec.kind, state=rec.state, nonlinearity=nonlinearity,
                             keep=keep, chunk_size=chunk)
         total, spectral, frob, direct, share = (sw.total, sw.spectral, sw.frobenius, sw.direct,
@@ -562,6 +571,35 @@ def _finish_cell_jacobians(rec: _Recurrence, total, spectral, frob, direct, shar
                          share=share, state=rec.state, kind=rec.kind, layer=layer,
                          direction=direction, positions=rec.positions, valid=valid,
                          nonfinite=bad)
+
+
+def _deferred_cell_jacobians(rec: _Recurrence, total, direct, chunk: int, *, layer,
+                             direction) -> CellJacobians:
+    """`CellJacobians` of keep="full" from the sweep's Jacobians, its spectral/Frobenius norms
+    and share computed on first read (`results.Deferred`) by the same `span_norms` that
+    keep="norms" streams through, so both give the same bits. Non-finite samples are found from
+    the Jacobians themselves (a norm is non-finite exactly where its matrix holds a NaN/Inf);
+    when there are any, the norms are computed now, from the Jacobians before masking, as
+    `_finish_cell_jacobians` does."""
+    ok = torch.isfinite(total.abs().amax(dim=(-2, -1)))  # (B, T); amax keeps nan
+    if direct is not None:
+        ok &= torch.isfinite(direct).all(-1)
+    bad = _per_sample_bad(ok, rec.valid_cpu)
+    if bool(_unmeasured(rec.valid_cpu, bad, rec.T).any()):
+        spectral, frob, share = span_norms(total, direct, chunk)
+        return _finish_cell_jacobians(rec, total, spectral, frob, direct, share, layer=layer,
+                                      direction=direction)
+    norms = Deferred(functools.partial(_span_norm_fields, total, direct, chunk))
+    return CellJacobians(total=total, direct=direct, spectral=norms, frobenius=norms,
+                         share=norms if direct is not None else None, state=rec.state,
+                         kind=rec.kind, layer=layer, direction=direction,
+                         positions=rec.positions, valid=rec.valid_cpu, nonfinite=bad)
+
+
+def _span_norm_fields(total, direct, chunk: int) -> dict:
+    """The deferred fields of `_deferred_cell_jacobians` (a module-level function: picklable)."""
+    spectral, frob, share = span_norms(total, direct, chunk)
+    return {"spectral": spectral, "frobenius": frob, "share": share}
 
 
 @public("lyapunov_spectrum", module=True,

@@ -94,6 +94,50 @@ class Result:
         return out
 
 
+class Deferred:
+    """Values computed together on first need: `compute()` -> dict of field name -> value.
+
+    A result field that is a `DeferredField` may be given a `Deferred` instead of its value;
+    the first read of any such field computes them all once, keeps them, and drops `compute`
+    (and what it held). `cell_jacobians(keep="full")` hands its norms over this way: what the
+    caller pays for is the Jacobians, and the norms only if they are read. `compute` should be
+    a `functools.partial` of a module-level function, so that the result stays picklable.
+    """
+
+    def __init__(self, compute):
+        self._compute = compute
+        self._values = None
+
+    def value(self, name: str):
+        if self._values is None:
+            self._values = self._compute()
+            self._compute = None
+        return self._values[name]
+
+
+class DeferredField:
+    """A frozen-dataclass field that accepts a `Deferred` and reads as its value (computed once,
+    then stored on the instance): reading, `==`, `to_dict()`, pickling and `repr` see an
+    ordinary tensor. No default: the class-level read raises AttributeError, which is how
+    dataclasses learns that a descriptor field has none."""
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+        self.slot = "_value_" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            raise AttributeError(self.name)
+        v = obj.__dict__[self.slot]
+        if isinstance(v, Deferred):
+            v = v.value(self.name)
+            obj.__dict__[self.slot] = v  # a frozen instance: its __dict__ holds the value
+        return v
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
 def spectral_norm(x: torch.Tensor) -> torch.Tensor:
     """Exact ‖X‖₂ of a batch of matrices (..., m, n), in float64.
 
@@ -928,8 +972,9 @@ class CellJacobians(Result):
         total: (B, T, N, N) or None with keep="norms".
         direct: (B, T, N) the highway alone: ∏_{m=n+1}^{end} f_m (LSTM "c") or z_m (GRU);
             None where no diagonal highway exists (vanilla RNN, LSTM "h"/"full", custom).
-        spectral, frobenius: (B, T) float64 norms of J.
-        share: (B, T) highway share, see `highway_share`.
+        spectral, frobenius: (B, T) float64 norms of J. With keep="full" they are computed
+            from `total` on first read (`DeferredField`), then kept.
+        share: (B, T) highway share, see `highway_share` (computed like the norms).
         positions: (T,) input position of step n (reversed for direction 1).
         valid: (B, T) bool in processing order, True where sample b's sequence has step n
             (packed inputs); None when all steps are valid. Steps past a sequence's end are
@@ -941,9 +986,9 @@ class CellJacobians(Result):
 
     total: torch.Tensor | None
     direct: torch.Tensor | None
-    spectral: torch.Tensor
-    frobenius: torch.Tensor
-    share: torch.Tensor | None
+    spectral: torch.Tensor = DeferredField()
+    frobenius: torch.Tensor = DeferredField()
+    share: torch.Tensor | None = DeferredField()
     state: str
     kind: str
     layer: int

@@ -47,6 +47,7 @@ from .cells import CELLS
 from .cells.layer_trace import LayerTrace
 from .recurrent import LayerParams
 from .results import highway_energy_share
+from .spectral import scaled, spectral_norm_of_scaled
 
 CHUNK = 16  # default chunk_size: steps whose Jacobians are reduced to norms at once
 
@@ -60,14 +61,15 @@ class SpanSweep:
     Attributes:
         total: (B, T, N, N) J_n in the trace's dtype, or None with keep="norms".
         direct: (B, T, N) float64 highway product (LSTM "c", GRU) or None.
-        spectral, frobenius: (B, T) float64 norms of J_n.
-        share: (B, T) float64 highway energy share, or None without a highway.
+        spectral, frobenius: (B, T) float64 norms of J_n (None with keep="jacobians").
+        share: (B, T) float64 highway energy share, or None without a highway (or with
+            keep="jacobians").
     """
 
     total: torch.Tensor | None
     direct: torch.Tensor | None
-    spectral: torch.Tensor
-    frobenius: torch.Tensor
+    spectral: torch.Tensor | None
+    frobenius: torch.Tensor | None
     share: torch.Tensor | None
 
 
@@ -84,7 +86,8 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
         state: LSTM "c", "h" or "full"; "h" for GRU and RNN (as in `cell_jacobians`).
         nonlinearity: "tanh" or "relu" (vanilla RNN).
         keep: "full" also returns `.total` (B, T, N, N); "norms" holds O(chunk_size·B·N²) of
-            Jacobians at a time.
+            Jacobians at a time; "jacobians" returns `.total` and `.direct` alone (the norms
+            None), for a caller that computes them later with `span_norms`.
         chunk_size: steps reduced to norms at once (None: CHUNK).
 
     Example:
@@ -98,8 +101,8 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
         raise ValueError(f"kind must be one of {tuple(STATES)}; got {kind!r}")
     if state not in STATES[kind]:
         raise ValueError(f"state must be one of {STATES[kind]} for kind {kind!r}; got {state!r}")
-    if keep not in ("full", "norms"):
-        raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
+    if keep not in ("full", "norms", "jacobians"):
+        raise ValueError(f"keep must be 'full', 'norms' or 'jacobians'; got {keep!r}")
     if lt.lengths is not None:
         raise ValueError("span_jacobians does not handle a packed (variable-length) trace: a "
                          "carried step is not a cell step; use the dense sweep of "
@@ -178,160 +181,82 @@ def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: 
 
 def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, chunk: int, dtype,
              device) -> SpanSweep:
-    total = torch.empty(B, T, N, N, dtype=dtype, device=device) if keep == "full" else None
-    buf = None if total is not None else torch.empty(B, min(chunk, T), N, N, dtype=dtype,
-                                                     device=device)
     direct = None
     if direct_steps is not None:  # ∏_{m=n+1}^{T−1} d_m: exclusive reverse cumulative product
         d64 = direct_steps.detach().to(torch.float64)
         rev = torch.cumprod(d64.flip(1), dim=1).flip(1)  # ∏_{m=n}^{T−1}
         direct = torch.cat([rev[:, 1:], torch.ones_like(rev[:, :1])], dim=1)
+    if keep != "norms":  # the whole (B, T, N, N) is kept: norms after the sweep, if asked
+        total = torch.empty(B, T, N, N, dtype=dtype, device=device)
+        for n, J in zip(range(T - 1, -1, -1), steps):
+            total[:, n].copy_(J)
+        direct = direct.cpu() if direct is not None else None
+        norms = (None, None, None) if keep == "jacobians" else span_norms(total, direct, chunk)
+        return SpanSweep(total.cpu(), direct, *norms)
+    buf = torch.empty(B, min(chunk, T), N, N, dtype=dtype, device=device)
     spectral = torch.empty(B, T, dtype=torch.float64)
     frob = torch.empty(B, T, dtype=torch.float64)
     share = torch.empty(B, T, dtype=torch.float64) if direct is not None else None
     chunk_stop = T
-    q = None  # (B, N, k) top left singular subspace of the last Jacobian reduced: a warm start
     for n, J in zip(range(T - 1, -1, -1), steps):
         chunk_start = max(0, chunk_stop - chunk)
-        if total is not None:
-            total[:, n].copy_(J)
-        else:
-            buf[:, n - chunk_start].copy_(J)
+        buf[:, n - chunk_start].copy_(J)
         if n == chunk_start:
             sl = slice(chunk_start, chunk_stop)
-            js = total[:, sl] if total is not None else buf[:, :chunk_stop - chunk_start]
-            q = _reduce(js, sl, spectral, frob, direct, share, q)
+            _reduce(buf[:, :chunk_stop - chunk_start], sl, spectral, frob, direct, share)
             chunk_stop = chunk_start
-    return SpanSweep(total=total.cpu() if total is not None else None,
-                     direct=direct.cpu() if direct is not None else None, spectral=spectral,
-                     frobenius=frob, share=share)
+    return SpanSweep(total=None, direct=direct.cpu() if direct is not None else None,
+                     spectral=spectral, frobenius=frob, share=share)
 
 
-def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share, q0):
-    """Norms of a chunk of Jacobians js (B, S, N, N) for steps sl, written in place. Returns
-    the top-k left singular subspace (B, N, k) of the chunk's first step, the warm start of the
-    next chunk (its neighbour in the sweep).
+def span_norms(total: torch.Tensor, direct: torch.Tensor | None, chunk: int | None = None):
+    """(spectral, frobenius, share) (B, T) float64 of span Jacobians `total` (B, T, N, N) with
+    highway products `direct` (B, T, N) or None (then share is None), `chunk` steps at a time
+    in the order the sweep reduces them (from T−1 down), so that keep="norms", keep="full" and
+    a `CellJacobians` whose norms are computed on first read agree bit for bit."""
+    B, T = total.shape[:2]
+    chunk = CHUNK if chunk is None else chunk
+    spectral = torch.empty(B, T, dtype=torch.float64)
+    frob = torch.empty(B, T, dtype=torch.float64)
+    share = torch.empty(B, T, dtype=torch.float64) if direct is not None else None
+    for stop in range(T, 0, -chunk):
+        sl = slice(max(0, stop - chunk), stop)
+        _reduce(total[:, sl], sl, spectral, frob, direct, share)
+    return spectral, frob, share
 
-    One float64 copy, scaled once (Y = J / max|J|), serves all three: the spectral norm, the
-    Frobenius norm (‖Y‖_F, which the certificate needs anyway) and the highway share."""
+
+def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share) -> None:
+    """Norms of a chunk of Jacobians js (B, S, N, N) for steps sl, written in place.
+
+    One float64 copy, scaled as it is made (Y = J / max|J|, per matrix), serves all three: the spectral
+    norm (`spectral.spectral_norm_of_scaled`), the Frobenius norm s·‖Y‖_F and the highway
+    share."""
     B, S, N, _ = js.shape
-    j64 = js.to(torch.float64).reshape(B * S, N, N)
-    y, s, finite, fro2 = _scaled(j64)
-    start = None if q0 is None else q0.unsqueeze(1).expand(B, S, *q0.shape[1:]).reshape(
-        B * S, *q0.shape[1:])
-    sigma, q = _certified(y, s, finite, fro2, start)
-    spectral[:, sl] = sigma.view(B, S).cpu()
+    y, s, finite = scaled(js.reshape(B * S, N, N))  # float64, read once from js
+    spectral[:, sl] = spectral_norm_of_scaled(y, s, finite).view(B, S).cpu()
     # ‖J‖_F = s ‖Y‖_F; inf/nan for a non-finite J, 0 for J = 0 (as matrix_norm gives)
+    fro2 = (y * y).sum((-2, -1))
     frob[:, sl] = torch.where(finite, fro2.sqrt() * s, s).view(B, S).cpu()
     if direct is not None:
-        share[:, sl] = _share(j64, y, s, finite, direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
-    return q.view(B, S, *q.shape[1:])[:, 0]
+        share[:, sl] = _share(js.reshape(B * S, N, N), y, s, finite,
+                              direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
 
 
-def _share(j64: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
+def _share(j: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
            d: torch.Tensor) -> torch.Tensor:
     """`results.highway_energy_share(J, d)` for J = s Y (K, N, N), d (K, N) float64, from the
     scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of (·)/s. Y's
     largest entry is 1, so the denominator cannot underflow; where |d| could overflow once
-    scaled (|d| > 1e100 s), or some J is 0 or non-finite, the general function takes over."""
+    scaled (|d| > 1e100 s), or J is 0 or non-finite, the general function takes over for those
+    matrices alone (the others get the same bits as in a batch without them)."""
     dn = d / s.unsqueeze(-1)
-    if not bool((finite & (dn.abs().amax(-1) <= 1e100)).all()):
-        return highway_energy_share(j64, d)
+    ok = finite & (dn.abs().amax(-1) <= 1e100)
     rest = y.clone()
     rest.diagonal(dim1=-2, dim2=-1).sub_(dn)
     rest2 = (rest * rest).sum((-2, -1))
     d2 = (dn * dn).sum(-1)
-    return d2 / (d2 + rest2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Spectral norms of many matrices, certified
-
-BLOCK = 4  # width k of the subspace iterated on X Xᵀ
-BLOCK_STEPS = 2  # subspace steps per chunk (warm-started from the neighbouring step)
-POWER_STEPS = 12  # power steps on the Gram matrix for what the first stage does not certify
-CERT_RTOL = 1e-11  # λ_max(X Xᵀ) is certified to lie in [θ, θ(1 + CERT_RTOL)]
-
-
-def certified_spectral_norm(x: torch.Tensor, start: torch.Tensor | None = None):
-    """‖X‖₂ of K square matrices x (K, N, N) float64, exact to ~1e−11 relative, and a k-column
-    orthonormal basis (K, N, k) of the top left singular subspace (a warm start for neighbours).
-
-    Everything reported is a proved lower bound θ = λ_max of a Rayleigh–Ritz compression of
-    G = Y Yᵀ (Y = X / max|X|) whose matching upper bound lies within CERT_RTOL:
-
-    1. Subspace steps on G without forming it (2·k·N² per step). Cauchy interlacing gives the
-       Ritz values θ_i ≤ λ_i, and since G ⪰ 0, λ_1 ≤ ‖Y‖²_F − Σ_{i=2}^k θ_i. This proves the
-       long-span Jacobians, which are numerically of low rank.
-    2. The rest: G formed, power steps, and a Cholesky factorisation of θ(1 + CERT_RTOL)·I − G
-       that succeeds proves λ_1 ≤ θ(1 + CERT_RTOL).
-    3. What is still unproved (clustered top singular values) goes to `eigvalsh`.
-
-    No value rests on the convergence of an iteration. A non-finite matrix gets max|X| (inf or
-    nan), a zero matrix 0.
-    """
-    return _certified(*_scaled(x), start)
-
-
-def _scaled(x: torch.Tensor):
-    """x (K, N, N) -> (Y = x / s, s = max|x| (K,), finite (K,): s finite and > 0,
-    ‖Y‖²_F (K,)); Y is 0 where s is not finite or 0."""
-    s = x.abs().amax(dim=(-2, -1))  # (K,)
-    finite = torch.isfinite(s) & (s > 0)
-    if bool(finite.all()):  # the common case: one pass, no masking
-        y = x / s[:, None, None]
-    else:
-        safe = torch.where(finite, s, torch.ones_like(s))
-        y = x / safe[:, None, None]
-        y = torch.where(finite[:, None, None], y, torch.zeros_like(y))
-    return y, s, finite, (y * y).sum((-2, -1))
-
-
-def _certified(y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor, fro2: torch.Tensor,
-               start: torch.Tensor | None):
-    """`certified_spectral_norm` of x = s Y, given `_scaled(x)`."""
-    K, N, _ = y.shape
-    k = min(BLOCK, N)
-    if start is None or start.shape[-1] != k:
-        cols = (y * y).sum(-2).topk(k, dim=-1).indices  # Y's heaviest columns span G's top well
-        start = torch.gather(y, 2, cols.unsqueeze(1).expand(K, N, k))
-    q = torch.linalg.qr(start).Q
-    yt = y.mT.contiguous()  # a strided Yᵀ would be copied by every product
-    for _ in range(BLOCK_STEPS):
-        q = torch.linalg.qr(torch.bmm(y, torch.bmm(yt, q))).Q
-    z = torch.bmm(yt, q)  # (K, N, k)
-    ritz, vec = torch.linalg.eigh(z.mT @ z)  # ascending; θ_i ≤ λ_i (Cauchy interlacing)
-    q = q @ vec.flip(-1)  # Ritz vectors, largest first
-    lam = ritz[..., -1].clone()
-    upper = fro2 - ritz[..., :-1].sum(-1)
-    todo = (finite & (upper > lam * (1 + CERT_RTOL))).nonzero()[:, 0]
-    if todo.numel():
-        lam[todo] = _gram_certified(y[todo], q[todo, :, 0], lam[todo])
-    sigma = lam.clamp_min(0).sqrt() * s
-    sigma = torch.where(finite, sigma, s)  # 0 for a zero matrix, inf/nan for a non-finite one
-    return sigma, q
-
-
-def _gram_certified(y: torch.Tensor, u: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """λ_max(Y Yᵀ) for y (K, N, N) by power steps from u (K, N) and a Cholesky certificate,
-    `eigvalsh` for whatever the certificate does not prove."""
-    K, N, _ = y.shape
-    g = y @ y.mT
-    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    best = theta
-    prev = None
-    for _ in range(POWER_STEPS):
-        w = torch.einsum("kij,kj->ki", g, u)
-        rq = (u * w).sum(-1)  # uᵀGu with ‖u‖ = 1: a lower bound on λ_max
-        best = torch.maximum(best, rq)
-        u = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        if prev is not None and ((rq - prev).abs() <= 1e-15 * rq).all():
-            break
-        prev = rq
-    shifted = torch.diag_embed((best * (1 + CERT_RTOL))[:, None].expand(K, N)) - g
-    ok = (torch.linalg.cholesky_ex(shifted).info == 0) & (best > 0)
-    lam = best.clone()
-    rest = (~ok).nonzero()[:, 0]
-    if rest.numel():
-        lam[rest] = torch.linalg.eigvalsh(g[rest])[..., -1]
-    return lam
+    out = d2 / (d2 + rest2)
+    if not bool(ok.all()):
+        idx = (~ok).nonzero()[:, 0]
+        out[idx] = highway_energy_share(j[idx], d[idx])
+    return out

@@ -1,0 +1,82 @@
+"""Spectral norms ‖X‖₂ of many small matrices at once, exact to float64 rounding.
+
+    ‖X‖₂ = s · sqrt(λ_max(G)),   G = Y Yᵀ (or Yᵀ Y, the smaller side),   Y = X / s,  s = max|X|
+
+One float64 copy scaled per matrix, one batched Gram product (BLAS-3) and one batched
+`eigvalsh`. Why this is exact and not just "usually close":
+
+- The top eigenvalue of a symmetric positive semi-definite G is perfectly conditioned in the
+  absolute sense (Weyl: |λ̂ − λ| ≤ ‖E‖₂ for a perturbation E), and a backward-stable solver and
+  the Gram product both perturb G by O(N·ε₆₄·‖G‖₂) with ‖G‖₂ = λ_max. So λ_max comes out with
+  a *relative* error of O(N·ε₆₄) (~1e−14), and σ = sqrt(λ) with half that. Squaring the
+  condition number hurts the small singular values of X, never the largest.
+- The scaling by s = max|X| (per matrix) keeps Y's largest entry 1: the Gram entries lie in
+  [0, N], so nothing overflows or underflows however tiny (1e−300, a long saturated span) or
+  huge (1e+300) X is. Entries of Y below ~1e−154 underflow when squared, which changes λ_max
+  by less than 1e−300 relative.
+- A matrix holding a NaN gives nan, one holding ±inf (and no NaN) gives inf, a zero matrix 0;
+  non-finite matrices never reach the solver (which fails to converge on them), so the other
+  matrices of the batch are computed exactly as without them.
+
+Against the alternatives, measured on the loaded 2-core CPU (800 LSTM span Jacobians, B=4
+T=200 H=64, N = 64, one thread): an SVD per matrix (`torch.linalg.svdvals`, what
+`matrix_norm(ord=2)` runs) took 1.2-2× as long as Gram + `eigvalsh`. Subspace/power iteration
+certified by a Frobenius-tail bound and a Cholesky test (what the span sweep used before) took
+~1.5× as long and certified none of the 800 in its cheap stage: the span Jacobians of a
+recurrent network have clustered top singular values (σ₂/σ₁ ≈ 0.85-0.95 over the first tens of
+steps), so iterations do not converge in a few steps, and the per-matrix LAPACK calls of the
+certificates (QR, Cholesky) cost about as much as the eigensolver.
+
+Shape legend: K matrices, N rows/columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 256  # matrices per float64 Gram/eigvalsh batch: bounds the float64 working memory
+
+
+def scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., m, n) real -> (Y = x / s in float64, s = max|x| (...) float64, finite (...) bool).
+
+    `finite` is True where s is finite and > 0; Y is 0 where it is not (a zero matrix, or one
+    holding a NaN/Inf, whose s is then nan or inf). A float32 x is read once: max|x| is exact
+    in float32, and x / s promotes each entry to float64 before dividing, so Y is bit for bit
+    x.double() / s without that float64 copy."""
+    s = x.abs().amax(dim=(-2, -1)).to(torch.float64)  # nan if any entry is, else inf if any is
+    finite = torch.isfinite(s) & (s > 0)
+    if bool(finite.all()):  # the common case: one pass, no masking
+        return x / s[..., None, None], s, finite
+    safe = torch.where(finite, s, torch.ones_like(s))
+    y = torch.where(finite[..., None, None], x / safe[..., None, None],
+                    torch.zeros((), dtype=torch.float64))
+    return y, s, finite
+
+
+def spectral_norm_of_scaled(y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """‖X‖₂ (...) float64 for X = s·Y, given `scaled(X)`: s·sqrt(λ_max(Gram of Y)); s itself
+    (0, inf or nan) where X is zero or non-finite."""
+    g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT  # the smaller Gram matrix
+    lam = torch.linalg.eigvalsh(g)[..., -1].clamp_min(0)
+    return torch.where(finite, lam.sqrt() * s, s)
+
+
+def spectral_norms(x: torch.Tensor, *, chunk: int = CHUNK) -> torch.Tensor:
+    """Exact ‖X‖₂ of a batch of matrices x (..., m, n), as float64 (...), `chunk` matrices at a
+    time (memory O(chunk·m·n) in float64 beyond the input).
+
+    Agrees with `torch.linalg.matrix_norm(x.double(), ord=2)` to ~1e−14 relative on finite
+    input; nan for a matrix holding a NaN, inf for one holding ±inf (and no NaN), 0 for zero.
+
+    Example:
+        >>> x = torch.diag(torch.tensor([3.0, -4.0])).expand(5, 2, 2)
+        >>> assert torch.equal(spectral_norms(x), torch.full((5,), 4.0, dtype=torch.float64))
+    """
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = torch.empty(flat.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start:start + chunk]
+        out[start:start + part.shape[0]] = spectral_norm_of_scaled(*scaled(part))
+    return out.reshape(lead)

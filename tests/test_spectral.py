@@ -1,0 +1,115 @@
+"""The batched spectral norm against torch.linalg.svdvals in float64 (the oracle: an SVD of
+each matrix on its own), on drawn matrices that make a Gram-based method fail if it is careless:
+ill-conditioned, rank-deficient, clustered, tiny (1e−300), huge (1e+300), zero, non-finite."""
+
+import math
+
+import pytest
+import torch
+
+from rnnscope import results
+from rnnscope.spectral import scaled, spectral_norm_of_scaled, spectral_norms
+
+
+def _svd_oracle(x: torch.Tensor) -> torch.Tensor:
+    """σ_max per matrix, one float64 SVD each (no batching, no Gram, no scaling)."""
+    flat = x.reshape(-1, *x.shape[-2:]).to(torch.float64)
+    return torch.stack([torch.linalg.svdvals(m)[0] for m in flat]).reshape(x.shape[:-2])
+
+
+def _with_singular_values(sv: torch.Tensor, m: int, n: int, gen) -> torch.Tensor:
+    """U diag(sv) Vᵀ (m, n) with random orthonormal U, V."""
+    k = sv.numel()
+    u, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=gen))
+    return u @ torch.diag(sv.to(torch.float64)) @ v.T
+
+
+def _drawn(N: int, seed: int) -> torch.Tensor:
+    """(K, N, N) float64: the hard cases plus random ones, each matrix rescaled at random."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    eye = torch.eye(N, dtype=torch.float64)
+    mats = [
+        eye, 3 * eye, -eye,
+        _with_singular_values(1 - 1e-7 * torch.arange(N, dtype=torch.float64), N, N, gen),
+        _with_singular_values(torch.tensor([1.0, 0.999] + [0.5] * (N - 2)), N, N, gen),
+        _with_singular_values(torch.logspace(0, -15, N, dtype=torch.float64), N, N, gen),  # κ=1e15
+        _with_singular_values(torch.tensor([2.0, 1.0]), N, N, gen),  # rank 2
+        torch.outer(r(N), r(N)),  # rank 1
+        torch.diag(torch.linspace(0.1, 2, N, dtype=torch.float64)),
+        torch.diag(r(N)),
+        1e-300 * r(N, N), 1e-200 * r(N, N), 1e-100 * r(N, N),
+        1e100 * r(N, N), 1e300 * r(N, N) / N,
+        torch.triu(r(N, N)),  # non-normal
+        r(N, N),
+    ]
+    # a lone huge and a lone tiny entry: a scale that mixes 1e−160 and 1 in one matrix
+    spike = 1e-160 * r(N, N)
+    spike[0, -1] = 1.0
+    mats.append(spike)
+    x = torch.stack(mats)
+    scales = 10.0 ** (torch.randint(-30, 30, (len(mats),), generator=gen).to(torch.float64))
+    big = x.abs().amax((-2, -1))
+    scales[(big < 1e-250) | (big > 1e250)] = 1.0  # no overflow to inf, no subnormal inputs
+    return torch.cat([x, x * scales[:, None, None]])
+
+
+@pytest.mark.parametrize("N", [2, 5, 16, 64])
+def test_spectral_norms_equal_svdvals_on_hard_matrices(N):
+    x = _drawn(N, seed=N)
+    want = _svd_oracle(x)
+    got = spectral_norms(x, chunk=7)  # chunks of an odd size: the batching must not matter
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(results.spectral_norm(x), want, rtol=1e-12, atol=0)
+
+
+def test_spectral_norms_of_rectangular_float32_and_batched_shapes():
+    gen = torch.Generator().manual_seed(3)
+    for m, n in ((3, 9), (9, 3), (1, 7)):
+        x = torch.randn(2, 5, m, n, generator=gen)  # float32: computed in float64 from it
+        got = spectral_norms(x)
+        assert got.shape == (2, 5)
+        torch.testing.assert_close(got, _svd_oracle(x), rtol=1e-12, atol=0)
+
+
+def test_spectral_norms_agree_at_every_chunk_size():
+    x = _drawn(6, seed=11)
+    ref = spectral_norms(x, chunk=x.shape[0])
+    for chunk in (1, 2, 5, 64):
+        torch.testing.assert_close(spectral_norms(x, chunk=chunk), ref, rtol=1e-15, atol=0)
+
+
+def test_spectral_norms_of_zero_and_non_finite_matrices_leave_the_others_exact():
+    x = _drawn(4, seed=5)
+    want = _svd_oracle(x)
+    bad = torch.zeros(4, 4, 4, dtype=torch.float64)
+    bad[1, 0, 0] = math.inf
+    bad[2, 1, 2] = math.nan
+    bad[3, 0, 0], bad[3, 1, 1] = -math.inf, math.nan  # nan wins over inf
+    got = spectral_norms(torch.cat([bad, x]))
+    assert got[0] == 0 and got[1] == math.inf and math.isnan(got[2]) and math.isnan(got[3])
+    torch.testing.assert_close(got[4:], want, rtol=1e-12, atol=0)
+
+
+def test_scaled_keeps_the_largest_entry_one_and_marks_what_it_cannot_scale():
+    x = torch.stack([1e-250 * torch.ones(2, 2, dtype=torch.float64),
+                     torch.zeros(2, 2, dtype=torch.float64),
+                     torch.full((2, 2), math.inf, dtype=torch.float64)])
+    y, s, finite = scaled(x)
+    assert finite.tolist() == [True, False, False]
+    assert torch.equal(y[0], torch.ones(2, 2, dtype=torch.float64)) and not y[1:].any()
+    got = spectral_norm_of_scaled(y, s, finite)
+    assert got[0] == pytest.approx(2e-250, rel=1e-14) and got[1] == 0 and got[2] == math.inf
+
+
+def test_spectral_norm_of_tiny_jacobians_is_relatively_exact():
+    # A long saturated span: entries ~1e−100 to 1e−300. Squaring them unscaled underflows to 0
+    # (a norm of 0 would read as "no gradient at all"); the scaled Gram keeps every digit.
+    gen = torch.Generator().manual_seed(9)
+    base = _with_singular_values(torch.tensor([1.0, 0.7, 0.2, 1e-9]), 8, 8, gen)
+    x = torch.stack([base * 10.0 ** -e for e in (100, 160, 200, 250, 300)])
+    want = 10.0 ** -torch.tensor([100, 160, 200, 250, 300], dtype=torch.float64)
+    torch.testing.assert_close(spectral_norms(x), want, rtol=1e-13, atol=0)
+    assert (torch.linalg.matrix_norm(x @ x.mT, ord=2)[2:] == 0).all()  # what squaring gives
