@@ -3,7 +3,6 @@ dense sweep of cell_jacobians; its norms against matrix_norm (the spectral-norm 
 is tested in test_spectral.py)."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnscope
 from rnnscope import jacobians, span_sweep
 from rnnscope.recurrent import describe
-from rnnscope.span_sweep import span_jacobians, span_norms
+from rnnscope.span_sweep import span_jacobians
 from reference import KINDS, oracle_cell_jacobians
 
 # (kind, module options, state, layer, direction, with hx)

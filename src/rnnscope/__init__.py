@@ -19,6 +19,7 @@ from .results import (CellJacobians, Comparison, DecayTable, GateLayerStats, Gat
 from .theory import decay_table, memory_time
 from .modern import LRU, RGLRU, SLSTM, MinGRU, MinLSTM, SelectiveSSM, linear_scan
 from .modern.analyses import DecayCellJacobians
+from .modern.decay_trace import DecayTrace
 from .modern.sensitivity import (CurseOfMemory, ParameterSensitivity, curse_of_memory,
                                  linear_recurrence_sensitivity, parameter_sensitivity)
 
@@ -38,5 +39,5 @@ __all__ = [
     # modern recurrences (issue 13): cells, their scan, parameter sensitivity
     "MinGRU", "MinLSTM", "LRU", "RGLRU", "SelectiveSSM", "SLSTM", "linear_scan",
     "parameter_sensitivity", "linear_recurrence_sensitivity", "ParameterSensitivity",
-    "curse_of_memory", "CurseOfMemory", "DecayCellJacobians",
+    "curse_of_memory", "CurseOfMemory", "DecayCellJacobians", "DecayTrace",
 ]

@@ -54,7 +54,7 @@ class DecayCall(Call):
 
 def make_hooks(mon, name: str, dspec: DecaySpec):
     """(forward pre-hook, forward hook) for decay recurrence `name` of monitor `mon`."""
-    from .monitor import _in_recomputation, _replace_first, _state_tensors
+    from .monitor import _in_recomputation, _state_tensors
 
     batch_dim = 0 if dspec.batch_first else 1
 
