@@ -156,17 +156,24 @@ def replay_chains(module, spec, cap: Capture, max_batch: int) -> list[list[Repla
         ValueError, TypeError: the replay refuses the module (cuDNN dropout, a subclass whose
             forward differs from its parent's).
     """
-    out = []
-    left = max_batch
     batch_dim = 0 if spec.batch_first else 1
+    return [[Replayed(module, spec, c if c.rng_state is not None
+                      else narrow_call(c, m, batch_dim), m) for c in calls]
+            for calls, m in chain_shares(cap, max_batch)]
+
+
+def chain_shares(cap, max_batch: int) -> list[tuple[list, int]]:
+    """Per chain of calls that has inputs: (its calls with inputs, m), m the samples it replays
+    — the chains take `max_batch` samples between them, in call order, each at most as many as
+    its smallest call has."""
+    out, left = [], max_batch
     for chain in chains(cap):
         calls = [c for c in chain if c.x is not None]
         if not calls or left <= 0:
             continue
         m = min(left, min(c.n for c in calls))
         left -= m
-        out.append([Replayed(module, spec, c if c.rng_state is not None
-                             else narrow_call(c, m, batch_dim), m) for c in calls])
+        out.append((calls, m))
     return out
 
 

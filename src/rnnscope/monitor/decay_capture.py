@@ -36,7 +36,7 @@ import torch
 from ..modern.analyses import _full_steps, batch_major, decays
 from ..modern.protocol import DecaySpec
 from ..modern.scan import linear_scan
-from .capture import Call, _first_samples
+from .capture import Call, _first_samples, chain_shares
 
 # why the per-lag row is absent for a decay recurrence (the OutputLagRow's note)
 NO_OUTPUT_LAG = ("per-lag output row (output_lag_grad) not measured for decay recurrences; "
@@ -261,14 +261,5 @@ def replay_chains(spec: DecaySpec, cap, max_batch: int) -> list[list[DecayReplay
     call as a `DecayReplayed` on the chain's share of `max_batch` samples (in call order).
     Each call's gradients are exact on their own: the gradient captured at its h_n already
     carries what the later calls of its chain sent back."""
-    from .capture import chains
-
-    out, left = [], max_batch
-    for chain in chains(cap):
-        calls = [c for c in chain if c.x is not None]
-        if not calls or left <= 0:
-            continue
-        m = min(left, min(c.n for c in calls))
-        left -= m
-        out.append([DecayReplayed(spec, c, m) for c in calls])
-    return out
+    return [[DecayReplayed(spec, c, m) for c in calls]
+            for calls, m in chain_shares(cap, max_batch)]
