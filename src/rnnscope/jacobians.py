@@ -623,6 +623,12 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     are computed exactly as without it. `chunk_size` (None: 16) steps of one-step Jacobians
     are built at once; the exponents agree whatever its value (to rounding).
 
+    A direction that some step maps exactly to zero (a relu unit at 0, a gate at exactly 0)
+    has exponent −∞ in exact arithmetic; in floating point that step's QR diagonal is rounding
+    noise (|R_ii| ≈ 1e-16·‖A‖), so such an exponent lands near log(1e-16)·(share of such
+    steps) and its precise value is not determined. Read an exponent far below the others as
+    "annihilated", not as a measured rate.
+
     Returns:
         `LyapunovSpectrum` whose `.exponents` is (B, k) float64, sorted descending per sample
         ((k,) for unbatched inputs).
