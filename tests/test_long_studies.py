@@ -170,3 +170,28 @@ def test_compare_says_the_transformer_profile_is_quadratic_in_time(monkeypatch):
                         samples=2, progress=said.append)
     assert len(said) == 1 and "O(T²) time" in said[0] and "T=8" in said[0]
     assert res.comparison.profiles["Transformer"].per_sample.shape == (2, 8)  # measured, not dropped
+
+
+def test_auto_jacobian_samples_shrink_with_length_and_are_recorded():
+    """"auto" keeps ≤ 1000 (sample, step) Jacobian pairs per module (4 samples up to T=250, at
+    least 1), records the number used, and gives exactly what that number asked for gives."""
+    f = studies.jacobian_samples_for
+    assert [f("auto", T, 50) for T in (1, 100, 250, 251, 400, 1000, 5000)] == [4, 4, 4, 3, 2, 1, 1]
+    assert f("auto", 10, 3) == 3 and f(7, 10_000, 50) == 7 and f(7, 10, 5) == 5
+    kw = dict(models=("lstm", "gru"), seq_len=400, hidden_size=4, input_size=3, samples=5)
+    auto = compare_study(**kw)
+    assert auto.config["jacobian_samples"] == 2
+    fixed = compare_study(**kw, jac_samples=2)
+    for name in ("LSTM", "GRU"):
+        a, b = auto.recurrent[name], fixed.recurrent[name]
+        assert a.jacobian_samples == b.jacobian_samples == 2
+        torch.testing.assert_close(a.layers[0].cell_jacobians.spectral,
+                                   b.layers[0].cell_jacobians.spectral, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="jac_samples"):
+        compare_study(**kw, jac_samples="all")
+    # inspect resolves per module from the length that module receives
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    res = inspect_study(lstm, inputs=torch.randn(3, 600, 3))
+    assert res.config["jacobian_samples"] == "auto"
+    assert next(iter(res.recurrent.values())).jacobian_samples == 1

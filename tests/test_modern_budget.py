@@ -14,7 +14,7 @@ import pytest
 
 from rnnscope.budget import compare_bytes, format_bytes, modern_bytes
 from rnnscope.models import MODERN_KINDS
-from rnnscope.studies import compare_study
+from rnnscope.studies import compare_study, jacobian_samples_for
 
 
 @pytest.mark.parametrize("kind", MODERN_KINDS)
@@ -24,7 +24,8 @@ def test_a_too_long_modern_comparison_is_refused_before_any_work(kind):
         compare_study(models=(kind,), seq_len=10 ** 8)
     assert time.perf_counter() - t0 < 5  # T = 10⁸ steps of any real work would take hours
     est = compare_bytes((kind,), seq_len=10 ** 8, hidden_size=128, input_size=64, samples=50,
-                        num_layers=1, jac_samples=4)
+                        num_layers=1,
+                        jac_samples=jacobian_samples_for("auto", 10 ** 8, 50))  # the default
     msg = str(e.value)
     assert format_bytes(est) in msg and "T=100000000" in msg and "--seq-len" in msg
     assert "\n" not in msg

@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _jacobian_samples(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got "
+                                         f"{text!r}") from None
+
+
 def _seed(text: str) -> int:
     try:
         v = int(text)
@@ -163,14 +173,17 @@ def _emit(args, results, paths: dict | None) -> None:
 
 
 def _cmd_compare(args) -> int:
-    from .studies import compare_study
+    from .studies import compare_study, jacobian_samples_for
 
     device = _resolve_device(args.device)
     _check_out(args)
+    jac = jacobian_samples_for(args.jacobian_samples, args.seq_len, args.samples)
     config = {"models": ",".join(args.models), "seq_len": args.seq_len,
               "hidden_size": args.hidden_size, "input_size": args.input_size,
               "samples": args.samples, "layers": args.layers, "forget_bias": args.forget_bias,
-              "seed": args.seed, "device": device, "out": args.out}
+              "seed": args.seed, "device": device,
+              "jacobian_samples": f"{jac} (auto)" if args.jacobian_samples == "auto" else jac,
+              "out": args.out}
     _print_config(args, config)
     recurrent = [m for m in args.models if m != "transformer"]
     total = 1 + sum(args.layers + (m != "rnn") + 1 for m in recurrent)
@@ -180,7 +193,7 @@ def _cmd_compare(args) -> int:
                                 hidden_size=args.hidden_size, input_size=args.input_size,
                                 samples=args.samples, num_layers=args.layers,
                                 forget_init=args.forget_bias, seed=args.seed, device=device,
-                                jac_samples=min(args.jacobian_samples, args.samples),
+                                jac_samples=jac,
                                 progress=progress)
     finally:
         progress.close()
@@ -217,7 +230,7 @@ def _cmd_inspect(args) -> int:
     config = {"model": args.model, "weights": args.weights, "inputs": args.inputs or args.batch,
               "at": args.at, "loss": args.loss, "time_dim": args.time_dim,
               "seq_len": args.seq_len, "samples": args.samples, "seed": args.seed,
-              "device": device, "out": args.out}
+              "jacobian_samples": args.jacobian_samples, "device": device, "out": args.out}
     _print_config(args, config)
     if weights is not None and (weights.key or weights.prefix):
         found = [f"checkpoint key {weights.key!r}" if weights.key else "",
@@ -400,8 +413,11 @@ def _common(p: argparse.ArgumentParser, *, jacobians: bool = True) -> None:
                    help="replace an existing report.html/results.json in --out")
     p.add_argument("--no-report", action="store_true", help="print the table only")
     if jacobians:
-        p.add_argument("--jacobian-samples", type=_positive_int, default=4, metavar="N",
-                       help="samples used for Jacobians (default 4)")
+        p.add_argument("--jacobian-samples", type=_jacobian_samples, default="auto",
+                       metavar="N|auto",
+                       help="samples the Jacobian analyses use (default auto: 4 up to 250 "
+                            "steps, then 1000 // steps, at least 1; every Jacobian costs an "
+                            "exact spectral norm)")
 
 
 def _output_options(p: argparse.ArgumentParser, default_out: str) -> None:

@@ -46,19 +46,48 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+# Jacobian samples "auto": at most this many (sample, step) pairs of Jacobians per module, at
+# least 1 sample and at most 4. Every span and one-step Jacobian costs an exact float64
+# spectral norm (Gram + eigvalsh, ~1 ms for H=128): at T=1000 four samples are 24 000 of them
+# for the default models, about half of `compare`'s time. A user who wants the batch mean over
+# more samples asks for it (--jacobian-samples N); the number used is in every result.
+JACOBIAN_STEPS = 1000
+AUTO_JACOBIAN_SAMPLES = 4
+
+
+def jacobian_samples_for(jac_samples: int | str, seq_len: int, samples: int) -> int:
+    """The number of samples the Jacobian analyses use: `jac_samples` if an int, else ("auto")
+    min(4, 1000 // seq_len) but at least 1; never more than the batch has."""
+    if jac_samples == "auto":
+        jac_samples = max(1, min(AUTO_JACOBIAN_SAMPLES, JACOBIAN_STEPS // max(seq_len, 1)))
+    return min(jac_samples, samples)
+
+
+def _check_jacobian_samples(fn: str, jac_samples) -> None:
+    if isinstance(jac_samples, str) and jac_samples != "auto":
+        raise ValueError(f"{fn}: jac_samples must be 'auto' or a positive int; got "
+                         f"{jac_samples!r}")
+    if jac_samples != "auto":
+        check_number(fn, "jac_samples", jac_samples, low=1, integer=True,
+                     hint="or 'auto' (fewer samples for longer sequences)")
+
+
 def _noop(stage: str) -> None:
     pass
 
 
-def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *, jac_samples: int,
+def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *,
+                       jac_samples: int | str = "auto",
                        progress: Progress = _noop, name: str = "",
                        calls: int | None = None) -> RecurrentAnalysis:
     """Per layer and direction: highway vs total Jacobians, one-step paths, largest Lyapunov
     exponent, gate statistics, total state gradients. x and hx in the module's own layout;
-    `calls` (inspect) is how many forward calls x was joined from."""
+    `calls` (inspect) is how many forward calls x was joined from. `jac_samples`: an int, or
+    "auto" (`jacobian_samples_for`: 4 samples up to T=250, fewer beyond, at least 1)."""
     spec = describe(module)
     batch_dim = 0 if (spec.batch_first or spec.is_cell) else 1
-    n = min(jac_samples, x.shape[batch_dim])
+    time_dim = 1 - batch_dim if x.dim() == 3 else 0
+    n = jacobian_samples_for(jac_samples, x.shape[time_dim], x.shape[batch_dim])
     xj = x.narrow(batch_dim, 0, n)  # Jacobians on the first n samples, same layout
     hj = narrow_state(hx, n)
     state = "c" if spec.kind == "lstm" else "h"
@@ -102,13 +131,13 @@ def _streams(spec, x, batch_dim: int) -> bool:
     return stream.large(spec, x.shape[batch_dim], x.shape[1 - batch_dim])
 
 
-def decay_analysis(module: nn.Module, x: torch.Tensor, *, jac_samples: int,
+def decay_analysis(module: nn.Module, x: torch.Tensor, *, jac_samples: int | str = "auto",
                    progress: Progress = _noop, name: str = "") -> RecurrentAnalysis:
     """`recurrent_analysis` for a decay recurrence (modern/protocol.py: minGRU, LRU, ...): one
     layer, closed forms; `linear_in_state` says whether the highway is the whole Jacobian."""
     spec = describe_decay(module)
     batch_dim = 0 if spec.batch_first else 1
-    n = min(jac_samples, x.shape[batch_dim])
+    n = jacobian_samples_for(jac_samples, x.shape[1 - batch_dim], x.shape[batch_dim])
     xj = x.narrow(batch_dim, 0, n)
     progress(f"{name}: Jacobians")
     cj = cell_jacobians(module, xj, keep="norms")
@@ -147,12 +176,13 @@ def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, 
                          f"{forget_init!r}")
     for name, v in (("seq_len", seq_len), ("hidden_size", hidden_size),
                     ("input_size", input_size), ("samples", samples),
-                    ("num_layers", num_layers), ("jac_samples", jac_samples)):
+                    ("num_layers", num_layers)):
         check_number(fn, name, v, low=1, integer=True)
+    _check_jacobian_samples(fn, jac_samples)
     check_number(fn, "seed", seed, low=0, integer=True)
     estimate = compare_bytes(models, seq_len=seq_len, hidden_size=hidden_size,
                              input_size=input_size, samples=samples, num_layers=num_layers,
-                             jac_samples=min(jac_samples, samples))
+                             jac_samples=jacobian_samples_for(jac_samples, seq_len, samples))
     check_memory(fn, estimate, f"{', '.join(models)} with T={seq_len}, H={hidden_size}, "
                  f"I={input_size}, {samples} samples, {num_layers} layer(s)",
                  "lower --seq-len, --samples, --hidden-size, --layers or --jacobian-samples, "
@@ -162,17 +192,22 @@ def check_compare_options(*, models, seq_len, hidden_size, input_size, samples, 
 def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int = 100,
                   hidden_size: int = 128, input_size: int = 64, samples: int = 50,
                   num_layers: int = 1, forget_init: str = "default", seed: int = 0,
-                  device: str = "cpu", jac_samples: int = 4,
+                  device: str = "cpu", jac_samples: int | str = "auto",
                   progress: Progress = _noop) -> StudyResult:
-    """RNN vs LSTM vs GRU vs Transformer (and any of models.KINDS) on the same seeded inputs."""
+    """RNN vs LSTM vs GRU vs Transformer (and any of models.KINDS) on the same seeded inputs.
+
+    `jac_samples`: how many of the samples the Jacobian analyses use; "auto" (default) is
+    `jacobian_samples_for`: 4 up to T=250, then 1000 // T, at least 1. The number used is
+    `config["jacobian_samples"]`."""
     t0 = time.perf_counter()
+    check_compare_options(models=models, seq_len=seq_len, hidden_size=hidden_size,
+                          input_size=input_size, samples=samples, num_layers=num_layers,
+                          forget_init=forget_init, seed=seed, jac_samples=jac_samples)
+    jac_samples = jacobian_samples_for(jac_samples, seq_len, samples)
     config = {"models": list(models), "seq_len": seq_len, "hidden_size": hidden_size,
               "input_size": input_size, "samples": samples, "num_layers": num_layers,
               "forget_init": forget_init, "seed": seed, "device": str(device),
               "jacobian_samples": jac_samples, "loss": "last"}
-    check_compare_options(models=models, seq_len=seq_len, hidden_size=hidden_size,
-                          input_size=input_size, samples=samples, num_layers=num_layers,
-                          forget_init=forget_init, seed=seed, jac_samples=jac_samples)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     built = {}
@@ -238,8 +273,9 @@ def _check_inspect(model, *, inputs, at, seq_len, samples, seed, jac_samples, in
     """`inspect_study`'s options, the model and its forward arguments, and (for drawn inputs)
     the memory estimate: all before any work."""
     fn = "inspect"
-    for name, v in (("seq_len", seq_len), ("samples", samples), ("jac_samples", jac_samples)):
+    for name, v in (("seq_len", seq_len), ("samples", samples)):
         check_number(fn, name, v, low=1, integer=True)
+    _check_jacobian_samples(fn, jac_samples)
     check_number(fn, "seed", seed, low=0, integer=True)
     check_number(fn, "input_size", input_size, low=1, integer=True, allow_none=True)
     if not isinstance(lag_positions, (list, tuple)):
@@ -252,7 +288,8 @@ def _check_inspect(model, *, inputs, at, seq_len, samples, seed, jac_samples, in
         if size is not None:
             check_memory(fn, model_bytes(model, samples=samples, seq_len=seq_len,
                                          input_size=size,
-                                         jac_samples=min(jac_samples, samples)),
+                                         jac_samples=jacobian_samples_for(
+                                             jac_samples, seq_len, samples)),
                          f"{samples} drawn sequences of {seq_len} steps × {size} features "
                          f"for the {type(model).__name__}",
                          "lower --samples, --seq-len or --jacobian-samples")
@@ -264,7 +301,8 @@ def _check_inspect(model, *, inputs, at, seq_len, samples, seed, jac_samples, in
 
 def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
                   time_dim: int | None = None, seq_len: int = 100, samples: int = 16,
-                  seed: int = 0, jac_samples: int = 4, label: str = "model", source: str = "",
+                  seed: int = 0, jac_samples: int | str = "auto", label: str = "model",
+                  source: str = "",
                   input_size: int | None = None, lag_positions: int = 16,
                   progress: Progress = _noop) -> StudyResult:
     """The same analysis for a user's model: its gradient profile (lag-resolved too when the
@@ -274,6 +312,8 @@ def inspect_study(model: nn.Module, *, inputs=None, at=None, loss="last",
     `inputs` is a `loader.ForwardInputs` (the model's forward arguments), the model's first
     argument alone, or None, which draws
     seeded standard normal features of `input_size` (default: the model's own input size).
+    `jac_samples` as in `compare_study`, resolved per recurrent submodule from the sequence
+    length it receives (each analysis records the number it used).
     """
     t0 = time.perf_counter()
     _check_inspect(model, inputs=inputs, at=at, seq_len=seq_len, samples=samples, seed=seed,

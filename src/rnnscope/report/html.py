@@ -87,7 +87,10 @@ def reading_highway(results) -> str:
         curves = cj.by_distance()  # by distance from each sample's own last step
         steps = cj.spectral.shape[1]
         k = min(10, steps - 1)
-        s = (f"<b>{_e(name)}</b> (layer 0): ‖∂s<sub>T−1</sub>/∂s<sub>t</sub>‖₂ at "
+        n = rec.jacobian_samples
+        on = "1 sample" if n == 1 else f"the mean over {n} samples"
+        s = (f"<b>{_e(name)}</b> (layer 0, Jacobians of {on}): "
+             f"‖∂s<sub>T−1</sub>/∂s<sub>t</sub>‖₂ at "
              f"distance {k} is {_num(float(curves['spectral'][k]))}")
         if "direct_spectral" in curves:
             share1 = float(curves["share"][1]) if steps > 1 else 1.0
