@@ -123,6 +123,38 @@ def test_exact_quantiles_equal_torch_quantile():
     assert exact_quantiles(torch.empty(0, dtype=torch.float64), QUANTILES).isnan().all()
 
 
+@pytest.mark.parametrize("shape", ["uniform", "ties", "saturated", "outlier", "constant",
+                                   "float64"])
+def test_exact_quantiles_past_one_sort_equal_torch_quantile(shape, monkeypatch):
+    """The histogram-window path (n > SMALL) against torch.quantile, on distributions that
+    put many values in one bin or on bin edges; and its kthvalue fallback, forced by a
+    histogram that lies about where the values are."""
+    from rnnscope import gates
+    from rnnscope.gates import QUANTILES, exact_quantiles
+
+    g = torch.Generator().manual_seed(1)
+    n = 3 * gates.SMALL + 7
+    v = torch.rand(n, generator=g)
+    if shape == "ties":
+        v = (v * 8).floor() / 8  # 8 distinct values: every rank sits in a run of ties
+    elif shape == "saturated":  # gates: most exactly 1.0 in float32, the rest spread below
+        v = torch.sigmoid(torch.randn(n, generator=g) * 30)
+    elif shape == "outlier":  # one huge value: all others fall in the histogram's first bin
+        v[123] = 1e30
+    elif shape == "constant":
+        v = torch.full((n,), 0.25)
+    elif shape == "float64":
+        v = torch.randn(n, generator=g, dtype=torch.float64).exp()
+    odd = QUANTILES + (0.0, 1 / 3, 0.999, 1.0)
+    want = torch.quantile(v.double(), torch.tensor(odd, dtype=torch.float64))
+    assert torch.equal(exact_quantiles(v, odd), want)
+    # a histogram that puts every value in the last bin sends each rank to a window that does
+    # not hold it: the exact fallback answers
+    monkeypatch.setattr(torch, "histc", lambda x, bins, min, max: torch.cat(
+        [torch.zeros(bins - 1), torch.tensor([float(x.numel())])]))
+    assert torch.equal(exact_quantiles(v, odd), want)
+
+
 def test_gate_stats_beyond_torch_quantile_limit(monkeypatch):
     """More than 2^24 gate values (torch.quantile refuses them): the replay is replaced by a
     trace holding that many real gate values, so gate_stats' own path runs on all of them;

@@ -245,3 +245,19 @@ def test_profile_summaries_skip_distances_no_sequence_has():
     assert p.by_distance()[3].isnan()
     assert p.effective_memory() == 3 and p.decay_ratio() == 2.0 / 1.5
     json.dumps(p.to_dict(), allow_nan=False)
+
+
+def test_dumps_lays_out_objects_and_keeps_numeric_arrays_on_one_line():
+    """codec.dumps(indent=1) is JSON equal to json.dumps, with arrays that hold no object on
+    one line (the C encoder), objects one entry per line, and NaN refused."""
+    doc = {"a": [1, 2.5, [3, -0.0]], "b": {"c": [{"d": 1e-300}, {"e": []}], "f": 'x"y'},
+           "g": {}, "h": None, "i": [[1, 2], [3]], "j": (1, 2), "k": {1: 2}, "l": [1, {"m": 2}]}
+    text = codec.dumps(doc)
+    assert json.loads(text) == json.loads(json.dumps(doc))
+    lines = text.splitlines()
+    assert ' "a": [1, 2.5, [3, -0.0]],' in lines and ' "i": [[1, 2], [3]],' in lines
+    assert '  "f": "x\\"y"' in lines and ' "k": {"1": 2},' in lines
+    assert codec.dumps(doc, indent=None) == json.dumps(doc, allow_nan=False)
+    for bad in ({"a": [math.nan]}, {"a": [{"b": math.inf}]}):
+        with pytest.raises(ValueError):
+            codec.dumps(bad)

@@ -176,8 +176,42 @@ def _reject_constant(name: str):
 
 
 def dumps(obj, *, indent: int | None = 1) -> str:
-    """Strict JSON text (a NaN or infinity that escaped encoding raises ValueError)."""
-    return json.dumps(obj, indent=indent, allow_nan=False)
+    """Strict JSON text (a NaN or infinity that escaped encoding raises ValueError).
+
+    With `indent`, objects and lists of objects are laid out one entry per line, but a list
+    that holds no object (an array of numbers, nested or not) is written on one line by the C
+    encoder: `json.dumps(indent=1)` would put every number of a (50, 1000) profile on its own
+    line through the pure-Python encoder (8.5 MB and 1.5 s for a T=1000 comparison).
+    """
+    if indent is None:
+        return json.dumps(obj, allow_nan=False)
+    out: list[str] = []
+    _layout(obj, 0, indent, out)
+    return "".join(out)
+
+
+def _holds_object(x) -> bool:
+    return any(isinstance(v, dict) or isinstance(v, (list, tuple)) and _holds_object(v)
+               for v in x)
+
+
+def _layout(obj, level: int, indent: int, out: list[str]) -> None:
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
+        items = [(json.dumps(k) + ": ", v) for k, v in obj.items()]
+        brackets = "{}"
+    elif isinstance(obj, (list, tuple)) and obj and _holds_object(obj):
+        items = [("", v) for v in obj]
+        brackets = "[]"
+    else:  # a scalar, an array without objects, or a dict with non-str keys (json's rules)
+        out.append(json.dumps(obj, allow_nan=False, separators=(", ", ": ")))
+        return
+    pad = "\n" + " " * (indent * (level + 1))
+    out.append(brackets[0])
+    for i, (key, v) in enumerate(items):
+        out.append(pad if i == 0 else "," + pad)
+        out.append(key)
+        _layout(v, level + 1, indent, out)
+    out.append("\n" + " " * (indent * level) + brackets[1])
 
 
 def loads(text: str) -> Any:

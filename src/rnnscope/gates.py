@@ -155,8 +155,8 @@ def exact_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
     """torch.quantile(values, qs) (linear interpolation) for a 1-D float tensor of any size.
 
     torch.quantile refuses more than 2^24 values (50 sequences × 2700 steps × 128 units is
-    more) and sorts them all. This selects only the order statistics the quantiles need, with
-    kthvalue (O(n) each), and interpolates exactly as torch.quantile does:
+    more) and sorts them all. This finds only the order statistics the quantiles need
+    (`_order_statistics`) and interpolates exactly as torch.quantile does:
     rank = q·(n − 1), lerp(v[floor rank], v[ceil rank], rank − floor rank). nan for no values.
     """
     q = torch.tensor(qs, dtype=torch.float64)
@@ -168,10 +168,47 @@ def exact_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
     ranks = q * (n - 1)
     below = ranks.to(torch.int64)  # ranks ≥ 0: truncation is floor, as in torch.quantile
     above = ranks.ceil().to(torch.int64)
-    order = {r: v.kthvalue(r + 1).values for r in sorted(set(below.tolist() + above.tolist()))}
+    order = _order_statistics(v, sorted(set(below.tolist() + above.tolist())))
     lo = torch.stack([order[r] for r in below.tolist()]).to(torch.float64)
     hi = torch.stack([order[r] for r in above.tolist()]).to(torch.float64)
     return torch.lerp(lo, hi, ranks - below)
+
+
+SMALL = 1 << 16  # below this many values one sort is cheapest
+BINS = 1024
+
+
+def _order_statistics(v: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
+    """{r: the r-th smallest of v (0-based)} for a 1-D floating tensor, exactly.
+
+    A kthvalue over all n values per rank costs ~20 ns per value (6.4 M gate values: 0.13 s
+    each, ten per gate). Instead one histogram locates each rank's bin; the values in that bin
+    (and one bin either side, whatever histc does at bin edges) are selected by comparisons and
+    sorted. That is exact: with m values below the window's lower edge a and S the values in
+    [a, c], the r-th smallest is the (r − m)-th of S whenever 0 ≤ r − m < |S|; otherwise (never
+    seen, but possible in principle) a kthvalue over all values answers.
+    """
+    n = v.numel()
+    if n <= SMALL:
+        s = v.sort().values
+        return {r: s[r] for r in ranks}
+    lo, hi = v.aminmax()
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or bool(lo == hi):
+        return {r: v.kthvalue(r + 1).values for r in ranks}
+    counts = torch.histc(v, bins=BINS, min=float(lo), max=float(hi))
+    ends = counts.to(torch.int64).cumsum(0)  # values in bins 0..b
+    bins = torch.searchsorted(ends, torch.tensor(ranks), right=True).clamp_max(BINS - 1)
+    width = (float(hi) - float(lo)) / BINS
+    out: dict[int, torch.Tensor] = {}
+    for b in sorted(set(bins.tolist())):
+        a, c = float(lo) + (b - 1) * width, float(lo) + (b + 2) * width
+        m = int((v < a).sum())
+        window = v[(v >= a) & (v <= c)].sort().values
+        for r, rb in zip(ranks, bins.tolist()):
+            if rb == b:
+                k = r - m
+                out[r] = window[k] if 0 <= k < window.numel() else v.kthvalue(r + 1).values
+    return out
 
 
 def _gate_slice(kind: str, gate: str, H: int) -> slice:
