@@ -149,11 +149,23 @@ def test_packed_sequences_take_the_batched_vjp_path_and_equal_the_oracle():
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
 
 
-def test_training_dropout_takes_the_batched_vjp_path_and_equals_the_oracle():
+@pytest.mark.parametrize("kind, layers, batch_first", [
+    (nn.LSTM, 2, True), (nn.LSTM, 3, False), (nn.GRU, 3, True), (nn.RNN, 2, False)])
+def test_training_dropout_takes_the_sweep_through_the_masks_and_equals_the_oracle(
+        kind, layers, batch_first, monkeypatch):
+    """Under training-mode inter-layer dropout the per-lag row comes from the closed-form
+    sweep, which multiplies each layer's input gradient by the mask the kernel drew below it:
+    equal to float64 autograd through the fused kernel layer by layer with those masks."""
     from reference import fused_layer_by_layer
 
+    from rnnscope.monitor import output_lag
+
+    def no_vjps(*a, **k):
+        raise AssertionError("the batched-VJP path ran: the sweep should have")
+
+    monkeypatch.setattr(output_lag, "_batched_norms", no_vjps)
     torch.manual_seed(3)
-    model = Tagger(nn.LSTM, 2, dropout=0.4).train()
+    model = Tagger(kind, layers, batch_first=batch_first, dropout=0.4).train()
     before = copy.deepcopy(model.rnn)
     B, T = 6, 16
     x = torch.randn(B, T, 5)
@@ -164,10 +176,15 @@ def test_training_dropout_takes_the_batched_vjp_path_and_equals_the_oracle():
         rec = mon.step()
     assert not rec.skipped
     g = model.seen_out.grad
-    masks = rnnscope.replay(before, x, rng_state=state).dropout_masks  # what the kernel drew
+    g = g if batch_first else g.transpose(0, 1)
+    xm = x if batch_first else x.transpose(0, 1)
+    masks = rnnscope.replay(before, xm, rng_state=state).dropout_masks  # what the kernel drew
+    assert len(masks) == layers - 1 and all(bool((mk == 0).any()) for mk in masks)
 
     def forward(m, x64):
-        return fused_layer_by_layer(m, x64, None, [mk[:3].double() for mk in masks])
+        xin = x64 if batch_first else x64.transpose(0, 1)
+        out = fused_layer_by_layer(m, xin, None, [mk[:3].double() for mk in masks])
+        return out if batch_first else out.transpose(0, 1)
 
     want = oracle_lag_row(before, x[:3], None, g[:3], True, _positions(T), forward=forward)
     got = torch.tensor([float(v) for v in rec.layers["rnn"].output_lag_grad.by_lag],

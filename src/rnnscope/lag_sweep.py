@@ -24,7 +24,8 @@ layer first, each layer's input gradient being the next one down's output cotang
 
 Everything else (bidirectional modules, packed sequences, cells, training-mode inter-layer
 dropout, custom modules, a loss reaching the measured input around the recurrent module) takes
-lag_profile's general path; `plan` says why.
+lag_profile's general path; `plan` says why. The training-time monitor, which holds the replay
+that redrew the dropout masks, sweeps through dropout too (`output_step_lag_norms(trace=)`).
 
 Shape legend: P loss positions, B batch, R = P·B adjoint rows (row j·B + b: the j-th position
 in sweep order, sample b), T steps, I_l the layer's input features, H hidden units, Ho the
@@ -163,12 +164,16 @@ def _reaches(root, leaf: torch.Tensor, stops: set) -> bool:
 
 
 def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
-              head_vjps) -> tuple[torch.Tensor, str]:
+              head_vjps, *, trace=None) -> tuple[torch.Tensor, str]:
     """(B, P, T) float64 norms ‖∂ℓ_{t_p}/∂x_s‖ and the method's name.
 
     onehot (P, B, T) selects each position's losses (as in the general path); head_vjps is
     lag_profile's batched-VJP helper, returning per-position gradients (P, ...) of the losses
-    with respect to the module's returned tensors.
+    with respect to the module's returned tensors. `trace`: a `replay` of the module on site.x
+    whose layers the sweep reads instead of replaying; with training-mode inter-layer dropout
+    it must be the replay that redrew the kernel's masks (`replay(..., rng_state=)`), and each
+    layer's input gradient is multiplied by the mask of the layer below (x_{l+1} = h_l ⊙ mask_l)
+    before it becomes that layer's output cotangent.
     """
     spec = describe(site.module)
     grads, head_method = head_vjps(losses, site.outputs, onehot)
@@ -182,7 +187,8 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
         starts = _starts(g_out, g_state)  # each position's last step with a cotangent
         order = sorted(range(P), key=lambda p: -starts[p])  # sweep order: latest start first
         rows = Rows.build([starts[p] for p in order], B, T, g_out.device)
-        layers = _layer_sequences(site, spec)
+        layers = _layer_sequences(site, spec, trace)
+        masks = () if trace is None else trace.dropout_masks  # (B, T, Ho) per layer below top
         # the top layer's output cotangents in the row layout: step s's rows are positions
         # order[0 .. q_s) (q_s = active_s / B), each with its B samples
         pidx = [order[j] for s in range(T - 1, -1, -1) for j in range(rows.active[s] // B)]
@@ -196,6 +202,8 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
             h_cot, c_cot = [None if g is None else g[:, layer].reshape(R, -1)
                             for g in (state_cots + [None, None])[:2]]
             dh = _sweep_layer(spec, layer, layers[layer], rows, dh, h_cot, c_cot)
+            if layer > 0 and masks:  # through the dropout between layer − 1 and layer
+                dh = dh * _in_rows(masks[layer - 1], rows, B, R).to(dh.dtype)
         # dh now holds ∂ℓ/∂x_s in the row layout: scatter the norms into (T, R), zero elsewhere
         flat = torch.linalg.vector_norm(dh, dim=-1).to(torch.float64)
         norms = flat.new_zeros(T * R).index_copy_(0, rows.dense_index, flat).view(T, P, B)
@@ -252,11 +260,24 @@ class LayerSequences:
     c0: torch.Tensor | None
 
 
-def _layer_sequences(site: SweepSite, spec) -> list:
+def _in_rows(per_step: torch.Tensor, rows: Rows, B: int, R: int) -> torch.Tensor:
+    """(B, T, F) batch-major values -> (rows.n_steps, F) in the sweep's row layout: the row of
+    step s and adjoint row r = j·B + b takes sample b's value at step s (R = P·B: a row's
+    dense index is s·R + r)."""
+    s_idx = torch.div(rows.dense_index, R, rounding_mode="floor")
+    b_idx = rows.dense_index.remainder(R).remainder(B)
+    return per_step.to(rows.dense_index.device)[b_idx, s_idx]
+
+
+def _layer_sequences(site: SweepSite, spec, trace=None) -> list:
     """Every layer's input and output sequence. A one-layer module's are what it received and
     returned (the fused kernel's own values, nothing recomputed); a deeper module's inner
-    layers are not exposed by the kernel, so they come from `replay`."""
+    layers are not exposed by the kernel, so they come from `trace` if given, else `replay`."""
     x = site.x.detach()
+    if trace is not None:
+        return [LayerSequences(lt.x.detach().transpose(0, 1), lt.h.detach().transpose(0, 1),
+                               lt.h0.detach(), None if lt.c0 is None else lt.c0.detach())
+                for (lt,) in trace.layers]
     if spec.num_layers == 1:
         out = site.outputs[0].detach()
         tm = (lambda t: t.transpose(0, 1)) if spec.batch_first else (lambda t: t)
@@ -381,15 +402,16 @@ def _saved(spec, p, lt: LayerSequences):
 
 
 def output_step_lag_norms(module: nn.RNNBase, x: torch.Tensor, hx, output: torch.Tensor,
-                          cotangents: torch.Tensor) -> torch.Tensor:
+                          cotangents: torch.Tensor, *, trace=None) -> torch.Tensor:
     """(B, P, T) float64 norms ‖∂(g_p · y)/∂x_s‖ for P given output cotangents g_p, one sweep.
 
     For the GradientMonitor: g_p is the gradient the real training loss sent to the module's
     output, kept at one output step t_p and zero elsewhere, so each norm is that of the
     gradient arriving at output step t_p, carried back to input step s. No loss and no head are
     differentiated: the cotangents are given. The same conditions as `plan` apply (a fused,
-    unidirectional module on a (B, T, I) / (T, B, I) tensor, no training-mode inter-layer
-    dropout); the caller checks them.
+    unidirectional module on a (B, T, I) / (T, B, I) tensor); the caller checks them.
+    Training-mode inter-layer dropout needs `trace`, the replay that redrew the kernel's masks
+    (`replay(..., rng_state=)`); given without dropout, it spares the sweep a replay.
 
     Args:
         module: the fused module; x (its own layout) and hx: what it was given.
@@ -404,5 +426,5 @@ def output_step_lag_norms(module: nn.RNNBase, x: torch.Tensor, hx, output: torch
     def given(_losses, _outputs, _onehot):
         return [cotangents], "given cotangents"
 
-    norms, _ = lag_norms(site, None, onehot, given)
+    norms, _ = lag_norms(site, None, onehot, given, trace=trace)
     return norms

@@ -23,9 +23,9 @@ Pairs (sample, position) whose cotangent is exactly zero (a masked or ignored ta
 past a packed sequence's end) receive nothing and are not counted.
 
 Paths: a fused unidirectional module on a tensor input takes the closed-form adjoint sweep of
-`lag_sweep` (all positions stacked); packed sequences and training-mode inter-layer dropout
-take batched vector-Jacobian products through the replay's graph (`is_grads_batched`, a loop
-over positions if vmap cannot run it). A bidirectional module has no lag row: its output at
+`lag_sweep` (all positions stacked), reading the replay's layers and, in training mode, the
+inter-layer dropout masks it redrew; packed sequences take batched vector-Jacobian products
+through the replay's graph (`is_grads_batched`, a loop over positions if vmap cannot run it). A bidirectional module has no lag row: its output at
 step t depends on later inputs too, so a lag k = t − s ≥ 0 does not describe it; the record
 says so.
 
@@ -67,8 +67,8 @@ def is_per_step(g: torch.Tensor, lengths: torch.Tensor | None) -> bool:
     return bool((nonzero & before_last).any())
 
 
-def lag_sums(module, spec, x_leaf, hx, trace, g_out: torch.Tensor, keep: int,
-             rng_state) -> tuple[torch.Tensor, torch.Tensor] | str | None:
+def lag_sums(module, spec, x_leaf, hx, trace, g_out: torch.Tensor,
+             keep: int) -> tuple[torch.Tensor, torch.Tensor] | str | None:
     """Per-lag (T,) sums over (sample, position) pairs of ‖∂(g_t · y_t)/∂x_{t−k}‖ and (T,)
     pair counts, for the first `keep` samples; a reason string when no row can be measured;
     None when the loss is not per step.
@@ -79,7 +79,6 @@ def lag_sums(module, spec, x_leaf, hx, trace, g_out: torch.Tensor, keep: int,
             grad; trace: the replay's Trace, its graph alive.
         g_out: the captured output gradient, batch-major padded (B, T, D·Ho).
         keep: samples measured (the first ones; the rest of a dropout replay are not).
-        rng_state: the dropout RNG state the replay used (None without dropout).
     """
     packed = isinstance(x_leaf, PackedSequence)
     lengths = trace.lengths
@@ -98,12 +97,10 @@ def lag_sums(module, spec, x_leaf, hx, trace, g_out: torch.Tensor, keep: int,
     if packed:
         norms = _batched_norms(trace.output.data, x_leaf.data, _pack_each(cot, lengths),
                                lambda g: pad_packed(g, x_leaf))
-    elif rng_state is not None:
-        norms = _batched_norms(trace.output, x_leaf, _module_layout(cot, spec),
-                               lambda g: g if spec.batch_first else g.transpose(0, 1))
-    else:
+    else:  # the closed-form sweep, through the replay's own layers and dropout masks
         norms = lag_sweep.output_step_lag_norms(module, x_leaf, hx, trace.output,
-                                                _module_layout(cot, spec))  # (B, P, T)
+                                                _module_layout(cot, spec),
+                                                trace=trace)  # (B, P, T)
     norms = norms[:keep].to("cpu", torch.float64)
     pair = nonzero[:keep, pos].cpu()  # (keep, P): the pairs that received gradient
     s = torch.arange(T)

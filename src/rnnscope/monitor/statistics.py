@@ -480,8 +480,7 @@ class OutputLag(Statistic):
                 g = r.output_grad
                 if g is None:
                     continue
-                got = output_lag.lag_sums(r.module, r.spec, r.x, r.call.hx, r.trace, g, r.keep,
-                                          r.call.rng_state)
+                got = output_lag.lag_sums(r.module, r.spec, r.x, r.call.hx, r.trace, g, r.keep)
                 if got is None:
                     continue
                 if isinstance(got, str):
