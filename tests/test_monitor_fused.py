@@ -77,3 +77,36 @@ def test_fused_record_equals_per_tensor_record(scale, rtol, monkeypatch):
     total = math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in model.parameters()))
     assert fused.global_norm == pytest.approx(total, rel=rtol)
     assert math.isfinite(fused.global_norm) and fused.global_norm > 0
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_norms_of_huge_and_tiny_float64_gradients_are_exact_and_nan_stays_nan(scale):
+    """A float64 model whose gradients are ~1e±200: the gate blocks' norms, the global norm and
+    the per-step input-gradient norms equal a scaled float64 reference (a sum of squares
+    overflows to inf past ~1e154 and underflows to 0 below ~1e-154); a NaN block makes its
+    parameter's norm NaN even next to an infinite block."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True).double()
+    with GradientMonitor(lstm, every=1, replay_every=0, alerts=AlertPolicy(warn=False)) as mon:
+        x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+        out, _ = lstm(x)
+        (out.sum() * scale).backward()
+        rec = mon.step()
+    grads = [p.grad for p in lstm.parameters()]
+
+    def scaled_norm(ts):
+        return scale * float(torch.linalg.vector_norm(torch.cat([t.flatten() / scale
+                                                                 for t in ts])))
+    assert math.isfinite(rec.global_norm) and rec.global_norm > scale / 10
+    assert rec.global_norm == pytest.approx(scaled_norm(grads), rel=1e-12)
+    w = lstm.weight_hh_l0.grad
+    for k, gate in enumerate("ifgo"):
+        got = rec.layers["LSTM"].param_norms["weight_hh_l0"][gate]
+        assert got == pytest.approx(scaled_norm([w[4 * k: 4 * k + 4]]), rel=1e-12)
+    want_rows = (x.grad / scale).norm(dim=-1).mean(0) * scale  # (T,) batch mean
+    got_rows = torch.tensor(rec.layers["LSTM"].input_grad.mean, dtype=torch.float64)
+    torch.testing.assert_close(got_rows, want_rows, rtol=1e-12, atol=0)
+    assert grad_norms.norm_of_norms([math.inf, math.nan]) != grad_norms.norm_of_norms([1.0])
+    assert math.isnan(grad_norms.norm_of_norms([math.inf, math.nan, 1.0]))
+    assert grad_norms.norm_of_norms([math.inf, 2.0]) == math.inf
+    assert grad_norms.norm_of_norms([3e300, 4e300]) == pytest.approx(5e300, rel=1e-15)

@@ -22,6 +22,8 @@ compare against).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FUSED = True
@@ -30,8 +32,28 @@ FUSED = True
 SAFE_LO, SAFE_HI = 1e-10, 1e10
 
 
+# Inside this range a float64 sum of squares is exact to rounding; outside it squares of large
+# values overflow (past ~1e154) or those of small ones underflow (below ~1e-154), and the norm
+# is recomputed with each tensor (row) scaled by its largest |value|.
+SAFE64_LO, SAFE64_HI = 1e-100, 1e100
+
+
 def _exact(t: torch.Tensor, dim=None) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.detach().to(torch.float64), dim=dim)
+    """float64 norm(s) of t, exact to float64 rounding at any magnitude: nan if a value is nan,
+    inf if one is ±inf (and none is nan), 0 for zeros."""
+    x = t.detach().to(torch.float64)
+    n = torch.linalg.vector_norm(x, dim=dim)
+    if x.numel() == 0 or n.numel() == 0:
+        return n
+    lo, hi = torch.aminmax(n)
+    if SAFE64_LO <= float(lo) and float(hi) <= SAFE64_HI:  # the common case; False for nan
+        return n
+    s = x.abs().amax() if dim is None else x.abs().amax(dim=dim)  # nan propagates, inf next
+    ok = torch.isfinite(s) & (s > 0)
+    safe = torch.where(ok, s, torch.ones_like(s))
+    scaled = torch.linalg.vector_norm(x / (safe if dim is None else safe.unsqueeze(dim)),
+                                      dim=dim) * safe
+    return torch.where(ok, scaled, s)
 
 
 def _safe(lo: float, hi: float) -> bool:
@@ -47,9 +69,17 @@ def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
         return [float(_exact(t)) for t in tensors]
     norms = torch.stack(torch._foreach_norm(tensors)).to("cpu", torch.float64).tolist()
     for i, v in enumerate(norms):  # rare: vanishing / exploding / non-finite
-        if not _safe(v, v) and tensors[i].dtype != torch.float64:
+        if not _safe(v, v) and (tensors[i].dtype != torch.float64
+                                or not SAFE64_LO <= v <= SAFE64_HI):
             norms[i] = float(_exact(tensors[i]))
     return norms
+
+
+def norm_of_norms(values) -> float:
+    """‖(v_1, …, v_n)‖₂ of float64 norms without overflow (a sum of squares overflows past
+    ~1e154) and with NaN kept: math.hypot(inf, nan) is inf, but a NaN gradient must read NaN."""
+    values = list(values)
+    return math.nan if any(v != v for v in values) else math.hypot(*values)
 
 
 def row_norms(g: torch.Tensor) -> torch.Tensor:

@@ -509,7 +509,7 @@ class _ModelContext:
         for key, start, count in spans:
             b = norms[start:start + count]
             self.block_norms[key] = b
-            per_param.append(b[0] if count == 1 else math.sqrt(sum(v * v for v in b)))
+            per_param.append(b[0] if count == 1 else _grad_norms.norm_of_norms(b))
         # (parameters,) float64 CPU
         self.param_norms = torch.tensor(per_param, dtype=torch.float64) if per_param else None
 

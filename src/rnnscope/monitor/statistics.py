@@ -108,7 +108,7 @@ class GlobalNorm(Statistic):
     def update(self, ctx, add):
         if ctx.param_norms is not None:
             # a float64 tensor: StatSet would make a Python float a float32 tensor first
-            add("norm", torch.tensor(math.sqrt(sum(v * v for v in ctx.param_norms.tolist())),
+            add("norm", torch.tensor(grad_norms.norm_of_norms(ctx.param_norms.tolist()),
                                      dtype=torch.float64))
 
     def compute(self, states, ctx):
