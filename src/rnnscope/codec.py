@@ -190,9 +190,18 @@ def dumps(obj, *, indent: int | None = 1) -> str:
     return "".join(out)
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 def _holds_object(x) -> bool:
-    return any(isinstance(v, dict) or isinstance(v, (list, tuple)) and _holds_object(v)
-               for v in x)
+    """Whether list x holds a dict at any depth; the element types are collected at C speed
+    (a (50, 10 000) profile is half a million numbers)."""
+    types = set(map(type, x))
+    if types <= _SCALARS:
+        return False
+    if any(issubclass(t, dict) for t in types):
+        return True
+    return any(_holds_object(v) for v in x if isinstance(v, (list, tuple)))
 
 
 def _layout(obj, level: int, indent: int, out: list[str]) -> None:
