@@ -667,9 +667,14 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
             bad |= ~torch.isfinite(aq).flatten(1).all(1).cpu() & v
             if bool(bad.any()):  # a non-finite sample never reaches the QR (its row is nan)
                 aq = torch.where(bad.to(aq.device)[:, None, None], Q, aq)
-            q, R = torch.linalg.qr(aq)
+            if k == 1:  # QR of one column is its normalisation (compare asks for k = 1)
+                r = torch.linalg.vector_norm(aq, dim=-2, keepdim=True)  # (B, 1, 1)
+                q = torch.where(r > 0, aq / r, Q)  # a zero image: log 0 = −inf, frame kept
+                step_log = r[..., 0].log().cpu()  # (B, 1)
+            else:
+                q, R = torch.linalg.qr(aq)
+                step_log = torch.diagonal(R, dim1=-2, dim2=-1).abs().log().cpu()
             Q = torch.where(v.to(q.device)[:, None, None], q, Q)  # carried step: frame kept
-            step_log = torch.diagonal(R, dim1=-2, dim2=-1).abs().log().cpu()
             logs += torch.where(counted[:, start + j, None], step_log, torch.zeros(()))
     steps = counted.sum(1, keepdim=True).to(torch.float64)  # (B, 1)
     exps = torch.where(steps > 0, logs / steps.clamp_min(1), torch.full_like(logs, math.nan))
