@@ -2,6 +2,8 @@
 dense sweep of cell_jacobians; its norms against matrix_norm (the spectral-norm routine itself
 is tested in test_spectral.py)."""
 
+import copy
+import math
 import dataclasses
 
 import pytest
@@ -209,3 +211,63 @@ def test_cell_jacobians_dispatches_to_the_adjoint_sweep():
     dense = _dense(m, x, hx, state="full")
     torch.testing.assert_close(cj.total, dense.total, rtol=1e-10, atol=1e-14)
     assert cj.positions.tolist() == list(range(9)) and cj.state == "full" and cj.kind == "lstm"
+
+
+def _contracting(kind):
+    torch.manual_seed(0)
+    if kind == "lstm":
+        m = nn.LSTM(4, 8, batch_first=True)
+        with torch.no_grad():
+            m.bias_ih_l0[8:16] -= 3.0  # forget gates ~0.05: a fast-forgetting cell
+    elif kind == "gru":
+        m = nn.GRU(4, 8, batch_first=True)
+        with torch.no_grad():
+            m.bias_ih_l0[8:16] -= 4.0  # retain gates ~0.02
+    else:
+        m = nn.RNN(4, 8, batch_first=True)
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(0.1)
+    return m
+
+
+@pytest.mark.parametrize("kind, state", [("lstm", "c"), ("lstm", "h"), ("lstm", "full"),
+                                         ("gru", "h"), ("rnn", "h")])
+def test_float32_span_norms_are_exact_beyond_float32_range(kind, state):
+    """A float32 model whose span Jacobians leave float32's range (below 1e-45) after tens of
+    steps: the sweep's power-of-two rescaling keeps the norms and shares exact, equal to the
+    float64 copy of the model (to the float32 forward's rounding) down to 1e-300, where
+    unscaled float32 arithmetic gives 0 (and a highway share of 0.5)."""
+    m = _contracting(kind)
+    x = torch.randn(2, 300, 4, generator=torch.Generator().manual_seed(1))
+    got = rnnscope.cell_jacobians(m, x, state=state, keep="norms")
+    want = rnnscope.cell_jacobians(copy.deepcopy(m).double(), x.double(), state=state,
+                                   keep="norms")
+    far = got.spectral[:, 0]
+    assert (far < 1e-60).all()
+    ok = want.spectral > 1e-300  # past float64's own range both are 0
+    torch.testing.assert_close(got.spectral[ok], want.spectral[ok], rtol=1e-4, atol=0)
+    torch.testing.assert_close(got.frobenius[ok], want.frobenius[ok], rtol=1e-4, atol=0)
+    if want.share is not None:
+        torch.testing.assert_close(got.share[ok], want.share[ok], rtol=1e-3, atol=1e-300)
+        assert not (got.share == 0.5).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rescale_moves_rows_into_range_by_exact_powers_of_two(dtype):
+    """span_sweep._Rescale: a sample whose rows left [2^(minexp/2), 2^(maxexp/2)] is
+    multiplied by an exact power of two (E records it, 2^E · rows unchanged); samples in range,
+    zero, inf and nan rows are left as they are."""
+    fi = torch.finfo(dtype)
+    big, small = fi.max / 8, fi.tiny * 8
+    a = torch.tensor([[[big, 1.0]], [[small, -small]], [[0.5, 0.25]], [[0.0, 0.0]],
+                      [[math.inf, 1.0]], [[math.nan, 1.0]]], dtype=dtype)  # (B=6, 1, 2)
+    b = a.clone() * 0.5  # a second part, smaller than the first
+    before = [t.to(torch.float64, copy=True) for t in (a, b)]
+    r = span_sweep._Rescale(dtype, 6, a.device)
+    r((a, b))
+    assert r.E[0] > 0 and r.E[1] < 0 and (r.E[2:] == 0).all()
+    for t, t0 in zip((a, b), before):
+        back = torch.ldexp(t.to(torch.float64), r.E.view(-1, 1, 1).to(torch.float64))
+        assert torch.equal(back[:4], t0[:4])
+        assert torch.equal(t[4:].isnan(), t0[4:].isnan()) and t[4, 0, 0] == math.inf
+    assert a[0].abs().max() < 2.0 ** (math.log2(fi.max) // 2) and a[1].abs().max() >= 0.5

@@ -459,7 +459,10 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             product of forget gates) AND every indirect path through h and the next gates.
         keep: "norms" (default) keeps only per-step norms, shares and the direct path,
             holding O(B·N²) memory for the running product; "full" also keeps `.total`
-            (B, T, N, N).
+            (B, T, N, N). For fused modules the norms are exact down to float64's range
+            (~1e−300) whatever the model's dtype (the sweep rescales by powers of two); with
+            "full", `.total` is in the model's dtype, so a float32 span Jacobian below ~1e−38
+            is stored subnormal or 0, and the norms then describe the stored matrices.
         method: as in `step_jacobians`.
         chunk_size: steps whose Jacobians are built or reduced at once (None: 16). Results agree
             whatever its value (to rounding); memory grows with it.

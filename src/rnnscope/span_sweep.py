@@ -34,11 +34,22 @@ Step numbering, `direct` and `share` follow `jacobians.cell_jacobians`: n = 0..T
 order (direction 1 runs backward in time), J[:, T−1] = I, direct[:, n] = ∏_{m=n+1}^{T−1} f_m
 (LSTM "c") or z_m (GRU), share = ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F), D = diag(direct).
 
+Range: a span Jacobian of a float32 model falls below float32's smallest number (~1e−45)
+after a few hundred steps of a forgetting LSTM, long before float64's. So the adjoint rows of
+each sample carry a power-of-two exponent E (J_n = 2^E · J̃_n): whenever a sample's largest
+entry leaves [2^(minexp/2), 2^(maxexp/2)] of the dtype, its rows are multiplied by an exact
+power of two and E absorbs it. Scaling by 2^k is exact, so J̃ holds the same bits a float64-range
+computation would, and the norms and shares (float64) are exact down to float64's range; in a
+normal range nothing is rescaled and every bit is as before. `.total` (keep="full") is
+2^E·J̃ in the trace's dtype: the matrices the dtype can hold, zero where they underflow; its
+norms are those of the stored matrices.
+
 Shape legend: B batch, T steps, S steps in a chunk, H hidden, P = H_out, N reported state size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -151,21 +162,24 @@ def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: 
     d = _start(kind, state, B, H, P, dt, dev)
     N = d[0].shape[1]
     j_buf = torch.empty(B, N, N, dtype=dt, device=dev) if state in ("c", "full") else None
+    rescale = _Rescale(dt, B, dev)
 
     def steps():
+        """Yield (J̃_n (B, N, N), E (B,) int64) with J_n = 2^E · J̃_n, n = T−1 … 0."""
         nonlocal d
         for n in range(T - 1, -1, -1):
             if state == "c":  # the row is the total ∂/∂c_n, formed inside the step's VJP
                 d_prev, _ = cell.step_vjp(w, per_step[n], d, fold=True, dc_total=j_buf)
-                yield j_buf
+                yield j_buf, rescale.E
             else:
                 if state == "full":
                     torch.cat(d, dim=-1, out=j_buf)
-                yield d[0] if state == "h" else j_buf
+                yield (d[0] if state == "h" else j_buf), rescale.E
                 if n == 0:
                     break
                 d_prev, _ = cell.step_vjp(w, per_step[n], d, fold=True)
             d = d_prev
+            rescale(d)
 
     direct = None
     if kind == "gru":
@@ -173,6 +187,36 @@ def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: 
     elif kind == "lstm" and state == "c":
         direct = saved.f
     return steps(), N, direct
+
+
+class _Rescale:
+    """Keeps each sample's adjoint rows inside its dtype's range by exact powers of two.
+
+    `E` (B,) int64: the exponent the rows carry (true rows = 2^E · stored rows). Called on the
+    rows after each step; a sample is rescaled only when its largest |entry| has a binary
+    exponent outside [minexp/2, maxexp/2] (float32: about 1e−19 … 1e19), so in the usual range
+    no work is done beyond one max per step. NaN/inf/zero rows are left alone."""
+
+    def __init__(self, dtype, B: int, device):
+        fi = torch.finfo(dtype)
+        self.lo, self.hi = int(math.log2(fi.tiny)) // 2, int(math.log2(fi.max)) // 2
+        self.limit = int(math.log2(fi.max)) - 2  # |shift| per step: 2^shift representable
+        self.E = torch.zeros(B, dtype=torch.int64, device=device)
+
+    def __call__(self, parts) -> None:
+        m = parts[0].abs().amax(dim=(1, 2))
+        for t in parts[1:]:
+            m = torch.maximum(m, t.abs().amax(dim=(1, 2)))
+        _, e = torch.frexp(m)  # m = mantissa · 2^e; e = 0 for 0, inf and nan
+        e = e.to(torch.int64)
+        off = (e < self.lo) | (e > self.hi)
+        if not bool(off.any()):
+            return
+        shift = torch.where(off, -e, 0).clamp(-self.limit, self.limit)  # (B,)
+        factor = torch.ldexp(torch.ones_like(m), shift).view(-1, 1, 1)  # 2^shift, exact
+        for t in parts:
+            t.mul_(factor)  # exact: a power of two
+        self.E = self.E - shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,22 +232,28 @@ def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, chunk: int,
         direct = torch.cat([rev[:, 1:], torch.ones_like(rev[:, :1])], dim=1)
     if keep != "norms":  # the whole (B, T, N, N) is kept: norms after the sweep, if asked
         total = torch.empty(B, T, N, N, dtype=dtype, device=device)
-        for n, J in zip(range(T - 1, -1, -1), steps):
+        for n, (J, E) in zip(range(T - 1, -1, -1), steps):
             total[:, n].copy_(J)
+            if bool(E.any()):  # 2^E · J̃ in the dtype (zero where it cannot hold it)
+                total[:, n].copy_(torch.ldexp(J.to(torch.float64),
+                                              E.view(-1, 1, 1).to(torch.float64)))
         direct = direct.cpu() if direct is not None else None
         norms = (None, None, None) if keep == "jacobians" else span_norms(total, direct, chunk)
         return SpanSweep(total.cpu(), direct, *norms)
     buf = torch.empty(B, min(chunk, T), N, N, dtype=dtype, device=device)
+    exps = torch.zeros(B, min(chunk, T), dtype=torch.int64, device=device)  # J = 2^E · J̃
     spectral = torch.empty(B, T, dtype=torch.float64)
     frob = torch.empty(B, T, dtype=torch.float64)
     share = torch.empty(B, T, dtype=torch.float64) if direct is not None else None
     chunk_stop = T
-    for n, J in zip(range(T - 1, -1, -1), steps):
+    for n, (J, E) in zip(range(T - 1, -1, -1), steps):
         chunk_start = max(0, chunk_stop - chunk)
         buf[:, n - chunk_start].copy_(J)
+        exps[:, n - chunk_start] = E
         if n == chunk_start:
             sl = slice(chunk_start, chunk_stop)
-            _reduce(buf[:, :chunk_stop - chunk_start], sl, spectral, frob, direct, share)
+            S = chunk_stop - chunk_start
+            _reduce(buf[:, :S], sl, spectral, frob, direct, share, exps[:, :S])
             chunk_stop = chunk_start
     return SpanSweep(total=None, direct=direct.cpu() if direct is not None else None,
                      spectral=spectral, frobenius=frob, share=share)
@@ -225,30 +275,37 @@ def span_norms(total: torch.Tensor, direct: torch.Tensor | None, chunk: int | No
     return spectral, frob, share
 
 
-def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share) -> None:
-    """Norms of a chunk of Jacobians js (B, S, N, N) for steps sl, written in place.
+def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share,
+            exps: torch.Tensor | None = None) -> None:
+    """Norms of a chunk of Jacobians J = 2^E · js (js (B, S, N, N), exps E (B, S) int64 or None
+    for 0) for steps sl, written in place.
 
-    One float64 copy, scaled as it is made (Y = J / max|J|, per matrix), serves all three: the spectral
-    norm (`spectral.spectral_norm_of_scaled`), the Frobenius norm s·‖Y‖_F and the highway
-    share."""
+    One float64 copy, scaled as it is made (Y = js / max|js|, per matrix), serves all three: the
+    spectral norm (`spectral.spectral_norm_of_scaled`), the Frobenius norm s·‖Y‖_F and the
+    highway share, with s = 2^E · max|js| (float64)."""
     B, S, N, _ = js.shape
     y, s, finite = scaled(js.reshape(B * S, N, N))  # float64, read once from js
+    e = None
+    if exps is not None and bool(exps.any()):
+        e = exps.reshape(B * S).to(torch.float64)
+        s = torch.ldexp(s, e)  # exact, down to float64's range
     spectral[:, sl] = spectral_norm_of_scaled(y, s, finite).view(B, S).cpu()
     # ‖J‖_F = s ‖Y‖_F; inf/nan for a non-finite J, 0 for J = 0 (as matrix_norm gives)
     fro2 = (y * y).sum((-2, -1))
     frob[:, sl] = torch.where(finite, fro2.sqrt() * s, s).view(B, S).cpu()
     if direct is not None:
-        share[:, sl] = _share(js.reshape(B * S, N, N), y, s, finite,
-                              direct[:, sl].reshape(B * S, N)).view(B, S).cpu()
+        j = js.reshape(B * S, N, N)
+        share[:, sl] = _share(j, y, s, finite, direct[:, sl].reshape(B * S, N),
+                              e).view(B, S).cpu()
 
 
 def _share(j: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor,
-           d: torch.Tensor) -> torch.Tensor:
-    """`results.highway_energy_share(J, d)` for J = s Y (K, N, N), d (K, N) float64, from the
-    scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of (·)/s. Y's
-    largest entry is 1, so the denominator cannot underflow; where |d| could overflow once
-    scaled (|d| > 1e100 s), or J is 0 or non-finite, the general function takes over for those
-    matrices alone (the others get the same bits as in a batch without them)."""
+           d: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+    """`results.highway_energy_share(J, d)` for J = 2^e · j = s Y (K, N, N), d (K, N) float64,
+    from the scaled copy already made: ‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with both taken of
+    (·)/s. Y's largest entry is 1, so the denominator cannot underflow; where |d| could
+    overflow once scaled (|d| > 1e100 s), or J is 0 or non-finite, the general function takes
+    over for those matrices alone (the others get the same bits as in a batch without them)."""
     dn = d / s.unsqueeze(-1)
     ok = finite & (dn.abs().amax(-1) <= 1e100)
     rest = y.clone()
@@ -258,5 +315,7 @@ def _share(j: torch.Tensor, y: torch.Tensor, s: torch.Tensor, finite: torch.Tens
     out = d2 / (d2 + rest2)
     if not bool(ok.all()):
         idx = (~ok).nonzero()[:, 0]
-        out[idx] = highway_energy_share(j[idx], d[idx])
+        jj = j[idx] if e is None else torch.ldexp(j[idx].to(torch.float64),
+                                                  e[idx].view(-1, 1, 1))
+        out[idx] = highway_energy_share(jj, d[idx])
     return out
