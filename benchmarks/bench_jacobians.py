@@ -72,8 +72,8 @@ def _adjoint_jacobians_only(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
         lt = rnnscope.replay(lstm, x).layers[0][0]
         steps, N, _ = _sweep(lt, describe(lstm).params(0, 0), "lstm", "c", "tanh")
         out = torch.empty(B, T, N, N, dtype=x.dtype)
-        for n, J in zip(range(T - 1, -1, -1), steps):
-            out[:, n].copy_(J)
+        for n, (J, _exponent) in zip(range(T - 1, -1, -1), steps):
+            out[:, n].copy_(J)  # J̃ (the true J is 2^E·J̃): the sweep's own work, no more
     return out
 
 
