@@ -271,3 +271,26 @@ def test_rescale_moves_rows_into_range_by_exact_powers_of_two(dtype):
         assert torch.equal(back[:4], t0[:4])
         assert torch.equal(t[4:].isnan(), t0[4:].isnan()) and t[4, 0, 0] == math.inf
     assert a[0].abs().max() < 2.0 ** (math.log2(fi.max) // 2) and a[1].abs().max() >= 0.5
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_float32_packed_span_norms_are_exact_beyond_float32_range(kind):
+    """The dense sweep (packed inputs, custom cells) rescales its running product the same
+    way: a packed float32 model's span norms and shares equal the float64 copy's far below
+    float32's range."""
+    m = _contracting(kind)
+    x = torch.randn(2, 300, 4, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([300, 260])
+
+    def packed(t):
+        return pack_padded_sequence(t, lengths, batch_first=True)
+
+    state = "c" if kind == "lstm" else "h"
+    got = rnnscope.cell_jacobians(m, packed(x), state=state, keep="norms")
+    want = rnnscope.cell_jacobians(copy.deepcopy(m).double(), packed(x.double()), state=state,
+                                   keep="norms")
+    assert (got.spectral[:, 0] < 1e-60).all()
+    ok = want.spectral > 1e-300  # nan (not measured) and past float64's range left out
+    torch.testing.assert_close(got.spectral[ok], want.spectral[ok], rtol=1e-4, atol=0)
+    torch.testing.assert_close(got.share[ok], want.share[ok], rtol=1e-3, atol=1e-300)
+    assert not (got.share[ok] == 0.5).any()

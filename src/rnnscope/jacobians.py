@@ -49,7 +49,7 @@ from .recurrent import check_subclass, describe, is_recurrent
 from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
                       StateGradients, StepJacobians, highway_energy_share, spectral_norm)
-from .span_sweep import span_jacobians, span_norms
+from .span_sweep import _Rescale, span_jacobians, span_norms
 from .spectral import spectral_norms
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
@@ -415,12 +415,16 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
 
 
 def _sweep(rec: _Recurrence, chunk: int):
-    """Yield (n, J_n, d_n) for n = T−1 down to 0: J_n = ∂s_{T−1}/∂s_n in the reported state
-    (B, N, N) and d_n the one-step highway diagonal (B, N) or None.
+    """Yield (n, J̃_n, E, d_n) for n = T−1 down to 0: J_n = 2^E · J̃_n = ∂s_{T−1}/∂s_n in the
+    reported state (B, N, N), E (B,) int64, and d_n the one-step highway diagonal (B, N) or
+    None.
 
-    Holds only the running product R (B, rows, M) and one chunk of one-step Jacobians.
+    Holds only the running product R (B, rows, M) and one chunk of one-step Jacobians. R is
+    kept in its dtype's range by exact powers of two per sample (`span_sweep._Rescale`), so a
+    float32 product does not underflow to 0 after a few hundred steps.
     """
     R = None
+    rescale = None
     for start in range(((rec.T - 1) // chunk) * chunk, -1, -chunk):
         sl = slice(start, min(start + chunk, rec.T))
         d_chunk, a_chunk = rec.step(sl)
@@ -428,6 +432,7 @@ def _sweep(rec: _Recurrence, chunk: int):
         if R is None:
             eye = torch.eye(rec.M, dtype=a_chunk.dtype, device=a_chunk.device)
             R = (eye if rec.rows is None else eye[rec.rows]).expand(rec.B, -1, -1)
+            rescale = _Rescale(a_chunk.dtype, rec.B, a_chunk.device)
         for j in range(sl.stop - sl.start - 1, -1, -1):
             if rec.cols is not None:
                 J = R[..., rec.cols]
@@ -436,8 +441,9 @@ def _sweep(rec: _Recurrence, chunk: int):
                 J = R[..., :P] @ e_chunk[:, j] + R[..., P:]
             else:
                 J = R
-            yield sl.start + j, J, (d_chunk[:, j] if d_chunk is not None else None)
+            yield sl.start + j, J, rescale.E, (d_chunk[:, j] if d_chunk is not None else None)
             R = R @ a_chunk[:, j]  # now ∂s_{T−1}/∂(running state)_{n−1}
+            rescale((R,))
 
 
 @public("cell_jacobians", module=True, ints={"layer": 0, "direction": 0, "chunk_size": 1})
@@ -459,8 +465,8 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             product of forget gates) AND every indirect path through h and the next gates.
         keep: "norms" (default) keeps only per-step norms, shares and the direct path,
             holding O(B·N²) memory for the running product; "full" also keeps `.total`
-            (B, T, N, N). For fused modules the norms are exact down to float64's range
-            (~1e−300) whatever the model's dtype (the sweep rescales by powers of two); with
+            (B, T, N, N). The norms are exact down to float64's range (~1e−300) whatever
+            the model's dtype (the sweeps rescale by powers of two); with
             "full", `.total` is in the model's dtype, so a float32 span Jacobian below ~1e−38
             is stored subnormal or 0, and the norms then describe the stored matrices.
         method: as in `step_jacobians`.
@@ -525,7 +531,8 @@ def _dense_span_jacobians(rec: _Recurrence, keep: str, chunk: int):
 
     def reduce():
         idx = [n for n, _, _ in batch]
-        Js = torch.stack([J for _, J, _ in batch], 1).to(torch.float64)  # (B, S, N, N)
+        # (B, S, N, N) float64 = 2^E · J̃: exact down to float64's range
+        Js = torch.stack([J for _, J, _ in batch], 1)
         spectral[:, idx] = spectral_norm(Js).cpu()
         frob[:, idx] = torch.linalg.matrix_norm(Js).cpu()
         if batch[0][2] is not None:
@@ -534,14 +541,17 @@ def _dense_span_jacobians(rec: _Recurrence, keep: str, chunk: int):
             share[:, idx] = highway_energy_share(Js, run).cpu()
         batch.clear()
 
-    for n, J, d in _sweep(rec, chunk):
-        if totals is not None:
-            totals[n] = J.detach().cpu()
+    for n, J, E, d in _sweep(rec, chunk):
+        J64 = J.to(torch.float64)
+        if bool(E.any()):
+            J64 = torch.ldexp(J64, E.view(-1, 1, 1).to(torch.float64))
+        if totals is not None:  # in the trace's dtype: what it can hold (0 where it cannot)
+            totals[n] = J64.to(J.dtype).detach().cpu()
         if d is not None and running is None:
             running = torch.ones_like(d, dtype=torch.float64)  # ∏_{m>n} d_m, from m = T−1
             direct = torch.empty(B, T, d.shape[-1], dtype=torch.float64)
             share = torch.empty(B, T, dtype=torch.float64)
-        batch.append((n, J, running))
+        batch.append((n, J64, running))
         if d is not None:
             running = running * d.to(torch.float64)
         if len(batch) == chunk:
