@@ -60,7 +60,6 @@ those of one process on the concatenated batch. Rank 0 logs.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import deque
 
