@@ -25,9 +25,9 @@ past a packed sequence's end) receive nothing and are not counted.
 Paths: a fused unidirectional module on a tensor input takes the closed-form adjoint sweep of
 `lag_sweep` (all positions stacked), reading the replay's layers and, in training mode, the
 inter-layer dropout masks it redrew; packed sequences take batched vector-Jacobian products
-through the replay's graph (`is_grads_batched`, a loop over positions if vmap cannot run it). A bidirectional module has no lag row: its output at
-step t depends on later inputs too, so a lag k = t − s ≥ 0 does not describe it; the record
-says so.
+through the replay's graph (`is_grads_batched`, a loop over positions if vmap cannot run
+it). A bidirectional module has no lag row: its output at step t depends on later inputs too,
+so a lag k = t − s ≥ 0 does not describe it; the record says so.
 
 Shape legend: B samples, P positions, T steps, I input features, Ho output features.
 """
