@@ -81,6 +81,10 @@ def test_json_output_and_decay(tmp_path):
     (["compare", "--bogus"], "unrecognized arguments: --bogus"),
     (["compare", "--seq"], "unrecognized arguments: --seq"),  # no abbreviations
     (["compare", "--seq-len", "0"], "expected a positive integer, got '0'"),
+    (["compare", "--jacobian-samples", "many"], "expected 'auto' or a positive integer, "
+                                                "got 'many'"),
+    (["inspect", "m.py:f", "--jacobian-samples", "0"], "expected 'auto' or a positive "
+                                                       "integer, got '0'"),
     (["compare", "--models", "rnn,lsmt"], "unknown value(s) lsmt"),
     (["compare", "--device", "tpu"], "invalid choice: 'tpu'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
