@@ -250,11 +250,25 @@ def test_float32_span_norms_are_exact_beyond_float32_range(kind, state):
     if want.share is not None:
         torch.testing.assert_close(got.share[ok], want.share[ok], rtol=1e-3, atol=1e-300)
         assert not (got.share == 0.5).any()
+    if state in ("h", "full") and not (kind == "lstm" and state == "h"):  # a Markov state
+        # an oracle that shares no rescaling: the plain float64 product of the float64
+        # model's one-step Jacobians, J_{T−1} = I, J_n = J_{n+1} A_{n+1}
+        A = rnnscope.step_jacobians(copy.deepcopy(m).double(), x.double(), state=state,
+                                    keep="full").total  # (B, T, N, N)
+        R = torch.eye(A.shape[-1], dtype=torch.float64).expand_as(A[:, 0])
+        plain = torch.empty(A.shape[:2], dtype=torch.float64)
+        for n in range(A.shape[1] - 1, -1, -1):
+            plain[:, n] = torch.linalg.matrix_norm(R, ord=2)
+            R = R @ A[:, n]
+        normal = plain > 1e-290  # well inside float64's normal range
+        assert bool((plain[normal] < 1e-60).any())  # and far beyond float32's
+        torch.testing.assert_close(want.spectral[normal], plain[normal], rtol=1e-9, atol=0)
+        torch.testing.assert_close(got.spectral[normal], plain[normal], rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_rescale_moves_rows_into_range_by_exact_powers_of_two(dtype):
-    """span_sweep._Rescale: a sample whose rows left [2^(minexp/2), 2^(maxexp/2)] is
+    """span_sweep.Rescale: a sample whose rows left [2^(minexp/2), 2^(maxexp/2)] is
     multiplied by an exact power of two (E records it, 2^E · rows unchanged); samples in range,
     zero, inf and nan rows are left as they are."""
     fi = torch.finfo(dtype)
@@ -263,7 +277,7 @@ def test_rescale_moves_rows_into_range_by_exact_powers_of_two(dtype):
                       [[math.inf, 1.0]], [[math.nan, 1.0]]], dtype=dtype)  # (B=6, 1, 2)
     b = a.clone() * 0.5  # a second part, smaller than the first
     before = [t.to(torch.float64, copy=True) for t in (a, b)]
-    r = span_sweep._Rescale(dtype, 6, a.device)
+    r = span_sweep.Rescale(dtype, 6, a.device)
     r((a, b))
     assert r.E[0] > 0 and r.E[1] < 0 and (r.E[2:] == 0).all()
     for t, t0 in zip((a, b), before):

@@ -49,7 +49,7 @@ from .recurrent import check_subclass, describe, is_recurrent
 from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
                       StateGradients, StepJacobians, highway_energy_share, spectral_norm)
-from .span_sweep import _Rescale, span_jacobians, span_norms
+from .span_sweep import Rescale, span_jacobians, span_norms
 from .spectral import spectral_norms
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
@@ -420,7 +420,7 @@ def _sweep(rec: _Recurrence, chunk: int):
     None.
 
     Holds only the running product R (B, rows, M) and one chunk of one-step Jacobians. R is
-    kept in its dtype's range by exact powers of two per sample (`span_sweep._Rescale`), so a
+    kept in its dtype's range by exact powers of two per sample (`span_sweep.Rescale`), so a
     float32 product does not underflow to 0 after a few hundred steps.
     """
     R = None
@@ -432,7 +432,7 @@ def _sweep(rec: _Recurrence, chunk: int):
         if R is None:
             eye = torch.eye(rec.M, dtype=a_chunk.dtype, device=a_chunk.device)
             R = (eye if rec.rows is None else eye[rec.rows]).expand(rec.B, -1, -1)
-            rescale = _Rescale(a_chunk.dtype, rec.B, a_chunk.device)
+            rescale = Rescale(a_chunk.dtype, rec.B, a_chunk.device)
         for j in range(sl.stop - sl.start - 1, -1, -1):
             if rec.cols is not None:
                 J = R[..., rec.cols]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .codec import Fields, encode_float, encode_tensor, encode_value
+from .spectral import spectral_norms
 
 F64, I64, BOOL = torch.float64, torch.int64, torch.bool
 
@@ -139,37 +140,10 @@ class DeferredField:
 
 
 def spectral_norm(x: torch.Tensor) -> torch.Tensor:
-    """Exact ‖X‖₂ of a batch of matrices (..., m, n), in float64.
-
-    σ_max = s·sqrt(λ_max((X/s)ᵀ(X/s))) with s = max|X|: a symmetric eigenvalue problem is
-    faster than an SVD here, and the scaling keeps tiny Jacobians (1e−200 after a long span)
-    from underflowing when squared. Agrees with torch.linalg.matrix_norm(ord=2) to ~1e−15.
-
-    A matrix holding a NaN gives nan, one holding ±inf (and no NaN) gives inf; it never
-    reaches the eigenvalue solver (which fails to converge on it), so the other matrices of
-    the batch are computed exactly as without it.
-    """
-    x = x.to(torch.float64)
-    s = x.abs().amax(dim=(-2, -1), keepdim=True)  # nan if any entry is, else inf if any is
-    finite = torch.isfinite(s)[..., 0, 0]  # (...): a matrix is finite iff its max |entry| is
-    all_finite = bool(finite.all())
-    if not all_finite:
-        fill = s[..., 0, 0]
-        x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
-        s = torch.where(finite[..., None, None], s, torch.zeros((), dtype=s.dtype))
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    y = x / safe
-    g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT
-    lam = torch.linalg.eigvalsh(g)[..., -1].clamp_min(0)
-    out = lam.sqrt() * s[..., 0, 0]
-    return out if all_finite else torch.where(finite, out, fill.to(out))
-
-
-def spectral_norm_chunked(x: torch.Tensor, *, dim: int = 1, chunk: int = 64) -> torch.Tensor:
-    """`spectral_norm` of (..., m, n) matrices taken `chunk` slices of `dim` at a time, so that
-    only one chunk is ever held in float64 (memory O(chunk) instead of a float64 copy of all)."""
-    parts = [spectral_norm(part) for part in x.split(chunk, dim=dim)]
-    return torch.cat(parts, dim=dim)
+    """Exact ‖X‖₂ of a batch of matrices (..., m, n), in float64: `spectral.spectral_norms`
+    (one scaled float64 Gram + `eigvalsh` per chunk of matrices, so only a chunk is ever held
+    in float64; nan for a matrix holding a NaN, inf for one holding ±inf, 0 for zero)."""
+    return spectral_norms(x)
 
 
 def highway_energy_share(total: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
@@ -877,7 +851,7 @@ class StepJacobians(Result):
         """
         spec = self.indirect_spectral
         if spec is None:
-            spec = spectral_norm_chunked(self.indirect, dim=1)
+            spec = spectral_norms(self.indirect)
         B, T = spec.shape
         mask = self._counted(B, T)
         out = {"indirect_spectral": masked_batch_mean(spec, mask)}

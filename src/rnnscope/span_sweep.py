@@ -162,7 +162,7 @@ def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: 
     d = _start(kind, state, B, H, P, dt, dev)
     N = d[0].shape[1]
     j_buf = torch.empty(B, N, N, dtype=dt, device=dev) if state in ("c", "full") else None
-    rescale = _Rescale(dt, B, dev)
+    rescale = Rescale(dt, B, dev)
 
     def steps():
         """Yield (J̃_n (B, N, N), E (B,) int64) with J_n = 2^E · J̃_n, n = T−1 … 0."""
@@ -189,7 +189,7 @@ def _sweep(lt: LayerTrace, p: LayerParams, kind: str, state: str, nonlinearity: 
     return steps(), N, direct
 
 
-class _Rescale:
+class Rescale:
     """Keeps each sample's adjoint rows inside its dtype's range by exact powers of two.
 
     `E` (B,) int64: the exponent the rows carry (true rows = 2^E · stored rows). Called on the
