@@ -363,10 +363,11 @@ def test_state_gradients_count_nonfinite_values():
 
 
 def test_step_jacobians_stream_across_chunks():
-    """T = 40 spans several chunks of CHUNK steps: the LSTM "c" Jacobian at the first step of a
-    chunk needs E of the previous chunk's last step. Checked against the autograd oracle, and
-    keep="norms" and the chunked summary against norms of the kept matrices."""
-    from rnnscope.jacobians import CHUNK
+    """T = 40 spans several chunks of CHUNK = 16 steps: the LSTM "c" Jacobian at the first step
+    of a chunk needs E of the previous chunk's last step. Checked against the autograd oracle,
+    and keep="norms" and the chunked summary against norms of the kept matrices; the default
+    chunk (one chunk here) agrees."""
+    CHUNK = 16
 
     torch.manual_seed(0)
     m = nn.LSTM(2, 3, batch_first=True).double()
@@ -375,12 +376,14 @@ def test_step_jacobians_stream_across_chunks():
     T = 40
     assert T > 2 * CHUNK
     x = torch.randn(2, T, 2, dtype=torch.float64)
-    sj = rnnscope.step_jacobians(m, x, keep="full")
+    sj = rnnscope.step_jacobians(m, x, keep="full", chunk_size=CHUNK)
+    torch.testing.assert_close(rnnscope.step_jacobians(m, x, keep="full").total, sj.total,
+                               rtol=1e-12, atol=1e-15)
     for n in (CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK):
         want = oracle_cell_jacobians(m, x[:, :n + 1], state="c")[:, n - 1]  # ∂c_n/∂c_{n−1}
         torch.testing.assert_close(sj.total[:, n], want, rtol=1e-9, atol=1e-12)
     per_step = torch.linalg.matrix_norm(sj.indirect, ord=2)  # (B, T)
-    norms = rnnscope.step_jacobians(m, x, keep="norms")
+    norms = rnnscope.step_jacobians(m, x, keep="norms", chunk_size=CHUNK)
     assert norms.indirect is None
     torch.testing.assert_close(norms.indirect_spectral, per_step, rtol=1e-12, atol=0)
     torch.testing.assert_close(norms.direct, sj.direct, rtol=0, atol=0)

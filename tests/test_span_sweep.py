@@ -76,12 +76,15 @@ def _dense(m, x, hx, layer=0, direction=0, state=None):
         jacobians._recurrence = real
 
 
-def _sweep(m, x, hx, layer, direction, state, keep="full"):
+CHUNK = 16  # chunk_size of the tests that cross chunk boundaries (the default is up to 64)
+
+
+def _sweep(m, x, hx, layer, direction, state, keep="full", chunk_size=None):
     spec = describe(m)
     with torch.no_grad():
         lt = rnnscope.replay(m, x, hx).layers[layer][direction]
     return span_jacobians(lt, spec.params(layer, direction), kind=spec.kind, state=state,
-                          nonlinearity=spec.nonlinearity, keep=keep)
+                          nonlinearity=spec.nonlinearity, keep=keep, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-{c[2]}-{c[1]}-l{c[3]}d{c[4]}"
@@ -103,10 +106,10 @@ def test_span_jacobians_equal_the_float64_autograd_oracle(config):
                          f"{'-hx' if c[5] else ''}")
 def test_span_jacobians_equal_the_dense_sweep_of_cell_jacobians(config):
     kind, opts, state, layer, direction, with_hx = config
-    T = span_sweep.CHUNK * 2 + 3  # crosses chunk boundaries, a short last chunk
+    T = CHUNK * 2 + 3  # crosses chunk boundaries, a short last chunk
     m, x, hx = _build(kind, opts, 3, T, 11, with_hx, scale=1.0)
     dense = _dense(m, x, hx, layer, direction, state)
-    got = _sweep(m, x, hx, layer, direction, state)
+    got = _sweep(m, x, hx, layer, direction, state, chunk_size=CHUNK)
     torch.testing.assert_close(got.total, dense.total, rtol=1e-8, atol=1e-13)
     torch.testing.assert_close(got.spectral, dense.spectral, rtol=1e-8, atol=1e-14)
     torch.testing.assert_close(got.frobenius, dense.frobenius, rtol=1e-10, atol=1e-14)
@@ -148,10 +151,10 @@ def test_float32_agrees_with_the_dense_sweep(kind, state):
     assert err_sweep <= 2 * err_dense + 1e-7
 
 
-@pytest.mark.parametrize("T", [1, 2, span_sweep.CHUNK, span_sweep.CHUNK + 1])
+@pytest.mark.parametrize("T", [1, 2, CHUNK, CHUNK + 1])
 def test_short_and_boundary_lengths(T):
     m, x, hx = _build("lstm", {}, 2, T, 5, True)
-    got = _sweep(m, x, hx, 0, 0, "c")
+    got = _sweep(m, x, hx, 0, 0, "c", chunk_size=CHUNK)
     dense = _dense(m, x, hx)
     torch.testing.assert_close(got.total, dense.total, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(got.total[:, -1], torch.eye(5, dtype=torch.float64).expand(2, 5, 5))

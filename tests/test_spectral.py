@@ -113,3 +113,43 @@ def test_spectral_norm_of_tiny_jacobians_is_relatively_exact():
     want = 10.0 ** -torch.tensor([100, 160, 200, 250, 300], dtype=torch.float64)
     torch.testing.assert_close(spectral_norms(x), want, rtol=1e-13, atol=0)
     assert (torch.linalg.matrix_norm(x @ x.mT, ord=2)[2:] == 0).all()  # what squaring gives
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_eigensolver_is_exact_and_independent_of_threads_and_split(threads):
+    """The eigensolver runs one thread per call over `torch.get_num_threads()` worker threads:
+    the norms match the SVD oracle, are bit for bit the same whatever the thread count and
+    the chunking, and the thread setting is restored."""
+    x = torch.randn(37, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = _svd_oracle(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reference = spectral_norms(x)
+    torch.set_num_threads(threads)
+    try:
+        got = spectral_norms(x)
+        assert torch.get_num_threads() == threads
+        split = torch.cat([spectral_norms(x[:5]), spectral_norms(x[5:])])
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert torch.equal(got, reference) and torch.equal(split, reference)
+
+
+def test_threaded_eigensolver_restores_threads_and_raises_on_error(monkeypatch):
+    """A failing solver call in a worker thread reaches the caller, and the thread setting is
+    restored."""
+    from rnnscope import spectral
+
+    def broken(g):
+        raise RuntimeError("solver failed")
+
+    monkeypatch.setattr(spectral.torch.linalg, "eigvalsh", broken)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="solver failed"):
+            spectral_norms(torch.randn(16, 8, 8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 from .recurrent import BLOCKS
+from .spectral import steps_per_chunk
 from .stream import CHUNK_ELEMENTS, GROUP_SAMPLE_STEPS, STREAM_ELEMENTS, STREAM_STEPS
 
 GIB = 1024 ** 3
@@ -134,7 +135,6 @@ def recurrent_bytes(kind: str, *, input_size: int, hidden_size: int, num_layers:
 # State values per hidden unit of the modern recurrences `compare` builds (models.KINDS): the
 # LRU's complex state counts twice, the S6 layer has 16 states per channel, sLSTM four parts.
 MODERN_STATE = {"mingru": 1, "minlstm": 1, "lru": 2, "rglru": 1, "mamba": 16, "slstm": 4}
-MODERN_CHUNK = 16  # steps of sLSTM's dense step Jacobians built at once (jacobians._chunk)
 
 
 def modern_bytes(kind: str, *, input_size: int, hidden_size: int, samples: int, seq_len: int,
@@ -145,8 +145,8 @@ def modern_bytes(kind: str, *, input_size: int, hidden_size: int, samples: int, 
     decays and their gradients with the graph, 16 values per state value (N = MODERN_STATE·H)
     per sample and step in the model's dtype, plus the drawn inputs S·T·I·(8 + 3e); the
     Jacobian samples' per-step results in float64 (8 arrays of J·T·N); sLSTM also holds its
-    closed-form dense step Jacobians, built a chunk of MODERN_CHUNK steps at a time
-    (`SLSTM.step_jacobian_fn`): J·chunk·(4H)² values, three copies (the chunk, its float64
+    closed-form dense step Jacobians, built a chunk of `spectral.steps_per_chunk` steps at a
+    time (`SLSTM.step_jacobian_fn`): J·chunk·(4H)² values, three copies (the chunk, its float64
     form, the span products).
     """
     H, S, T = hidden_size, samples, seq_len
@@ -155,7 +155,8 @@ def modern_bytes(kind: str, *, input_size: int, hidden_size: int, samples: int, 
     seq = S * T * N * 16 * elem + S * T * input_size * (8 + 3 * elem)
     jac = jac_samples * T * N * 8 * 8
     if kind == "slstm":
-        jac += 3 * jac_samples * min(T, MODERN_CHUNK) * (4 * H) ** 2 * 8
+        chunk = steps_per_chunk(jac_samples, 4 * H)  # jacobians._chunk's default
+        jac += 3 * jac_samples * min(T, chunk) * (4 * H) ** 2 * 8
     return 2 * elem * params, seq + jac
 
 

@@ -50,16 +50,15 @@ from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
                       StateGradients, StepJacobians, highway_energy_share, spectral_norm)
 from .span_sweep import Rescale, span_jacobians, span_norms
-from .spectral import spectral_norms
+from .spectral import spectral_norms, steps_per_chunk
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
-CHUNK = 16  # default chunk_size: steps of one-step Jacobians built at once, memory O(chunk·B·N²)
-
-
-def _chunk(chunk_size: int | None) -> int:
-    """The chunk_size= option of the public functions: None means the default, CHUNK."""
-    return CHUNK if chunk_size is None else chunk_size
+def _chunk(chunk_size: int | None, rec: "_Recurrence") -> int:
+    """The chunk_size= option of the public functions: steps of one-step Jacobians built at
+    once, memory O(chunk·B·M²). None: `spectral.steps_per_chunk` (64 steps while a chunk of
+    the B (M, M) Jacobians stays within 32 MiB in float64, fewer for large states)."""
+    return steps_per_chunk(rec.B, rec.M) if chunk_size is None else chunk_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +358,9 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             streaming over time in chunks with memory O(B·T·N + chunk_size·B·N²); "full" also
             keeps `.indirect` (B, T, N, N), so that `.total` can be formed.
         method: "auto", "closed" (analytic) or "autograd" (torch.func; cells only).
-        chunk_size: steps whose one-step Jacobians are built at once (None: 16). Results agree
-            whatever its value (to rounding); memory grows with it.
+        chunk_size: steps whose one-step Jacobians are built at once (None: up to 64, fewer
+            for large states; `spectral.steps_per_chunk`). Results agree whatever its value
+            (to rounding); memory grows with it.
 
     Example:
         >>> lstm, x = nn.LSTM(3, 4, batch_first=True), torch.randn(2, 5, 3)
@@ -381,7 +381,7 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
         return decay.step_jacobians(describe_decay(module), inputs, hx, keep=keep)
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
-    T, chunk = rec.T, _chunk(chunk_size)
+    T, chunk = rec.T, _chunk(chunk_size, rec)
     directs, kept, norms, finite = [], [], [], []
     e_last = None
     for start in range(0, T, chunk):
@@ -470,8 +470,9 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
             "full", `.total` is in the model's dtype, so a float32 span Jacobian below ~1e−38
             is stored subnormal or 0, and the norms then describe the stored matrices.
         method: as in `step_jacobians`.
-        chunk_size: steps whose Jacobians are built or reduced at once (None: 16). Results agree
-            whatever its value (to rounding); memory grows with it.
+        chunk_size: steps whose Jacobians are built or reduced at once (None: up to 64,
+            fewer for large states; `spectral.steps_per_chunk`). Results agree whatever its
+            value (to rounding); memory grows with it.
 
     Returns:
         `CellJacobians` with `.direct` (B, T, N) = ∏_{m=n+1}^{end} f_m (LSTM "c") or z_m
@@ -498,10 +499,10 @@ def cell_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
         rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                           method=method)
         return decay.as_decay_cell_jacobians(_finish_cell_jacobians(
-            rec, *_dense_span_jacobians(rec, keep, _chunk(chunk_size)), layer=layer, direction=direction), False)
+            rec, *_dense_span_jacobians(rec, keep, _chunk(chunk_size, rec)), layer=layer, direction=direction), False)
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
-    chunk = _chunk(chunk_size)
+    chunk = _chunk(chunk_size, rec)
     if rec.closed is not None:  # the closed-form adjoint sweep (unpacked traces)
         lt, p, nonlinearity = rec.closed
         if keep == "full":  # the Jacobians now, their norms when first read
@@ -633,8 +634,9 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     For a PackedSequence each sample's exponents average over its own steps only (those past
     its end are skipped); a sample with no more than `warmup` steps gets nan. A sample whose
     Jacobians hold a NaN/Inf gets a row of nan (a RuntimeWarning gives the count); the others
-    are computed exactly as without it. `chunk_size` (None: 16) steps of one-step Jacobians
-    are built at once; the exponents agree whatever its value (to rounding).
+    are computed exactly as without it. `chunk_size` steps of one-step Jacobians are built at
+    once (None: up to 64, fewer for large states; `spectral.steps_per_chunk`); the exponents
+    agree whatever its value (to rounding).
 
     A direction that some step maps exactly to zero (a relu unit at 0, a gate at exactly 0)
     has exponent −∞ in exact arithmetic; in floating point that step's QR diagonal is rounding
@@ -665,7 +667,7 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     Q = None
     logs = torch.zeros(B, k, dtype=torch.float64)
     bad = torch.zeros(B, dtype=torch.bool)
-    chunk = _chunk(chunk_size)
+    chunk = _chunk(chunk_size, rec)
     for start in range(0, T, chunk):
         sl = slice(start, min(start + chunk, T))
         _, a_chunk = rec.step(sl)

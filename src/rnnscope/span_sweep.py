@@ -58,9 +58,8 @@ from .cells import CELLS
 from .cells.layer_trace import LayerTrace
 from .recurrent import LayerParams
 from .results import highway_energy_share
-from .spectral import scaled, spectral_norm_of_scaled
+from .spectral import scaled, spectral_norm_of_scaled, steps_per_chunk
 
-CHUNK = 16  # default chunk_size: steps whose Jacobians are reduced to norms at once
 
 STATES = {"lstm": ("c", "h", "full"), "gru": ("h",), "rnn": ("h",)}
 
@@ -99,7 +98,7 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
         keep: "full" also returns `.total` (B, T, N, N); "norms" holds O(chunk_size·B·N²) of
             Jacobians at a time; "jacobians" returns `.total` and `.direct` alone (the norms
             None), for a caller that computes them later with `span_norms`.
-        chunk_size: steps reduced to norms at once (None: CHUNK).
+        chunk_size: steps reduced to norms at once (None: `spectral.steps_per_chunk`).
 
     Example:
         >>> m = torch.nn.LSTM(3, 4, batch_first=True)
@@ -123,8 +122,9 @@ def span_jacobians(lt: LayerTrace, p: LayerParams, *, kind: str, state: str,
     _ = lt.gates, lt.prev_h, (lt.prev_c if kind == "lstm" else None)
     with torch.no_grad():
         steps, N, direct_steps = _sweep(lt, p, kind, state, nonlinearity)
-        return _collect(steps, lt.h.shape[0], lt.h.shape[1], N, direct_steps, keep,
-                        CHUNK if chunk_size is None else chunk_size,
+        B = lt.h.shape[0]
+        return _collect(steps, B, lt.h.shape[1], N, direct_steps, keep,
+                        steps_per_chunk(B, N) if chunk_size is None else chunk_size,
                         lt.h.dtype, lt.h.device)
 
 
@@ -265,7 +265,7 @@ def span_norms(total: torch.Tensor, direct: torch.Tensor | None, chunk: int | No
     in the order the sweep reduces them (from T−1 down), so that keep="norms", keep="full" and
     a `CellJacobians` whose norms are computed on first read agree bit for bit."""
     B, T = total.shape[:2]
-    chunk = CHUNK if chunk is None else chunk
+    chunk = steps_per_chunk(B, total.shape[-1]) if chunk is None else chunk
     spectral = torch.empty(B, T, dtype=torch.float64)
     frob = torch.empty(B, T, dtype=torch.float64)
     share = torch.empty(B, T, dtype=torch.float64) if direct is not None else None

@@ -27,14 +27,35 @@ recurrent network have clustered top singular values (σ₂/σ₁ ≈ 0.85-0.95 
 steps), so iterations do not converge in a few steps, and the per-matrix LAPACK calls of the
 certificates (QR, Cholesky) cost about as much as the eigensolver.
 
+The eigensolver runs one thread per call, the batch split over `torch.get_num_threads()`
+Python threads (`_top_gram_eigenvalues`). MKL's `syevd` gains nothing from its own threads on
+N ≤ 256 (0.89 s with 2 threads against 0.72 s with 1 for 1000 matrices of N = 128) and
+releases the GIL, so two threads with one stream of matrices each take 0.50 s: 1.8× on the
+2-core machine (1.5× with the Gram products, which run in the same threads). One thread per call also makes the result independent of the thread count and of how
+the batch is split: MKL's threaded `syevd` rounds differently (2.5e−15 relative).
+
 Shape legend: K matrices, N rows/columns.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 CHUNK = 256  # matrices per float64 Gram/eigvalsh batch: bounds the float64 working memory
+CHUNK_BYTES = 32 << 20  # float64 bytes of one chunk of step-indexed matrices (default chunks)
+MAX_CHUNK_STEPS = 64
+
+
+def steps_per_chunk(batch: int, n: int) -> int:
+    """Default chunk_size of the step-indexed Jacobian analyses (`step_jacobians`,
+    `cell_jacobians`, `lyapunov_spectrum`, `span_sweep`) holding `batch` (n, n) matrices per
+    step: as many steps as keep one chunk's float64 copy within CHUNK_BYTES (32 MiB), from 1
+    to MAX_CHUNK_STEPS. Large batches keep the eigensolver's threads busy
+    (`_top_gram_eigenvalues`): the Jacobian norms of `compare --seq-len 1000` (B = 1, N = 128)
+    took 6.2-6.4 s in chunks of 64 steps against 8.6-9.1 s in chunks of 16."""
+    return max(1, min(MAX_CHUNK_STEPS, CHUNK_BYTES // max(1, batch * n * n * 8)))
 
 
 def scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,8 +78,7 @@ def scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def spectral_norm_of_scaled(y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     """‖X‖₂ (...) float64 for X = s·Y, given `scaled(X)`: s·sqrt(λ_max(Gram of Y)); s itself
     (0, inf or nan) where X is zero or non-finite."""
-    g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT  # the smaller Gram matrix
-    lam = torch.linalg.eigvalsh(g)[..., -1].clamp_min(0)
+    lam = _top_gram_eigenvalues(y).clamp_min(0)
     return torch.where(finite, lam.sqrt() * s, s)
 
 
@@ -80,3 +100,50 @@ def spectral_norms(x: torch.Tensor, *, chunk: int = CHUNK) -> torch.Tensor:
         part = flat[start:start + chunk]
         out[start:start + part.shape[0]] = spectral_norm_of_scaled(*scaled(part))
     return out.reshape(lead)
+
+
+MIN_PER_THREAD = 4  # matrices per eigensolver thread below which one thread does it all
+_pool: ThreadPoolExecutor | None = None  # kept: new threads cost 3 ms per call in thread setup
+
+
+def _solver_pool(threads: int) -> ThreadPoolExecutor:
+    """The eigensolver's worker threads (`threads` of them, one torch thread each), made on
+    first use and remade when the thread count changes."""
+    global _pool
+    if _pool is None or _pool._max_workers != threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="rnnscope-eigvalsh",
+                                   initializer=torch.set_num_threads, initargs=(1,))
+    return _pool
+
+
+def _gram_top(y: torch.Tensor) -> torch.Tensor:
+    """y (K, m, n) -> λ_max of the smaller Gram matrix of each, (K,)."""
+    g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT
+    return torch.linalg.eigvalsh(g)[:, -1]
+
+
+def _top_gram_eigenvalues(y: torch.Tensor) -> torch.Tensor:
+    """λ_max(Gram of y) for y (..., m, n), Gram product and `eigvalsh` with one thread per call,
+    the batch split over `torch.get_num_threads()` Python threads (see the module docstring).
+
+    Both run in the worker threads: a multi-threaded product in this thread right before
+    leaves OpenMP's threads spinning on the cores the solvers need (measured: the gain went
+    from 1.5× to none). The thread setting is process-wide while they run and is restored
+    after, also on an error; a GPU batch is one call."""
+    lead = y.shape[:-2]
+    flat = y.reshape(-1, *y.shape[-2:])
+    if flat.device.type != "cpu":
+        return _gram_top(flat).reshape(lead)
+    threads = torch.get_num_threads()
+    parts = min(threads, flat.shape[0] // MIN_PER_THREAD)
+    torch.set_num_threads(1)
+    try:
+        if parts <= 1:
+            top = _gram_top(flat)
+        else:
+            top = torch.cat(list(_solver_pool(threads).map(_gram_top, flat.chunk(parts))))
+    finally:
+        torch.set_num_threads(threads)
+    return top.reshape(lead)
