@@ -34,3 +34,26 @@ def test_underflow_line_only_where_the_dtype_underflowed(values, dtype, marked):
         assert not [t for t in lin.texts if "underflow" in t.get_text()]  # log panel only
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("values, dtype, said", [
+    # by time t = 0..3, so distance k = 3 − t: below tiny from k = 2, exactly 0 at k = 3
+    ([0.0, 1e-45, 1e-20, 1.0], "float32", (2, 3)),
+    ([1e-40, 1e-39, 1e-20, 1.0], "float32", (2, None)),  # subnormal, never 0
+    ([1e-30, 1e-20, 1e-10, 1.0], "float32", None),
+    ([1e-45, 1e-20, 1e-10, 1.0], "float64", None),
+    ([0.0, 1e-45, 1e-20, 1.0], None, None),
+])
+def test_report_reading_names_where_the_profile_underflowed(values, dtype, said):
+    """The report's reading says from which distance the gradient is below the dtype's
+    smallest normal number and from which it is exactly 0, only where that happened."""
+    from rnnscope.report.html import _underflow_note
+
+    p = _profile(values, dtype)
+    note = _underflow_note(p, p.by_distance())
+    if said is None:
+        assert note == ""
+        return
+    first, zero = said
+    assert f"From {first} steps before the output on" in note and dtype in note
+    assert (f"read exactly 0 from {zero} steps on" in note) == (zero is not None)
