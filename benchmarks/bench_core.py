@@ -20,7 +20,8 @@ from timing import report
 def side_by_side(candidates: dict, *, rounds: int, warmup: int = 1) -> dict:
     """candidates: name -> zero-arg callable. Returns name -> median seconds over `rounds`
     interleaved torch.utils.benchmark measurements (one call each)."""
-    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, label=name)
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, label=name,
+                                    num_threads=torch.get_num_threads())
               for name, fn in candidates.items()}
     for _ in range(warmup):
         for fn in candidates.values():

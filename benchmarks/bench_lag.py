@@ -54,7 +54,8 @@ def time_side_by_side(candidates: dict, *, rounds: int, min_run_time: float) -> 
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            m = Timer(stmt="fn()", globals={"fn": fn}, label=name).blocked_autorange(
+            m = Timer(stmt="fn()", globals={"fn": fn}, label=name,
+                      num_threads=torch.get_num_threads()).blocked_autorange(
                 min_run_time=min_run_time)
             times[name].append(m.median)
     return {name: statistics.median(ts) for name, ts in times.items()}

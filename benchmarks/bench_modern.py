@@ -251,7 +251,7 @@ def main():
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         ap.error(f"unknown models {unknown}; choose from {','.join(MODELS)}")
-    print(f"torch {torch.__version__}, Timer threads 1 (torch.utils.benchmark default)")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     run(quick=args.quick, rounds=args.rounds, models=models, T=200 if args.quick else 1000,
         fwd_bwd=not args.no_fwd_bwd)
 

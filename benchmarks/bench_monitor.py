@@ -107,7 +107,8 @@ def cpu_times(candidates: dict, *, rounds: int) -> dict:
     """As `timing.compare_times` (Timer, interleaved rounds, median), but timing the process's
     CPU time (time.process_time) instead of the wall clock: on a machine shared with other
     jobs the waits for a core are not counted. Meaningful at one thread."""
-    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, timer=time.process_time)
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, timer=time.process_time,
+                                    num_threads=torch.get_num_threads())
               for name, fn in candidates.items()}
     for fn in candidates.values():
         fn()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 
+import torch
 from torch.utils import benchmark
 
 
@@ -18,8 +19,9 @@ def compare_times(candidates: dict, *, rounds: int = 5, warmup: int = 1, number:
     handles threads and synchronisation as torch's benchmarks do); the rounds are interleaved.
     With table=True, torch's `benchmark.Compare` table of the same measurements is printed too.
     """
+    # Timer runs at one thread unless told: time at the thread count the run reports
     timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, label=label or "benchmark",
-                                    description=name)
+                                    description=name, num_threads=torch.get_num_threads())
               for name, fn in candidates.items()}
     for _ in range(warmup):
         for fn in candidates.values():
