@@ -153,3 +153,15 @@ def test_threaded_eigensolver_restores_threads_and_raises_on_error(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_solver_pool_is_remade_after_a_fork(monkeypatch):
+    """A forked child's copy of the pool has no threads: the solver makes its own."""
+    from rnnscope import spectral
+
+    first = spectral._solver_pool(2)
+    assert spectral._solver_pool(2) is first
+    monkeypatch.setattr(spectral.os, "getpid", lambda: -1)  # as seen from a forked child
+    child = spectral._solver_pool(2)
+    assert child is not first
+    assert list(child.map(abs, [-1, -2])) == [1, 2]

@@ -39,6 +39,8 @@ Shape legend: K matrices, N rows/columns.
 
 from __future__ import annotations
 
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -103,19 +105,31 @@ def spectral_norms(x: torch.Tensor, *, chunk: int = CHUNK) -> torch.Tensor:
 
 
 MIN_PER_THREAD = 4  # matrices per eigensolver thread below which one thread does it all
-_pool: ThreadPoolExecutor | None = None  # kept: new threads cost 3 ms per call in thread setup
+# (process id, thread count, pool): kept, since new threads cost 3 ms per call in thread setup
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
 
 
 def _solver_pool(threads: int) -> ThreadPoolExecutor:
     """The eigensolver's worker threads (`threads` of them, one torch thread each), made on
-    first use and remade when the thread count changes."""
+    first use and remade when the thread count changes or in a forked child (whose copy of the
+    pool has no threads: work handed to it would never run)."""
     global _pool
-    if _pool is None or _pool._max_workers != threads:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="rnnscope-eigvalsh",
-                                   initializer=torch.set_num_threads, initargs=(1,))
-    return _pool
+    pid = os.getpid()
+    if _pool is None or _pool[:2] != (pid, threads):
+        if _pool is not None and _pool[0] == pid:
+            _pool[2].shutdown(wait=False)
+        _pool = (pid, threads, ThreadPoolExecutor(threads, thread_name_prefix="rnnscope-eigvalsh",
+                                                  initializer=torch.set_num_threads,
+                                                  initargs=(1,)))
+    return _pool[2]
+
+
+@functools.cache
+def _openmp() -> bool:
+    """Whether ATen's parallel backend is OpenMP, where the thread count may be changed at any
+    time; the native backend warns and ignores a change once its pool has started, so there
+    the solver runs as one plain call."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _gram_top(y: torch.Tensor) -> torch.Tensor:
@@ -134,7 +148,7 @@ def _top_gram_eigenvalues(y: torch.Tensor) -> torch.Tensor:
     after, also on an error; a GPU batch is one call."""
     lead = y.shape[:-2]
     flat = y.reshape(-1, *y.shape[-2:])
-    if flat.device.type != "cpu":
+    if flat.device.type != "cpu" or not _openmp():
         return _gram_top(flat).reshape(lead)
     threads = torch.get_num_threads()
     parts = min(threads, flat.shape[0] // MIN_PER_THREAD)
