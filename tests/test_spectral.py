@@ -165,3 +165,28 @@ def test_solver_pool_is_remade_after_a_fork(monkeypatch):
     child = spectral._solver_pool(2)
     assert child is not first
     assert list(child.map(abs, [-1, -2])) == [1, 2]
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_threaded_eigensolver_keeps_the_callers_grad_mode(grad):
+    """Grad mode is thread-local and a new thread starts with it on: the worker threads are
+    told the caller's, so under no_grad they build no graph for a matrix that requires grad,
+    and with grad the norm is differentiable, as with a plain call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rnnscope import spectral
+
+    x = torch.randn(16, 6, 6, dtype=torch.float64, requires_grad=True)
+    with ThreadPoolExecutor(1) as other:  # a thread that never changed its grad mode
+        assert other.submit(spectral._gram_top, x, grad).result().requires_grad == grad
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.set_grad_enabled(grad):
+            n = spectral_norms(x)
+    finally:
+        torch.set_num_threads(before)
+    assert n.requires_grad == grad
+    if grad:
+        n.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()

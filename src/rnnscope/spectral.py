@@ -132,10 +132,12 @@ def _openmp() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
-def _gram_top(y: torch.Tensor) -> torch.Tensor:
-    """y (K, m, n) -> λ_max of the smaller Gram matrix of each, (K,)."""
-    g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT
-    return torch.linalg.eigvalsh(g)[:, -1]
+def _gram_top(y: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """y (K, m, n) -> λ_max of the smaller Gram matrix of each, (K,); `grad`: the caller's grad
+    mode (thread-local, so a worker thread is told)."""
+    with torch.set_grad_enabled(grad):
+        g = y.mT @ y if y.shape[-1] <= y.shape[-2] else y @ y.mT
+        return torch.linalg.eigvalsh(g)[:, -1]
 
 
 def _top_gram_eigenvalues(y: torch.Tensor) -> torch.Tensor:
@@ -148,16 +150,19 @@ def _top_gram_eigenvalues(y: torch.Tensor) -> torch.Tensor:
     after, also on an error; a GPU batch is one call."""
     lead = y.shape[:-2]
     flat = y.reshape(-1, *y.shape[-2:])
+    grad = torch.is_grad_enabled()
     if flat.device.type != "cpu" or not _openmp():
-        return _gram_top(flat).reshape(lead)
+        return _gram_top(flat, grad).reshape(lead)
     threads = torch.get_num_threads()
     parts = min(threads, flat.shape[0] // MIN_PER_THREAD)
     torch.set_num_threads(1)
     try:
         if parts <= 1:
-            top = _gram_top(flat)
+            top = _gram_top(flat, grad)
         else:
-            top = torch.cat(list(_solver_pool(threads).map(_gram_top, flat.chunk(parts))))
+            chunks = flat.chunk(parts)
+            top = torch.cat(list(_solver_pool(threads).map(_gram_top, chunks,
+                                                            [grad] * len(chunks))))
     finally:
         torch.set_num_threads(threads)
     return top.reshape(lead)
