@@ -31,8 +31,9 @@ The eigensolver runs one thread per call, the batch split over `torch.get_num_th
 Python threads (`_top_gram_eigenvalues`). MKL's `syevd` gains nothing from its own threads on
 N ≤ 256 (0.89 s with 2 threads against 0.72 s with 1 for 1000 matrices of N = 128) and
 releases the GIL, so two threads with one stream of matrices each take 0.50 s: 1.8× on the
-2-core machine (1.5× with the Gram products, which run in the same threads). One thread per call also makes the result independent of the thread count and of how
-the batch is split: MKL's threaded `syevd` rounds differently (2.5e−15 relative).
+2-core machine (1.5× with the Gram products, which run in the same threads). One thread per
+call also makes the result independent of the thread count and of how the batch is split:
+MKL's threaded `syevd` rounds differently (2.5e−15 relative).
 
 Shape legend: K matrices, N rows/columns.
 """
