@@ -54,7 +54,8 @@ from .spectral import spectral_norms, steps_per_chunk
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
-def _chunk(chunk_size: int | None, rec: "_Recurrence") -> int:
+
+def _chunk(chunk_size: int | None, rec: _Recurrence) -> int:
     """The chunk_size= option of the public functions: steps of one-step Jacobians built at
     once, memory O(chunk·B·M²). None: `spectral.steps_per_chunk` (64 steps while a chunk of
     the B (M, M) Jacobians stays within 32 MiB in float64, fewer for large states)."""
