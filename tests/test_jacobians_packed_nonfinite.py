@@ -263,13 +263,13 @@ def test_nan_in_the_weights_is_reported_not_raised(kind):
 
 
 def test_spectral_norm_never_sends_a_nonfinite_matrix_to_the_solver():
-    from rnnscope.results import spectral_norm
+    from rnnscope.spectral import spectral_norms
 
     torch.manual_seed(0)
     x = torch.randn(4, 5, 5, dtype=torch.float64)
     x[1, 2, 3] = math.nan
     x[2, 0, 0] = math.inf
-    got = spectral_norm(x)
+    got = spectral_norms(x)
     assert math.isnan(got[1]) and got[2] == math.inf
     torch.testing.assert_close(got[[0, 3]], torch.linalg.matrix_norm(x[[0, 3]], ord=2),
                                rtol=1e-12, atol=0)

@@ -49,8 +49,7 @@ def test_report_reading_names_where_the_profile_underflowed(values, dtype, said)
     smallest normal number and from which it is exactly 0, only where that happened."""
     from rnnscope.report.html import _underflow_note
 
-    p = _profile(values, dtype)
-    note = _underflow_note(p, p.by_distance())
+    note = _underflow_note(_profile(values, dtype))
     if said is None:
         assert note == ""
         return

@@ -48,7 +48,7 @@ from .profile import per_sample_loss
 from .recurrent import check_subclass, describe, is_recurrent
 from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
-                      StateGradients, StepJacobians, highway_energy_share, spectral_norm)
+                      StateGradients, StepJacobians, highway_energy_share)
 from .span_sweep import Rescale, span_jacobians, span_norms
 from .spectral import spectral_norms, steps_per_chunk
 from .modern import analyses as decay
@@ -535,7 +535,7 @@ def _dense_span_jacobians(rec: _Recurrence, keep: str, chunk: int):
         idx = [n for n, _, _ in batch]
         # (B, S, N, N) float64 = 2^E · J̃: exact down to float64's range
         Js = torch.stack([J for _, J, _ in batch], 1)
-        spectral[:, idx] = spectral_norm(Js).cpu()
+        spectral[:, idx] = spectral_norms(Js).cpu()
         frob[:, idx] = torch.linalg.matrix_norm(Js).cpu()
         if batch[0][2] is not None:
             run = torch.stack([r for _, _, r in batch], 1)  # (B, S, N)

@@ -119,23 +119,15 @@ def _draw_profiles(ax, profiles: dict, log: bool) -> None:
 
 def _mark_underflow(ax, profiles: dict) -> None:
     """A dotted line at the smallest normal number of the gradients' dtype when a profile
-    goes below it: there autograd's gradients keep only a few digits and soon read exactly 0
-    (the line's end on a log axis), which is what the optimizer receives, not a measurement
-    failing."""
-    import torch
-
-    for dtype in sorted({p.config.get("dtype") for p in profiles.values()} - {None}):
-        fi = getattr(torch, str(dtype), None)
-        if not isinstance(fi, torch.dtype) or not fi.is_floating_point:
-            continue
-        tiny = torch.finfo(fi).tiny
-        reached = [p for p in profiles.values() if p.config.get("dtype") == dtype
-                   and bool((p.by_distance() < tiny).any())]
-        if reached:
-            ax.axhline(tiny, ls=":", lw=1.0, color="0.4")
-            ax.text(0.99, tiny, f"{dtype} underflow ({tiny:.0e}): below, digits are lost, "
-                    "then 0", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
-                    fontsize=7, color="0.3")
+    goes below it (`GradientProfile.underflow`): there autograd's gradients keep only a few
+    digits and soon read exactly 0 (the line's end on a log axis), which is what the optimizer
+    receives, not a measurement failing."""
+    reached = {u[:2] for u in (p.underflow() for p in profiles.values()) if u is not None}
+    for dtype, tiny in sorted(reached):
+        ax.axhline(tiny, ls=":", lw=1.0, color="0.4")
+        ax.text(0.99, tiny, f"{dtype} underflow ({tiny:.0e}): below, digits are lost, then 0",
+                transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=7,
+                color="0.3")
 
 
 def plot_profiles(profiles: dict, ax=None, log: bool = False):

@@ -139,13 +139,6 @@ class DeferredField:
         obj.__dict__[self.slot] = value
 
 
-def spectral_norm(x: torch.Tensor) -> torch.Tensor:
-    """Exact ‖X‖₂ of a batch of matrices (..., m, n), in float64: `spectral.spectral_norms`
-    (one scaled float64 Gram + `eigvalsh` per chunk of matrices, so only a chunk is ever held
-    in float64; nan for a matrix holding a NaN, inf for one holding ±inf, 0 for zero)."""
-    return spectral_norms(x)
-
-
 def highway_energy_share(total: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
     """‖D‖²_F / (‖D‖²_F + ‖J − D‖²_F) with D = diag(direct), for J `total` (..., N, N) and
     `direct` (..., N), in float64; nan only where J = 0 (or J is non-finite).
@@ -298,6 +291,23 @@ class GradientProfile(Result):
         if self.lengths is None:
             return v.mean(0)
         return self._masked_mean(v, mask)
+
+    def underflow(self) -> tuple[str, float, int, int | None] | None:
+        """Where the mean gradient falls below its dtype's smallest normal number (autograd's
+        gradients lose digits there, then read exactly 0: what training receives, not a
+        measurement failing): (dtype name, that number, first distance below it, first
+        distance at exactly 0 or None); None if it never does or the dtype is not recorded."""
+        name = self.config.get("dtype")
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            return None
+        tiny = torch.finfo(dtype).tiny
+        nd = self.by_distance()
+        below = (nd < tiny).nonzero()
+        if not len(below):
+            return None
+        zero = (nd == 0).nonzero()
+        return str(name), tiny, int(below[0]), int(zero[0]) if len(zero) else None
 
     def std_by_distance(self) -> torch.Tensor:
         """(T,) standard deviation over samples at each distance (0 for a single sample)."""

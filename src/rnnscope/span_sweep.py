@@ -233,10 +233,9 @@ def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, chunk: int,
     if keep != "norms":  # the whole (B, T, N, N) is kept: norms after the sweep, if asked
         total = torch.empty(B, T, N, N, dtype=dtype, device=device)
         for n, (J, E) in zip(range(T - 1, -1, -1), steps):
-            total[:, n].copy_(J)
             if bool(E.any()):  # 2^E · J̃ in the dtype (zero where it cannot hold it)
-                total[:, n].copy_(torch.ldexp(J.to(torch.float64),
-                                              E.view(-1, 1, 1).to(torch.float64)))
+                J = torch.ldexp(J.to(torch.float64), E.view(-1, 1, 1).to(torch.float64))
+            total[:, n].copy_(J)
         direct = direct.cpu() if direct is not None else None
         norms = (None, None, None) if keep == "jacobians" else span_norms(total, direct, chunk)
         return SpanSweep(total.cpu(), direct, *norms)

@@ -54,7 +54,7 @@ def reading_gradient_flow(results) -> str:
             s += (" Its profile is nearly flat beyond the output step: one very large gradient "
                   "at the output step itself (a residual path) sets the 1% bar, so the "
                   "effective memory looks short although distant steps keep a steady share.")
-        s += _underflow_note(p, nd)
+        s += _underflow_note(p)
         out.append(s)
     if results.command == "compare" and len(rows) > 1:
         fastest = max(rows, key=lambda n: rows[n]["decay_rate"])
@@ -65,25 +65,18 @@ def reading_gradient_flow(results) -> str:
     return _paragraphs(out)
 
 
-def _underflow_note(profile, by_distance) -> str:
-    """A sentence when a profile falls below its dtype's smallest normal number: there
-    autograd's gradients lose digits, then read exactly 0 — what training receives, not a
-    measurement failing (the figure's log panel draws the same line)."""
-    import torch
-
-    dtype = getattr(torch, str(profile.config.get("dtype")), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+def _underflow_note(profile) -> str:
+    """A sentence when a profile falls below its dtype's smallest normal number
+    (`GradientProfile.underflow`; the figure's log panel draws the same line)."""
+    u = profile.underflow()
+    if u is None:
         return ""
-    tiny = torch.finfo(dtype).tiny
-    below = (by_distance < tiny).nonzero()
-    if not len(below):
-        return ""
-    s = (f" From {int(below[0])} steps before the output on, the mean gradient is below "
-         f"{_e(str(profile.config['dtype']))}'s smallest normal number ({_num(tiny)}): "
-         "autograd's gradients keep only a few digits there")
-    zero = (by_distance == 0).nonzero()
-    if len(zero):
-        s += f" and read exactly 0 from {int(zero[0])} steps on"
+    dtype, tiny, first, zero = u
+    s = (f" From {first} steps before the output on, the mean gradient is below "
+         f"{_e(dtype)}'s smallest normal number ({_num(tiny)}): autograd's gradients keep "
+         "only a few digits there")
+    if zero is not None:
+        s += f" and read exactly 0 from {zero} steps on"
     return s + (" — this is the gradient training receives in this dtype, not a measurement "
                 "error; the Jacobian figures below are computed beyond it.")
 
