@@ -319,3 +319,25 @@ def test_sweep_without_biases(kind):
     lp = rnnscope.lag_profile(model, x, positions=[3, 7])
     assert lp.config["method"].startswith(lag_sweep.METHOD)
     close(lp.per_sample, oracle(model, x, [3, 7], per_step_sum(True)))
+
+
+@pytest.mark.parametrize("kind, layers, batch_first, with_trace", [
+    ("lstm", 2, True, True), ("gru", 1, False, False), ("rnn_tanh", 3, False, True)])
+def test_output_step_sweep_of_the_first_samples_equals_the_whole_sweep_narrowed(
+        kind, layers, batch_first, with_trace):
+    """samples=n sweeps only the first n samples (reading a whole-batch trace, or the module's
+    own output and state) and gives the whole batch's rows for them."""
+    torch.manual_seed(5)
+    rnn = make_rnn(kind, layers, batch_first).double()
+    B, T, P, n = 5, 7, 3, 2
+    x = torch.randn(B, T, 3, dtype=torch.float64)
+    xin = x if batch_first else x.transpose(0, 1)
+    hx = torch.randn(layers, B, 5, dtype=torch.float64)
+    hx = (hx, torch.randn_like(hx)) if kind == "lstm" else hx
+    out, _ = rnn(xin, hx)
+    cot = torch.randn((P,) + tuple(out.shape), dtype=torch.float64)
+    trace = rnnscope.replay(rnn, xin, hx) if with_trace else None
+    whole = lag_sweep.output_step_lag_norms(rnn, xin, hx, out, cot, trace=trace)
+    head = lag_sweep.output_step_lag_norms(rnn, xin, hx, out, cot, trace=trace, samples=n)
+    assert head.shape == (n, P, T)
+    torch.testing.assert_close(head, whole[:n], rtol=1e-12, atol=1e-15)

@@ -110,3 +110,30 @@ def test_norms_of_huge_and_tiny_float64_gradients_are_exact_and_nan_stays_nan(sc
     assert math.isnan(grad_norms.norm_of_norms([math.inf, math.nan, 1.0]))
     assert grad_norms.norm_of_norms([math.inf, 2.0]) == math.inf
     assert grad_norms.norm_of_norms([3e300, 4e300]) == pytest.approx(5e300, rel=1e-15)
+
+
+def test_parameters_added_or_replaced_after_a_step_are_measured():
+    """The monitor keeps a plan of the model's parameters (names, gate blocks) between steps:
+    a parameter registered later, or one replaced by a new tensor, is in the next record."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.GRU(3, 4, batch_first=True), "head": nn.Linear(4, 2)})
+
+    def step(mon):
+        x = torch.randn(2, 5, 3)
+        out = model["head"](model["rnn"](x)[0])
+        loss = out.square().sum() + sum(p.sum() for n, p in model.named_parameters()
+                                        if n.startswith("extra"))
+        model.zero_grad()
+        loss.backward()
+        return mon.step()
+
+    with GradientMonitor(model, every=1, replay_every=0, alerts=AlertPolicy(warn=False)) as mon:
+        step(mon)
+        model.register_parameter("extra", nn.Parameter(torch.full((3,), 2.0)))
+        model["rnn"].weight_hh_l0 = nn.Parameter(model["rnn"].weight_hh_l0.detach() * 2)
+        rec = step(mon)
+    total = math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in model.parameters()))
+    assert rec.global_norm == pytest.approx(total, rel=1e-6)
+    w = model["rnn"].weight_hh_l0.grad.double().reshape(3, -1).norm(dim=1)
+    got = rec.layers["rnn"].param_norms["weight_hh_l0"]
+    assert [got[g] for g in "rzn"] == pytest.approx(w.tolist(), rel=1e-6)

@@ -268,6 +268,53 @@ def test_dropout_masks_are_redrawn_bit_for_bit(kind, L, bidir, batch_first, pack
         _close(tr.h_n, ref_h, 1e-12)
 
 
+@pytest.mark.parametrize("kind, bidir, batch_first", [("lstm", False, True), ("gru", True, False),
+                                                    ("rnn_tanh", False, False)])
+def test_replay_leading_samples_equals_the_whole_batch_replay_narrowed(kind, bidir, batch_first):
+    """The first n samples of a training-mode dropout call, replayed with masks drawn for the
+    whole batch, are the whole batch's replay narrowed to them: the masks bit for bit, states,
+    gates and output to float64 rounding (a GEMM over fewer rows may round differently); the
+    global generator is not touched."""
+    from rnnscope.replay import replay_leading_samples
+
+    torch.manual_seed(zlib.crc32(repr((kind, bidir, batch_first)).encode()))
+    m = KINDS[kind](input_size=3, hidden_size=4, num_layers=3, bidirectional=bidir,
+                    batch_first=batch_first, dropout=0.4).double()
+    B, T, n, D = 5, 6, 2, 2 if bidir else 1
+    x = torch.randn(B, T, 3, dtype=torch.float64)
+    inputs = x if batch_first else x.transpose(0, 1)
+    hx = _hx(kind, 3, D, B, 4, 4, torch.float64)
+    state = torch.get_rng_state()
+    m(inputs, hx)
+    after = torch.get_rng_state()
+    whole = rnnscope.replay(m, inputs, hx, rng_state=state)
+    head = replay_leading_samples(m, inputs.narrow(1 - int(batch_first), 0, n),
+                                  tuple(h[:, :n] for h in hx) if kind == "lstm" else hx[:, :n],
+                                  rng_state=state, batch=B)
+    assert torch.equal(torch.get_rng_state(), after)
+    for a, b in zip(head.dropout_masks, whole.dropout_masks):
+        assert torch.equal(a, b[:n])
+    _close(head.output, whole.output.narrow(1 - int(batch_first), 0, n), 1e-13)
+    for la, lb in zip(head.layers, whole.layers):
+        for ta, tb in zip(la, lb):
+            _close(ta.h, tb.h[:n], 1e-13)
+            assert set(ta.gates) == set(tb.gates)
+            for g in ta.gates:
+                _close(ta.gates[g], tb.gates[g][:n], 1e-13)
+    with pytest.raises(ValueError, match="batch=1 is smaller than the 2 samples"):
+        replay_leading_samples(m, inputs.narrow(1 - int(batch_first), 0, n), None,
+                               rng_state=state, batch=1)
+
+
+def test_replay_leading_samples_refuses_a_packed_sequence():
+    from rnnscope.replay import replay_leading_samples
+
+    m = nn.LSTM(3, 4, num_layers=2, dropout=0.5)
+    packed = pack_sequence([torch.randn(4, 3), torch.randn(2, 3)])
+    with pytest.raises(TypeError, match="takes a tensor input"):
+        replay_leading_samples(m, packed, rng_state=torch.get_rng_state(), batch=2)
+
+
 def test_dropout_gradients_match_the_fused_module():
     torch.manual_seed(5)
     m = nn.LSTM(3, 4, num_layers=3, dropout=0.3, bidirectional=True).double()

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .cells import CELLS
+from .checks import narrow_state
 from .recurrent import check_subclass, describe
 from .replay import replay
 
@@ -164,7 +165,7 @@ def _reaches(root, leaf: torch.Tensor, stops: set) -> bool:
 
 
 def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
-              head_vjps, *, trace=None) -> tuple[torch.Tensor, str]:
+              head_vjps, *, trace=None, samples: int | None = None) -> tuple[torch.Tensor, str]:
     """(B, P, T) float64 norms ‖∂ℓ_{t_p}/∂x_s‖ and the method's name.
 
     onehot (P, B, T) selects each position's losses (as in the general path); head_vjps is
@@ -173,7 +174,9 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
     whose layers the sweep reads instead of replaying; with training-mode inter-layer dropout
     it must be the replay that redrew the kernel's masks (`replay(..., rng_state=)`), and each
     layer's input gradient is multiplied by the mask of the layer below (x_{l+1} = h_l ⊙ mask_l)
-    before it becomes that layer's output cotangent.
+    before it becomes that layer's output cotangent. `samples`: site.x and site.outputs hold
+    only the first `samples` of the batch `trace` was replayed on; its layers and masks are
+    read for those samples.
     """
     spec = describe(site.module)
     grads, head_method = head_vjps(losses, site.outputs, onehot)
@@ -187,8 +190,9 @@ def lag_norms(site: SweepSite, losses: torch.Tensor, onehot: torch.Tensor,
         starts = _starts(g_out, g_state)  # each position's last step with a cotangent
         order = sorted(range(P), key=lambda p: -starts[p])  # sweep order: latest start first
         rows = Rows.build([starts[p] for p in order], B, T, g_out.device)
-        layers = _layer_sequences(site, spec, trace)
-        masks = () if trace is None else trace.dropout_masks  # (B, T, Ho) per layer below top
+        layers = _layer_sequences(site, spec, trace, samples)
+        # (B, T, Ho) per layer below the top
+        masks = () if trace is None else tuple(m[:samples] for m in trace.dropout_masks)
         # the top layer's output cotangents in the row layout: step s's rows are positions
         # order[0 .. q_s) (q_s = active_s / B), each with its B samples
         pidx = [order[j] for s in range(T - 1, -1, -1) for j in range(rows.active[s] // B)]
@@ -269,14 +273,17 @@ def _in_rows(per_step: torch.Tensor, rows: Rows, B: int, R: int) -> torch.Tensor
     return per_step.to(rows.dense_index.device)[b_idx, s_idx]
 
 
-def _layer_sequences(site: SweepSite, spec, trace=None) -> list:
+def _layer_sequences(site: SweepSite, spec, trace=None, samples: int | None = None) -> list:
     """Every layer's input and output sequence. A one-layer module's are what it received and
     returned (the fused kernel's own values, nothing recomputed); a deeper module's inner
-    layers are not exposed by the kernel, so they come from `trace` if given, else `replay`."""
+    layers are not exposed by the kernel, so they come from `trace` if given (its first
+    `samples` samples; all with None), else `replay`."""
     x = site.x.detach()
     if trace is not None:
-        return [LayerSequences(lt.x.detach().transpose(0, 1), lt.h.detach().transpose(0, 1),
-                               lt.h0.detach(), None if lt.c0 is None else lt.c0.detach())
+        n = slice(samples)
+        return [LayerSequences(lt.x.detach()[n].transpose(0, 1),
+                               lt.h.detach()[n].transpose(0, 1), lt.h0.detach()[n],
+                               None if lt.c0 is None else lt.c0.detach()[n])
                 for (lt,) in trace.layers]
     if spec.num_layers == 1:
         out = site.outputs[0].detach()
@@ -402,7 +409,8 @@ def _saved(spec, p, lt: LayerSequences):
 
 
 def output_step_lag_norms(module: nn.RNNBase, x: torch.Tensor, hx, output: torch.Tensor,
-                          cotangents: torch.Tensor, *, trace=None) -> torch.Tensor:
+                          cotangents: torch.Tensor, *, trace=None,
+                          samples: int | None = None) -> torch.Tensor:
     """(B, P, T) float64 norms ‖∂(g_p · y)/∂x_s‖ for P given output cotangents g_p, one sweep.
 
     For the GradientMonitor: g_p is the gradient the real training loss sent to the module's
@@ -418,7 +426,17 @@ def output_step_lag_norms(module: nn.RNNBase, x: torch.Tensor, hx, output: torch
         output: (B, T, Ho) or (T, B, Ho), what it returned for x (a one-layer module's sweep
             reads its states from it).
         cotangents: (P, *output.shape) the output cotangents, one per position.
+        samples: measure only the first `samples` samples (all with None). Samples do not
+            interact in the recurrence, so the others need no sweep: the monitor replays a
+            dropout module's whole batch (its masks were drawn for all of it) but keeps
+            `max_batch` samples. Returns (samples, P, T) then.
     """
+    spec = describe(module)
+    if samples is not None:
+        dim = 0 if spec.batch_first else 1
+        x, output = x.narrow(dim, 0, samples), output.narrow(dim, 0, samples)
+        cotangents = cotangents.narrow(dim + 1, 0, samples)
+        hx = narrow_state(hx, samples)
     site = SweepSite(module, x.detach(), hx, [output.detach()])
     P = cotangents.shape[0]
     onehot = cotangents.new_zeros(P, 1, 1)  # only its length P is read
@@ -426,5 +444,5 @@ def output_step_lag_norms(module: nn.RNNBase, x: torch.Tensor, hx, output: torch
     def given(_losses, _outputs, _onehot):
         return [cotangents], "given cotangents"
 
-    norms, _ = lag_norms(site, None, onehot, given, trace=trace)
+    norms, _ = lag_norms(site, None, onehot, given, trace=trace, samples=samples)
     return norms

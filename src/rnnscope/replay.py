@@ -142,8 +142,9 @@ def _generator(rng_state) -> torch.Generator:
 
 
 def _dropout_mask(spec: RecurrentSpec, gen: torch.Generator, like: torch.Tensor,
-                  packed_rows) -> torch.Tensor:
-    """The (B, T, D·H_out) multiplier PyTorch's CPU kernel applies to a layer's output.
+                  packed_rows, batch: int | None = None) -> torch.Tensor:
+    """The (B, T, D·H_out) multiplier PyTorch's CPU kernel applies to a layer's output; with
+    `batch` (tensor inputs only), that of the first B samples of a kernel call on `batch`.
 
     The kernel calls at::dropout(layer_output, p, train=True) on its own layout: time-major
     (T, B, D·H_out) contiguous for a tensor input, the (N, D·H_out) packed data for a
@@ -156,8 +157,10 @@ def _dropout_mask(spec: RecurrentSpec, gen: torch.Generator, like: torch.Tensor,
     if p >= 1:
         return like.new_zeros(B, T, F)
     if packed_rows is None:
-        noise = like.new_empty(T, B, F).bernoulli_(1 - p, generator=gen).div_(1 - p)
-        return noise.transpose(0, 1)
+        # drawn for the whole batch the kernel saw, in its (T, batch, ·) layout: sample b's
+        # mask is noise[:, b] whichever samples are replayed
+        noise = like.new_empty(T, batch or B, F).bernoulli_(1 - p, generator=gen).div_(1 - p)
+        return noise[:, :B].transpose(0, 1)
     noise = like.new_empty(packed_rows.numel(), F).bernoulli_(1 - p, generator=gen).div_(1 - p)
     return like.new_zeros(B * T, F).index_copy_(0, packed_rows.to(like.device), noise).view(B, T, F)
 
@@ -206,6 +209,25 @@ def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace | Dec
         >>> tr.layers[0][0].gates["f"].shape
         torch.Size([2, 7, 5])
     """
+    return _replay(module, inputs, hx, rng_state)
+
+
+@public("replay", module=True)
+def replay_leading_samples(module: nn.Module, inputs: torch.Tensor, hx=None, *, rng_state,
+                           batch: int) -> Trace:
+    """`replay` of the first B samples of a call of a training-mode module with inter-layer
+    dropout on `batch` ≥ B samples: inputs (and hx) hold those B samples only, rng_state is
+    the generator state captured before the call on all `batch`. The dropout masks are drawn
+    for the whole batch, as the kernel drew them, and the first B samples' kept, so the
+    replay costs B samples, not `batch` (the monitor keeps `max_batch` samples of a step).
+    A PackedSequence is refused (its masks follow the packed rows of the whole batch)."""
+    if isinstance(inputs, PackedSequence) or not isinstance(batch, int) or isinstance(batch, bool):
+        raise TypeError("replay_leading_samples takes a tensor input and an int batch; got "
+                        f"{type(inputs).__name__} and {type(batch).__name__}")
+    return _replay(module, inputs, hx, rng_state, batch)
+
+
+def _replay(module, inputs, hx, rng_state, mask_batch: int | None = None):
     if is_decay_recurrence(module):  # nothing fused to re-run: the decay is module.decay(x)
         if rng_state is not None or isinstance(inputs, PackedSequence):
             raise ValueError(f"a {type(module).__name__} is replayed from a plain (B, T, I) "
@@ -225,6 +247,8 @@ def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace | Dec
     check_subclass(module)
     gen = _generator(rng_state) if _dropout_active(spec) else None
     B, T = x.shape[0], x.shape[1]
+    if mask_batch is not None and mask_batch < B:
+        raise ValueError(f"batch={mask_batch} is smaller than the {B} samples given")
     h0s, c0s = check_initial_state(spec, hx, B, unbatched, x)
     D = spec.num_directions
     pad = None
@@ -240,7 +264,7 @@ def replay(module: nn.Module, inputs, hx=None, *, rng_state=None) -> Trace | Dec
         if pad is not None:  # padded positions of a layer's output are zero, as in PyTorch
             layer_in = layer_in.masked_fill(pad, 0)
         if gen is not None and layer < spec.num_layers - 1:
-            mask = _dropout_mask(spec, gen, layer_in, rows)
+            mask = _dropout_mask(spec, gen, layer_in, rows, mask_batch)
             masks.append(mask)
             layer_in = layer_in * mask
     out = layer_in  # (B, T, D·H_out)

@@ -7,6 +7,7 @@ Each alert has a clear message naming the layer, the step and the figure; it is 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -130,7 +131,9 @@ class AlertState:
                                       f"value(s) in {name}"))
         g = record.global_norm
         if g is not None and math.isfinite(g):
-            hist = list(self.norms)[-p.median_window:]
+            # the last median_window norms (order does not matter for a median): read from
+            # the end, not a copy of all 5000 kept for the clipping suggestion at every step
+            hist = list(itertools.islice(reversed(self.norms), p.median_window))
             if p.explode_norm is not None and g > p.explode_norm:
                 self._fire(out, Alert("exploding", step, "model", g, p.explode_norm,
                                       f"step {step}: global gradient norm {g:.3g} exceeds the "

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from ..checks import narrow_state
 from ..jacobians import trace_state_gradients
 from ..recurrent import RETAIN_GATE
-from ..replay import replay
+from ..replay import replay, replay_leading_samples
 from ..site import pad_packed
 from .grad_norms import row_norms
 
@@ -79,12 +79,15 @@ def chains(cap: Capture) -> list[list[Call]]:
 class Replayed:
     """One call of a fused module replayed on its captured samples, its graph kept alive for
     the statistics that read it. `keep`: the samples measured (the first ones; a dropout
-    replay runs the whole batch, whose masks were drawn for it)."""
+    replay of a PackedSequence runs the whole batch, whose masks were drawn for it).
+    `mask_batch`: for a call with dropout narrowed to its first samples, the batch its masks
+    were drawn for (`replay_leading_samples`)."""
 
     module: torch.nn.Module
     spec: object
     call: Call
     keep: int
+    mask_batch: int | None = None
     x: object = None        # the replay's input leaf (tensor or PackedSequence)
     trace: object = None
 
@@ -97,7 +100,12 @@ class Replayed:
             else:
                 x = x.detach().requires_grad_(True)
             self.x = x
-            self.trace = replay(self.module, x, self.call.hx, rng_state=self.call.rng_state)
+            if self.mask_batch is not None:
+                self.trace = replay_leading_samples(self.module, x, self.call.hx,
+                                                    rng_state=self.call.rng_state,
+                                                    batch=self.mask_batch)
+            else:
+                self.trace = replay(self.module, x, self.call.hx, rng_state=self.call.rng_state)
 
     @property
     def lengths(self):
@@ -157,9 +165,19 @@ def replay_chains(module, spec, cap: Capture, max_batch: int) -> list[list[Repla
             forward differs from its parent's).
     """
     batch_dim = 0 if spec.batch_first else 1
-    return [[Replayed(module, spec, c if c.rng_state is not None
-                      else narrow_call(c, m, batch_dim), m) for c in calls]
+    return [[_replayed(module, spec, c, m, batch_dim) for c in calls]
             for calls, m in chain_shares(cap, max_batch)]
+
+
+def _replayed(module, spec, c: Call, m: int, batch_dim: int) -> Replayed:
+    """A call replayed on its first m samples. With dropout, the masks were drawn for the whole
+    batch: a tensor input replays m samples with those masks (`replay_leading_samples`), a
+    PackedSequence (masks over the whole batch's packed rows) replays the whole batch."""
+    if c.rng_state is None:
+        return Replayed(module, spec, narrow_call(c, m, batch_dim), m)
+    if isinstance(c.x, PackedSequence):
+        return Replayed(module, spec, c, m)
+    return Replayed(module, spec, narrow_call(c, m, batch_dim), m, mask_batch=c.n)
 
 
 def chain_shares(cap, max_batch: int) -> list[tuple[list, int]]:

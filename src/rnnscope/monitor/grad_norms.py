@@ -75,6 +75,38 @@ def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
     return norms
 
 
+def block_norms(grads: list[torch.Tensor], blocks: list[int]) -> torch.Tensor:
+    """The 2-norms of each gradient's `blocks[i]` equal row blocks (G gate blocks of a
+    (G·H, ·) recurrent weight, 1 for any other tensor), one float64 CPU tensor (Σ blocks,),
+    gradient after gradient, each exact as `tensor_norms` makes it.
+
+    One `vector_norm` over a (G, ·) view per gradient, one concatenation and one copy to the
+    host: per tensor this is cheaper than `_foreach_norm` over per-block views on the CPU
+    (measured on a char LM's 11 gradients / 35 blocks: 74-76 µs against 95-195 µs), and no
+    Python runs per block.
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64)
+    if not FUSED:
+        return torch.tensor([float(_exact(v)) for g, k in zip(grads, blocks)
+                             for v in param_views(g, k)], dtype=torch.float64)
+    norms = torch.cat([torch.linalg.vector_norm(g.detach().reshape(k, -1), dim=1)
+                       for g, k in zip(grads, blocks)]).to("cpu", torch.float64)
+    values, at = norms.tolist(), 0  # a few dozen numbers: checked in Python, not by tensor ops
+    if all(SAFE_LO <= v <= SAFE_HI for v in values):  # the common case (False for nan)
+        return norms
+    # rare: vanishing / exploding / non-finite blocks, recomputed as `tensor_norms` does
+    for g, k in zip(grads, blocks):
+        views = None
+        for j in range(k):
+            v = values[at + j]
+            if not _safe(v, v) and (g.dtype != torch.float64 or not SAFE64_LO <= v <= SAFE64_HI):
+                views = param_views(g, k) if views is None else views
+                norms[at + j] = _exact(views[j])
+        at += k
+    return norms
+
+
 def norm_of_norms(values) -> float:
     """‖(v_1, …, v_n)‖₂ of float64 norms without overflow (a sum of squares overflows past
     ~1e154) and with NaN kept: math.hypot(inf, nan) is inf, but a NaN gradient must read NaN."""

@@ -149,6 +149,7 @@ class GradientMonitor:
         self._warned: set = set()
         self._failed_loggers: set = set()  # id() of loggers paused after a failure
         self._lag_notes: dict = {}
+        self._plan: _ParameterPlan | None = None  # names and gate blocks of the parameters
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -375,14 +376,19 @@ class GradientMonitor:
             got |= any(e[0] is not None for es in cap.cell_state.values() for e in es)
         return ran and not got
 
+    def _parameter_plan(self) -> _ParameterPlan:
+        params = tuple(self.model.parameters())
+        if self._plan is None or not self._plan.current(params):
+            self._plan = _ParameterPlan(self.model, self.modules, self.specs)
+        return self._plan
+
     def _measure(self, cheap: bool, exact: bool) -> Record:
         rank, world = _world()
         stats = StatSet()
         active = [st for st in _statistics.STATISTICS  # read at each step: extensible
                   if (st.schedule == "cheap" and cheap) or (st.schedule == "exact" and exact)]
         skipped = {}
-        model_ctx = (_ModelContext(self.model, self.modules, self.specs) if cheap
-                     else None)
+        model_ctx = _ModelContext(self._parameter_plan()) if cheap else None
         contexts = {}
         for st in active:
             if st.scope == "model":
@@ -481,9 +487,38 @@ class _ModelContext:
     """What model-wide statistics read: every parameter gradient, and their norms; and for
     the recurrent submodules' parameters, the norm of each gate block.
 
-    All norms come from one fused pass (`grad_norms.tensor_norms`): each recurrent parameter's
+    All norms come from one pass (`grad_norms.block_norms`): each recurrent parameter's
     gradient as its G gate blocks (LSTM i, f, g, o; GRU r, z, n; one block otherwise), every
     other gradient whole. A parameter's norm is the root sum of squares of its blocks' norms.
+    Which parameters there are, and their names and blocks, comes from `plan`
+    (`_ParameterPlan`), made once and reused while the model's parameters stay the same.
+    """
+
+    def __init__(self, plan: "_ParameterPlan"):
+        present = [i for i, p in enumerate(plan.params) if p.grad is not None]
+        self.param_names = [plan.names[i] for i in present]
+        self.param_grads = [plan.params[i].grad.detach() for i in present]
+        blocks = [plan.blocks[i] for i in present]
+        norms = _grad_norms.block_norms(self.param_grads, blocks)  # (Σ blocks,) float64 CPU
+        self.block_norms = {}  # id(parameter) -> its gate blocks' norms, (G,) float64 CPU
+        values, per_param, at = norms.tolist(), [], 0
+        for i, count in zip(present, blocks):
+            self.block_norms[id(plan.params[i])] = norms[at:at + count]
+            b = values[at:at + count]
+            per_param.append(b[0] if count == 1 else _grad_norms.norm_of_norms(b))
+            at += count
+        # (parameters,) float64 CPU
+        self.param_norms = torch.tensor(per_param, dtype=torch.float64) if per_param else None
+
+
+class _ParameterPlan:
+    """The model's parameters in `named_parameters` order, their names and how many gate blocks
+    each gradient splits into (G for a recurrent submodule's own weights and biases, 1 for a
+    projection weight_hr and any other tensor).
+
+    Walking the modules for names and blocks at every step cost more than the norms
+    themselves; the plan is remade only when `model.parameters()` yields other tensors (a
+    parameter added, removed or replaced). It holds the parameters, so their ids stay theirs.
     """
 
     def __init__(self, model: nn.Module, modules: dict, specs: dict):
@@ -492,25 +527,15 @@ class _ModelContext:
             G = len(GATES.get(specs[name].kind, ())) or 1  # decay recurrences: no gate blocks
             for pname, p in m.named_parameters(recurse=False):
                 blocks_of.setdefault(id(p), 1 if pname.startswith("weight_hr") else G)
-        self.param_names, self.param_grads = [], []
-        views, spans = [], []  # spans: per parameter, (id, first view, number of views)
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                g = p.grad.detach()
-                self.param_names.append(n)
-                self.param_grads.append(g)
-                parts = _grad_norms.param_views(g, blocks_of.get(id(p), 1))
-                spans.append((id(p), len(views), len(parts)))
-                views.extend(parts)
-        norms = _grad_norms.tensor_norms(views)  # float64 numbers, one per view
-        self.block_norms = {}  # id(parameter) -> its gate blocks' norms (G float64 numbers)
-        per_param = []
-        for key, start, count in spans:
-            b = norms[start:start + count]
-            self.block_norms[key] = b
-            per_param.append(b[0] if count == 1 else _grad_norms.norm_of_norms(b))
-        # (parameters,) float64 CPU
-        self.param_norms = torch.tensor(per_param, dtype=torch.float64) if per_param else None
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = tuple(p for _, p in named)
+        self.blocks = [blocks_of.get(id(p), 1) for p in self.params]
+
+    def current(self, params: tuple) -> bool:
+        """Whether `params` (the model's parameters now) are the ones this plan was made for."""
+        return len(params) == len(self.params) and all(
+            a is b for a, b in zip(params, self.params))
 
 
 class _LayerContext:

@@ -91,16 +91,19 @@ def lag_sums(module, spec, x_leaf, hx, trace, g_out: torch.Tensor,
     nonzero[keep:] = False
     pos = positions(T, nonzero.any(0))
     P = pos.numel()
-    # (P, B, T, F): each position's cotangent, zero away from its step
-    cot = g_out.new_zeros((P,) + tuple(g_out.shape))
-    cot[torch.arange(P), :, pos] = g_out[:, pos].transpose(0, 1)
     if packed:
+        # (P, B, T, F): each position's cotangent, zero away from its step
+        cot = g_out.new_zeros((P,) + tuple(g_out.shape))
+        cot[torch.arange(P), :, pos] = g_out[:, pos].transpose(0, 1)
         norms = _batched_norms(trace.output.data, x_leaf.data, _pack_each(cot, lengths),
                                lambda g: pad_packed(g, x_leaf))
-    else:  # the closed-form sweep, through the replay's own layers and dropout masks
+    else:  # the closed-form sweep, through the replay's own layers and dropout masks, for
+        # the kept samples only (a dropout module's replay holds its whole batch)
+        cot = g_out.new_zeros((P, keep) + tuple(g_out.shape[1:]))  # (P, keep, T, F)
+        cot[torch.arange(P), :, pos] = g_out[:keep, pos].transpose(0, 1)
         norms = lag_sweep.output_step_lag_norms(module, x_leaf, hx, trace.output,
-                                                _module_layout(cot, spec),
-                                                trace=trace)  # (B, P, T)
+                                                _module_layout(cot, spec), trace=trace,
+                                                samples=keep)  # (keep, P, T)
     norms = norms[:keep].to("cpu", torch.float64)
     pair = nonzero[:keep, pos].cpu()  # (keep, P): the pairs that received gradient
     s = torch.arange(T)

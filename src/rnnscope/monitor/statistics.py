@@ -168,7 +168,7 @@ class ParamNorms(Statistic):
         # a decay recurrence keeps its weights in submodules (MinGRU's nn.Linear): recurse
         for pname, p in ctx.module.named_parameters(recurse=getattr(ctx, "decay", False)):
             if p.grad is not None and id(p) in ctx.block_norms:
-                add("norm", torch.tensor(ctx.block_norms[id(p)], dtype=torch.float64), pname)
+                add("norm", ctx.block_norms[id(p)], pname)  # (G,) float64 CPU
 
     def compute(self, states, ctx):
         out: dict = {}
