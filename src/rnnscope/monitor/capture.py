@@ -21,7 +21,7 @@ from ..jacobians import trace_state_gradients
 from ..recurrent import RETAIN_GATE
 from ..replay import replay, replay_leading_samples
 from ..site import pad_packed
-from .grad_norms import row_norms
+from .grad_norms import row_norms, row_norms_checked
 
 
 @dataclass
@@ -240,8 +240,8 @@ def nonfinite_values(g: torch.Tensor, norms: torch.Tensor) -> int:
 def input_norms(call: Call) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(T,) sum over samples of ‖∂L/∂x_t‖, (T,) samples that have step t, non-finite values."""
     g = call.input_grad
-    n = row_norms(g)  # (B, T) float64
-    bad = nonfinite_values(g, n)
+    n, finite = row_norms_checked(g)  # (B, T) float64
+    bad = 0 if finite else nonfinite_values(g, n)
     if call.input_lengths is None:
         return n.sum(0), torch.full((n.shape[1],), float(n.shape[0]), dtype=torch.float64), bad
     valid = torch.arange(n.shape[1]).unsqueeze(0) < call.input_lengths.unsqueeze(1)
@@ -276,7 +276,10 @@ def pool_cell_steps(entries: list, pos: list) -> tuple[torch.Tensor, torch.Tenso
 
 
 def pad_sum(rows: list) -> torch.Tensor:
-    """Sum of 1-D tensors of different lengths, each padded with zeros to the longest."""
+    """Sum of 1-D tensors of different lengths, each padded with zeros to the longest (one
+    tensor is returned as it is)."""
+    if len(rows) == 1:
+        return rows[0]
     out = torch.zeros(max(r.shape[0] for r in rows), dtype=torch.float64)
     for r in rows:
         out[:r.shape[0]] += r

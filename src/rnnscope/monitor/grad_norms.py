@@ -90,8 +90,9 @@ def block_norms(grads: list[torch.Tensor], blocks: list[int]) -> torch.Tensor:
     if not FUSED:
         return torch.tensor([float(_exact(v)) for g, k in zip(grads, blocks)
                              for v in param_views(g, k)], dtype=torch.float64)
-    norms = torch.cat([torch.linalg.vector_norm(g.detach().reshape(k, -1), dim=1)
-                       for g, k in zip(grads, blocks)]).to("cpu", torch.float64)
+    with torch.no_grad():  # a gradient from backward(create_graph=True) records nothing here
+        norms = torch.cat([torch.linalg.vector_norm(g.reshape(k, -1), dim=1)
+                           for g, k in zip(grads, blocks)]).to("cpu", torch.float64)
     values, at = norms.tolist(), 0  # a few dozen numbers: checked in Python, not by tensor ops
     if all(SAFE_LO <= v <= SAFE_HI for v in values):  # the common case (False for nan)
         return norms
@@ -116,13 +117,19 @@ def norm_of_norms(values) -> float:
 
 def row_norms(g: torch.Tensor) -> torch.Tensor:
     """float64 CPU norms over the last dimension of g (e.g. (B, T, I) -> (B, T))."""
+    return row_norms_checked(g)[0]
+
+
+def row_norms_checked(g: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`row_norms(g)` and whether they are known to be finite (True when the fused path found
+    every row in its safe range; False means "not known", not "non-finite")."""
     if not FUSED or g.dtype == torch.float64:
-        return _exact(g, -1).cpu()
+        return _exact(g, -1).cpu(), False
     n = torch.linalg.vector_norm(g.detach(), dim=-1)
-    lo, hi = torch.aminmax(n)
-    if not _safe(float(lo), float(hi)):  # rare: vanishing / exploding / non-finite rows
-        return _exact(g, -1).cpu()
-    return n.to("cpu", torch.float64)
+    lo, hi = torch.stack(torch.aminmax(n)).tolist() if n.numel() else (SAFE_LO, SAFE_LO)
+    if not _safe(lo, hi):  # rare: vanishing / exploding / non-finite rows
+        return _exact(g, -1).cpu(), False
+    return n.to("cpu", torch.float64), True
 
 
 def param_views(grad: torch.Tensor, blocks: int) -> list[torch.Tensor]:

@@ -496,17 +496,19 @@ class _ModelContext:
 
     def __init__(self, plan: "_ParameterPlan"):
         present = [i for i, p in enumerate(plan.params) if p.grad is not None]
+        self.module_params = plan.module_params  # submodule name -> its (name, parameter)
         self.param_names = [plan.names[i] for i in present]
         self.param_grads = [plan.params[i].grad.detach() for i in present]
         blocks = [plan.blocks[i] for i in present]
         norms = _grad_norms.block_norms(self.param_grads, blocks)  # (Σ blocks,) float64 CPU
-        self.block_norms = {}  # id(parameter) -> its gate blocks' norms, (G,) float64 CPU
+        # id(parameter) -> its gate blocks' norms, (G,) float64 CPU (views: one split)
+        self.block_norms = dict(zip((id(plan.params[i]) for i in present), norms.split(blocks)))
         values, per_param, at = norms.tolist(), [], 0
-        for i, count in zip(present, blocks):
-            self.block_norms[id(plan.params[i])] = norms[at:at + count]
+        for count in blocks:
             b = values[at:at + count]
             per_param.append(b[0] if count == 1 else _grad_norms.norm_of_norms(b))
             at += count
+        self.param_norm_values = per_param  # the same numbers as Python floats
         # (parameters,) float64 CPU
         self.param_norms = torch.tensor(per_param, dtype=torch.float64) if per_param else None
 
@@ -531,6 +533,11 @@ class _ParameterPlan:
         self.names = [n for n, _ in named]
         self.params = tuple(p for _, p in named)
         self.blocks = [blocks_of.get(id(p), 1) for p in self.params]
+        # per monitored submodule, its own (name, parameter) pairs; a decay recurrence keeps
+        # its weights in submodules (MinGRU's nn.Linear), so those recurse
+        self.module_params = {
+            name: list(m.named_parameters(recurse=isinstance(specs[name], DecaySpec)))
+            for name, m in modules.items()}
 
     def current(self, params: tuple) -> bool:
         """Whether `params` (the model's parameters now) are the ones this plan was made for."""
@@ -547,6 +554,7 @@ class _LayerContext:
         self.name, self.cap, self.world = name, cap, world
         # id(parameter) -> (G,) gate-block gradient norms (cheap steps; from the fused pass)
         self.block_norms = {} if model_ctx is None else model_ctx.block_norms
+        self.module_parameters = [] if model_ctx is None else model_ctx.module_params[name]
         self.module, self.spec = mon.modules[name], mon.specs[name]
         self.policy, self.max_batch = mon.policy, mon.max_batch
         self.chains = _chains(cap)

@@ -108,7 +108,7 @@ class GlobalNorm(Statistic):
     def update(self, ctx, add):
         if ctx.param_norms is not None:
             # a float64 tensor: StatSet would make a Python float a float32 tensor first
-            add("norm", torch.tensor(grad_norms.norm_of_norms(ctx.param_norms.tolist()),
+            add("norm", torch.tensor(grad_norms.norm_of_norms(ctx.param_norm_values),
                                      dtype=torch.float64))
 
     def compute(self, states, ctx):
@@ -134,7 +134,7 @@ class NonfiniteParams(Statistic):
     def update(self, ctx, add):
         if ctx.param_norms is None:
             return
-        for i in [i for i, v in enumerate(ctx.param_norms.tolist()) if not math.isfinite(v)]:
+        for i in [i for i, v in enumerate(ctx.param_norm_values) if not math.isfinite(v)]:
             add("count", int((~torch.isfinite(ctx.param_grads[i])).sum()), ctx.param_names[i])
 
     def compute(self, states, ctx):
@@ -166,8 +166,8 @@ class ParamNorms(Statistic):
         # the gate-block norms of every parameter come from the model-wide fused pass
         # (`grad_norms`); one (G,) vector per parameter, split into gates in compute()
         # a decay recurrence keeps its weights in submodules (MinGRU's nn.Linear): recurse
-        for pname, p in ctx.module.named_parameters(recurse=getattr(ctx, "decay", False)):
-            if p.grad is not None and id(p) in ctx.block_norms:
+        for pname, p in ctx.module_parameters:
+            if id(p) in ctx.block_norms:  # parameters with a gradient at this step
                 add("norm", ctx.block_norms[id(p)], pname)  # (G,) float64 CPU
 
     def compute(self, states, ctx):
@@ -175,7 +175,7 @@ class ParamNorms(Statistic):
         gates = GATES.get(ctx.spec.kind, ())
         for (_, pname), v in states.items():
             labels = gates if gates and v.numel() == len(gates) else ("",)
-            out[pname] = {lab: float(x) for lab, x in zip(labels, v.reshape(-1).tolist())}
+            out[pname] = dict(zip(labels, v.reshape(-1).tolist()))  # float64 -> floats
         return out or None
 
     def to_json(self, value):
@@ -225,14 +225,14 @@ class InputProfile(Statistic):
             for chain in ctx.chains:
                 parts = [capture.input_norms(c) for c in chain if c.input_grad is not None]
                 if parts:
-                    rows.append((torch.cat([p[0] for p in parts]),
-                                 torch.cat([p[1] for p in parts])))
+                    rows.append((_joined([p[0] for p in parts]),
+                                 _joined([p[1] for p in parts])))
                     bad += sum(p[2] for p in parts)
             if not rows:
                 return
             sums = capture.pad_sum([r[0] for r in rows])
             counts = capture.pad_sum([r[1] for r in rows])
-        add("sum", sums / ctx.world)
+        add("sum", sums / ctx.world if ctx.world != 1 else sums)
         add("count", counts)
         add("nonfinite", float(bad))
 
@@ -257,6 +257,11 @@ class InputProfile(Statistic):
         if not value.mean:
             return {}
         return {"input_grad/lag0": value.mean[-1], "input_grad/first_step": value.mean[0]}
+
+
+def _joined(parts: list) -> torch.Tensor:
+    """1-D tensors joined along time (a chain's calls); one part is returned as it is."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class OutputProfile(InputProfile):

@@ -26,7 +26,11 @@ class StatSet:
         (statistic, submodule, state, sub-key...) tuples) with its declared reduction."""
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}; got {reduce!r}")
-        t = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float64 and \
+                value.device.type == "cpu" and not value.requires_grad:
+            t = value  # the usual case, as the statistics hand them over: no conversion
+        else:
+            t = torch.as_tensor(value).detach().to("cpu", torch.float64)
         if name in self.values:
             if self.reductions[name] != reduce:
                 raise ValueError(f"statistic {name!r} was declared with reduce="
