@@ -126,9 +126,8 @@ def test_exact_quantiles_equal_torch_quantile():
 @pytest.mark.parametrize("shape", ["uniform", "ties", "saturated", "outlier", "constant",
                                    "float64"])
 def test_exact_quantiles_past_one_sort_equal_torch_quantile(shape, monkeypatch):
-    """The histogram-window path (n > SMALL) against torch.quantile, on distributions that
-    put many values in one bin or on bin edges; and its kthvalue fallback, forced by a
-    histogram that lies about where the values are."""
+    """The binned path (n > SMALL) against torch.quantile, on distributions that put many
+    values in one bin or on bin edges, binned in one chunk and in many."""
     from rnnscope import gates
     from rnnscope.gates import QUANTILES, exact_quantiles
 
@@ -148,10 +147,8 @@ def test_exact_quantiles_past_one_sort_equal_torch_quantile(shape, monkeypatch):
     odd = QUANTILES + (0.0, 1 / 3, 0.999, 1.0)
     want = torch.quantile(v.double(), torch.tensor(odd, dtype=torch.float64))
     assert torch.equal(exact_quantiles(v, odd), want)
-    # a histogram that puts every value in the last bin sends each rank to a window that does
-    # not hold it: the exact fallback answers
-    monkeypatch.setattr(torch, "histc", lambda x, bins, min, max: torch.cat(
-        [torch.zeros(bins - 1), torch.tensor([float(x.numel())])]))
+    # chunks that end inside runs of ties and inside bins: counts and picks add up exactly
+    monkeypatch.setattr(gates, "CHUNK", 4099)
     assert torch.equal(exact_quantiles(v, odd), want)
 
 

@@ -176,38 +176,54 @@ def exact_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
 
 SMALL = 1 << 16  # below this many values one sort is cheapest
 BINS = 1024
+CHUNK = 1 << 22  # values binned at a time: bounds the temporaries (16 MB float + 16 MB int32)
 
 
 def _order_statistics(v: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
     """{r: the r-th smallest of v (0-based)} for a 1-D floating tensor, exactly.
 
     A kthvalue over all n values per rank costs ~20 ns per value (6.4 M gate values: 0.13 s
-    each, ten per gate). Instead one histogram locates each rank's bin; the values in that bin
-    (and one bin either side, whatever histc does at bin edges) are selected by comparisons and
-    sorted. That is exact: with m values below the window's lower edge a and S the values in
-    [a, c], the r-th smallest is the (r − m)-th of S whenever 0 ≤ r − m < |S|; otherwise (never
-    seen, but possible in principle) a kthvalue over all values answers.
+    each, ten per gate). Instead each value gets a bin, b = trunc((v − lo)·BINS/(hi − lo))
+    clamped to BINS − 1: a monotone map (IEEE subtraction and multiplication by a positive
+    constant are monotone), so every value in bin b is ≤ every value in bin b + 1, and with
+    E[b] values in bins 0..b the r-th smallest is the (r − E[b − 1])-th smallest of bin b,
+    where E[b − 1] ≤ r < E[b]. Two passes over v: one counts the bins, one picks the values of
+    the bins the ranks fall in; only those are sorted. Chunked (`CHUNK`), so the only
+    temporaries beyond the picked values are one chunk's. Measured on 6.4 M float32 values:
+    98-104 ms, against 327-351 ms for a histogram and comparisons per rank's bin.
     """
     n = v.numel()
     if n <= SMALL:
         s = v.sort().values
         return {r: s[r] for r in ranks}
-    lo, hi = v.aminmax()
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or bool(lo == hi):
+    lo, hi = (float(t) for t in v.aminmax())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
         return {r: v.kthvalue(r + 1).values for r in ranks}
-    counts = torch.histc(v, bins=BINS, min=float(lo), max=float(hi))
-    ends = counts.to(torch.int64).cumsum(0)  # values in bins 0..b
-    bins = torch.searchsorted(ends, torch.tensor(ranks), right=True).clamp_max(BINS - 1)
-    width = (float(hi) - float(lo)) / BINS
+    scale = BINS / (hi - lo)
+
+    def bins_of(part: torch.Tensor) -> torch.Tensor:
+        return (part - lo).mul_(scale).clamp_(max=BINS - 1).to(torch.int32)
+
+    parts = v.split(CHUNK)
+    ends = sum(torch.bincount(bins_of(p), minlength=BINS) for p in parts).cumsum(0)
+    where = torch.searchsorted(ends, torch.tensor(ranks), right=True).tolist()
+    need = sorted(set(where))
+    wanted = torch.zeros(BINS, dtype=torch.bool)
+    wanted[need] = True
+    picked, picked_bins = [], []
+    for p in parts:
+        b = bins_of(p)
+        keep = wanted[b]
+        picked.append(p[keep])
+        picked_bins.append(b[keep])
+    vals, vbins = torch.cat(picked), torch.cat(picked_bins)
+    first = [0] + ends.tolist()  # first[b]: values in bins below b
     out: dict[int, torch.Tensor] = {}
-    for b in sorted(set(bins.tolist())):
-        a, c = float(lo) + (b - 1) * width, float(lo) + (b + 2) * width
-        m = int((v < a).sum())
-        window = v[(v >= a) & (v <= c)].sort().values
-        for r, rb in zip(ranks, bins.tolist()):
+    for b in need:
+        in_bin = vals[vbins == b].sort().values
+        for r, rb in zip(ranks, where):
             if rb == b:
-                k = r - m
-                out[r] = window[k] if 0 <= k < window.numel() else v.kthvalue(r + 1).values
+                out[r] = in_bin[r - first[b]]
     return out
 
 
