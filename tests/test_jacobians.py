@@ -391,3 +391,33 @@ def test_step_jacobians_stream_across_chunks():
         torch.testing.assert_close(s["indirect_spectral"], per_step.mean(0), rtol=1e-12, atol=0)
         torch.testing.assert_close(s["direct_mean"], sj.direct.abs().mean((0, 2)))
         assert s["samples"] == 2 and s["nonfinite_samples"] == 0
+
+
+@pytest.mark.parametrize("dtype, proj, k, chunk", [(torch.float64, 0, None, None),
+                                                  (torch.float32, 2, 2, 3),
+                                                  (torch.float32, 0, 1, 4)])
+def test_lstm_lyapunov_from_frame_products_equals_the_dense_jacobians(dtype, proj, k, chunk,
+                                                                      monkeypatch):
+    """The LSTM's exponents come from F_n·Q without forming F_n (cells.lstm.step_jvp); the
+    same exponents as the QR method on the formed Jacobians, on layer 1, direction 1 of a
+    bidirectional module with a projection, across chunk boundaries. Float64: to rounding.
+    Float32: the dense path forms each Jacobian entry in float32 before its float64 products,
+    this one multiplies the float32 gate values in float64, so they differ by float32 rounding
+    of the entries (~1e-8 relative measured)."""
+    from rnnscope import jacobians
+
+    torch.manual_seed(7)
+    m = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=proj,
+                batch_first=True).to(dtype)
+    x = torch.randn(3, 11, 3, dtype=dtype) * 2
+    with torch.no_grad():
+        tr = rnnscope.replay(m, x)
+    got = rnnscope.lyapunov_spectrum(tr, layer=1, direction=1, k=k, warmup=2,
+                                     chunk_size=chunk).exponents
+    monkeypatch.setattr(jacobians, "_LSTMFullStateJVP", lambda *a: None)  # the dense path
+    want = rnnscope.lyapunov_spectrum(tr, layer=1, direction=1, k=k, warmup=2,
+                                      chunk_size=chunk).exponents
+    assert got.shape == want.shape == (3, k or (proj or 4) + 4)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert k == 1 or (want[:, 0] - want[:, -1]).min() > 0.01  # distinct: a slip shows

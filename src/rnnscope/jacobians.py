@@ -637,7 +637,9 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     Jacobians hold a NaN/Inf gets a row of nan (a RuntimeWarning gives the count); the others
     are computed exactly as without it. `chunk_size` steps of one-step Jacobians are built at
     once (None: up to 64, fewer for large states; `spectral.steps_per_chunk`); the exponents
-    agree whatever its value (to rounding).
+    agree whatever its value (to rounding). An LSTM on an unpacked trace never forms its
+    (P + H)² one-step Jacobians: each step applies them to the QR frame from the gates
+    (`cells.lstm.step_jvp`), in float64.
 
     A direction that some step maps exactly to zero (a relu unit at 0, a gate at exactly 0)
     has exponent −∞ in exact arithmetic; in floating point that step's QR diagonal is rounding
@@ -669,14 +671,21 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     logs = torch.zeros(B, k, dtype=torch.float64)
     bad = torch.zeros(B, dtype=torch.bool)
     chunk = _chunk(chunk_size, rec)
+    jvp = _LSTMFullStateJVP(*rec.closed[:2]) if (
+        rec.kind == "lstm" and rec.closed is not None and rec.rows is None) else None
     for start in range(0, T, chunk):
         sl = slice(start, min(start + chunk, T))
-        _, a_chunk = rec.step(sl)
-        a_chunk = a_chunk.to(torch.float64)
+        if jvp is None:
+            _, a_chunk = rec.step(sl)
+            a_chunk = a_chunk.to(torch.float64)
+            steps = a_chunk.unbind(1)  # (B, M, M) each
+        else:  # F_n·Q from the gates, no (B, S, M, M) Jacobians built
+            steps = jvp.steps(sl)
         if Q is None:
-            Q = torch.eye(N, k, dtype=torch.float64, device=a_chunk.device).expand(B, N, k)
-        for j in range(a_chunk.shape[1]):
-            aq = a_chunk[:, j] @ Q  # (B, N, k)
+            Q = torch.eye(N, k, dtype=torch.float64, device=jvp.device if jvp is not None
+                          else a_chunk.device).expand(B, N, k)
+        for j, a in enumerate(steps):
+            aq = a @ Q if jvp is None else jvp(a, Q)  # (B, N, k)
             # A NaN/Inf in A makes A·Q non-finite (Q is orthonormal: NaN·0 is NaN), and so does
             # an overflow: checking the small product avoids a pass over every A.
             v = valid[:, start + j]
@@ -699,6 +708,27 @@ def lyapunov_spectrum(module: nn.Module | Trace, inputs=None, hx=None, *, layer:
     _warn_nonfinite("lyapunov_spectrum", bad)
     return LyapunovSpectrum(exps[0] if rec.unbatched else exps, layer=layer,
                             direction=direction, warmup=warmup, state_size=N)
+
+
+class _LSTMFullStateJVP:
+    """An unpacked LSTM trace's one-step Jacobians F_n of the full (h, c) state, applied to
+    the QR frame without being formed (`cells.lstm.step_jvp`), in float64: per step one
+    (4H, P) product per column instead of the (P + H)² entries the dense path builds and
+    converts (lyapunov_spectrum of the default LSTM at T = 1000: most of its time)."""
+
+    def __init__(self, lt, p):
+        w = cells.lstm.vjp_weights(p)
+        self.w = type(w)(*(None if t is None else t.to(torch.float64) for t in w))
+        self.saved = cells.lstm.vjp_saved_from_trace(p, lt)  # (B, T, …) processing order
+        self.device = lt.h.device
+
+    def steps(self, sl: slice) -> list:
+        """The `VJPSaved` of processing steps sl, one per step, float64."""
+        fields = [f[:, sl].to(torch.float64).unbind(1) for f in self.saved]
+        return [type(self.saved)(*per_step) for per_step in zip(*fields)]
+
+    def __call__(self, saved, q: torch.Tensor) -> torch.Tensor:
+        return cells.lstm.step_jvp(self.w, saved, q)
 
 
 @public("state_gradients", grad=True, module=True)

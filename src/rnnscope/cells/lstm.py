@@ -413,6 +413,23 @@ def step_vjp(w: VJPWeights, s: VJPSaved, d_state: tuple, *, fold: bool = False,
     return (dh_prev, dct * s.f), d_in
 
 
+def step_jvp(w: VJPWeights, s: VJPSaved, v: torch.Tensor) -> torch.Tensor:
+    """The full-state one-step Jacobian F_n (see `step_jacobians`) applied to columns, without
+    forming it: v (B, P + H, k) -> F_n v (B, P + H, k), rows ordered (h, c).
+
+        u = W_hh v_h,   dc = Σ_{g ∈ i,f,g} d_g ⊙ u_g + f ⊙ v_c,   dh = [W_hr] (d_o ⊙ u_o + e ⊙ dc)
+
+    with s's fields (B, H) and (B, 3, H) for one step: one (4H, P) product per column instead
+    of building the (P + H)² entries of F_n (what the Lyapunov QR method needs per step).
+    """
+    P = w.w_hh.shape[1]
+    B, H, k = s.f.shape[0], s.f.shape[-1], v.shape[-1]
+    u = (w.w_hh @ v[:, :P]).view(B, 4, H, k)  # (B, 4, H, k) blocks i, f, g, o
+    dc = torch.addcmul((s.d_ifg.unsqueeze(-1) * u[:, :3]).sum(1), s.f.unsqueeze(-1), v[:, P:])
+    dm = torch.addcmul(s.d_o.unsqueeze(-1) * u[:, 3], s.e.unsqueeze(-1), dc)
+    return torch.cat([dm if w.w_hr is None else w.w_hr @ dm, dc], dim=1)
+
+
 def _fold(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_g diag(coef[:, g]) w[g]: coef (B, G, H), w (G, H, P) -> (B, H, P), accumulated block
     by block (no (B, G, H, P) temporary)."""
