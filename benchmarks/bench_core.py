@@ -7,30 +7,12 @@ drift of a shared machine hits all of them alike; the ratio of medians is what i
 
 from __future__ import annotations
 
-import statistics
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 import rnnscope
-from timing import report
-
-
-def side_by_side(candidates: dict, *, rounds: int, warmup: int = 1) -> dict:
-    """candidates: name -> zero-arg callable. Returns name -> median seconds over `rounds`
-    interleaved torch.utils.benchmark measurements (one call each)."""
-    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, label=name,
-                                    num_threads=torch.get_num_threads())
-              for name, fn in candidates.items()}
-    for _ in range(warmup):
-        for fn in candidates.values():
-            fn()
-    times = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            times[name].append(timer.timeit(1).median)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+from timing import compare_times, report
 
 
 def classic_loop_as_written(model, x):
@@ -85,7 +67,7 @@ def replay_vs_fused(quick: bool = False) -> list:
         candidates[f"replay {name} forward+backward"] = replayed
         pairs.append((name, f"fused nn.{name} forward+backward",
                       f"replay {name} forward+backward"))
-    times = side_by_side(candidates, rounds=3 if quick else 7)
+    times = compare_times(candidates, rounds=3 if quick else 7)
     rows = []
     print(f"\n(c) replay vs fused, forward+backward (B={B} T={T} I={I} H={H}), "
           f"torch.utils.benchmark, {torch.get_num_threads()} threads")
@@ -117,7 +99,7 @@ def run(quick: bool = False):
         out, _ = lstm(xr)
         torch.autograd.grad(out[:, -1].sum(), xr)
 
-    times = side_by_side({
+    times = compare_times({
         "gradient_profile (one batched pass)": lambda: rnnscope.gradient_profile(lstm, x),
         "classic per-sample loop": lambda: classic_loop(lstm, x),
         "classic per-sample loop, as written": lambda: classic_loop_as_written(lstm, x),
