@@ -1,5 +1,5 @@
-"""The monitor's fused cheap path (monitor/grad_norms.py: one _foreach_norm over every gradient
-block, norms in the gradients' dtype) gives the same record as the per-tensor float64 path."""
+"""The monitor's fused cheap path (monitor/grad_norms.py: one vector_norm per gradient over its
+gate blocks, norms in the gradients' dtype) gives the same record as the per-tensor float64 path."""
 
 from __future__ import annotations
 

@@ -5,9 +5,8 @@ block of a recurrent parameter's gradient, and of each (sample, step) row of the
 recurrent layer's input. Computed one tensor at a time in float64 (a float64 copy of every
 gradient, then a norm) they cost more than the rest of the monitor together. Here:
 
-- all parameter blocks go through one `torch._foreach_norm` (one fused kernel on GPUs, one C++
-  loop on CPUs, no Python per tensor), in the gradients' dtype, stacked and moved to the host
-  once;
+- every parameter's gate blocks are one `vector_norm` over a (G, ·) view of its gradient, in
+  the gradient's dtype, all concatenated and moved to the host once (`block_norms`);
 - row norms are one `linalg.vector_norm` in the gradient's dtype.
 
 A float32 sum of squares underflows below ~1e-19 per value and overflows above ~1e19, exactly
@@ -61,24 +60,11 @@ def _safe(lo: float, hi: float) -> bool:
     return SAFE_LO <= lo and hi <= SAFE_HI
 
 
-def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """The 2-norm of each tensor (any shapes and dtypes, one device), as float64 numbers."""
-    if not tensors:
-        return []
-    if not FUSED:
-        return [float(_exact(t)) for t in tensors]
-    norms = torch.stack(torch._foreach_norm(tensors)).to("cpu", torch.float64).tolist()
-    for i, v in enumerate(norms):  # rare: vanishing / exploding / non-finite
-        if not _safe(v, v) and (tensors[i].dtype != torch.float64
-                                or not SAFE64_LO <= v <= SAFE64_HI):
-            norms[i] = float(_exact(tensors[i]))
-    return norms
-
-
 def block_norms(grads: list[torch.Tensor], blocks: list[int]) -> torch.Tensor:
     """The 2-norms of each gradient's `blocks[i]` equal row blocks (G gate blocks of a
     (G·H, ·) recurrent weight, 1 for any other tensor), one float64 CPU tensor (Σ blocks,),
-    gradient after gradient, each exact as `tensor_norms` makes it.
+    gradient after gradient: a norm outside the float32-safe range (or not finite) is
+    recomputed in float64 from its block (`_exact`).
 
     One `vector_norm` over a (G, ·) view per gradient, one concatenation and one copy to the
     host: per tensor this is cheaper than `_foreach_norm` over per-block views on the CPU
@@ -96,7 +82,8 @@ def block_norms(grads: list[torch.Tensor], blocks: list[int]) -> torch.Tensor:
     values, at = norms.tolist(), 0  # a few dozen numbers: checked in Python, not by tensor ops
     if all(SAFE_LO <= v <= SAFE_HI for v in values):  # the common case (False for nan)
         return norms
-    # rare: vanishing / exploding / non-finite blocks, recomputed as `tensor_norms` does
+    # rare: vanishing / exploding / non-finite blocks, recomputed in float64 (float64
+    # gradients only outside the range where their own sum of squares is exact)
     for g, k in zip(grads, blocks):
         views = None
         for j in range(k):
