@@ -187,3 +187,57 @@ def test_initialisation_errors_name_the_function(fn, module):
     # found by the fuzz: these errors came without the function's name
     with pytest.raises((ValueError, TypeError), match=f"^{fn}: "):
         getattr(rnnscope, fn)(module, 10.0)
+
+
+@pytest.mark.parametrize("case", ["float32 denormals", "float32 range 1e-37", "float64 range 1e-307",
+                                  "float64 range overflows", "half"])
+def test_exact_quantiles_of_extreme_ranges_equal_torch_quantile(case):
+    """Past one sort (n > SMALL), ranges whose bin scale BINS/(hi − lo) does not fit the
+    values' dtype (saturated gates: float32 denormals) or whose width overflows float64: the
+    binning moves to float64, or to a kthvalue per rank where float64 cannot hold the scale
+    either. A fuzz found these crashing in bincount."""
+    from rnnscope import gates
+    from rnnscope.gates import QUANTILES, exact_quantiles
+
+    g = torch.Generator().manual_seed(2)
+    n = gates.SMALL + 4463
+    if case == "float32 denormals":  # sigmoid of −87 … −107: zeros and values below 1.2e-38
+        v = torch.sigmoid(-87 - 20 * torch.rand(n, generator=g))
+    elif case == "float32 range 1e-37":
+        v = torch.tensor([0.0, 1e-37, 3e-38]).repeat(n // 3 + 1)
+    elif case == "float64 range 1e-307":
+        v = torch.rand(n, generator=g, dtype=torch.float64) * 1e-307
+    elif case == "float64 range overflows":
+        v = torch.randn(n, generator=g, dtype=torch.float64) * 1e307
+        v[:2] = torch.tensor([-1.7e308, 1.7e308], dtype=torch.float64)
+    else:
+        v = (torch.rand(n, generator=g) * 1e-3).half()
+    odd = QUANTILES + (0.0, 1 / 3, 1.0)
+    want = torch.quantile(v.double(), torch.tensor(odd, dtype=torch.float64))
+    assert torch.equal(exact_quantiles(v, odd), want)
+
+
+@pytest.mark.parametrize("n", [100, 70_000])
+def test_exact_quantiles_with_a_nan_are_nan_as_torch_quantile(n):
+    from rnnscope.gates import QUANTILES, exact_quantiles
+
+    v = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    v[n // 2] = math.nan
+    assert exact_quantiles(v, QUANTILES).isnan().all()
+    assert torch.quantile(v, torch.tensor(QUANTILES)).isnan().all()
+
+
+def test_gate_stats_of_a_saturated_forget_gate():
+    """A forget bias of −95: every f is 0 or a float32 denormal; more values than one sort."""
+    torch.manual_seed(4)
+    lstm = nn.LSTM(2, 128, batch_first=True)
+    rnnscope.init_forget_bias(lstm, -95.0)
+    x = torch.randn(4, 160, 2)
+    st = rnnscope.gate_stats(lstm, x)
+    f = rnnscope.replay(lstm, x).layers[0][0].gates["f"].detach().double().reshape(-1)
+    assert f.numel() > 65536 and float(f.max()) < 1e-38
+    from rnnscope.gates import QUANTILES
+
+    want = torch.quantile(f, torch.tensor(QUANTILES, dtype=torch.float64))
+    got = torch.tensor([st.layers[0].quantiles[q] for q in QUANTILES], dtype=torch.float64)
+    assert torch.equal(got, want)

@@ -161,8 +161,8 @@ def exact_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
     """
     q = torch.tensor(qs, dtype=torch.float64)
     n = values.numel()
-    if n == 0:
-        return torch.full_like(q, math.nan)
+    if n == 0 or (values.is_floating_point() and bool(torch.isnan(values).any())):
+        return torch.full_like(q, math.nan)  # as torch.quantile: a NaN makes every quantile NaN
     # order statistics in the values' own dtype (float32 → float64 is exact and monotone)
     v = values if values.is_floating_point() else values.to(torch.float64)
     ranks = q * (n - 1)
@@ -197,12 +197,19 @@ def _order_statistics(v: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tens
         s = v.sort().values
         return {r: s[r] for r in ranks}
     lo, hi = (float(t) for t in v.aminmax())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
+    span = hi - lo  # in float64: a float32 or lower range never overflows here
+    scale = BINS / span if math.isfinite(span) and span > 0 else math.inf
+    # the binning runs in the values' dtype while the scale fits it (half its largest value:
+    # (v − lo)·scale may round a little above BINS), else in float64 (exact for narrower
+    # dtypes: a float32 range of denormals needs a scale of up to ~1e48)
+    work = v.dtype if scale <= torch.finfo(v.dtype).max / 2 else torch.float64
+    if not scale <= torch.finfo(work).max / 2:
+        # every value equal, ±inf among them, or a float64 range that overflows or is below
+        # ~1e-305: a kthvalue per rank over all values (exact, rare)
         return {r: v.kthvalue(r + 1).values for r in ranks}
-    scale = BINS / (hi - lo)
 
     def bins_of(part: torch.Tensor) -> torch.Tensor:
-        return (part - lo).mul_(scale).clamp_(max=BINS - 1).to(torch.int32)
+        return (part.to(work) - lo).mul_(scale).clamp_(max=BINS - 1).to(torch.int32)
 
     parts = v.split(CHUNK)
     ends = sum(torch.bincount(bins_of(p), minlength=BINS) for p in parts).cumsum(0)
