@@ -164,8 +164,9 @@ class ParamNorms(Statistic):
 
     def update(self, ctx, add):
         # the gate-block norms of every parameter come from the model-wide fused pass
-        # (`grad_norms`); one (G,) vector per parameter, split into gates in compute()
-        # a decay recurrence keeps its weights in submodules (MinGRU's nn.Linear): recurse
+        # (`grad_norms.block_norms`); one (G,) vector per parameter, split into gates in
+        # compute(). The submodule's parameters come from the monitor's parameter plan (which
+        # recurses into a decay recurrence's submodules, MinGRU's nn.Linear).
         for pname, p in ctx.module_parameters:
             if id(p) in ctx.block_norms:  # parameters with a gradient at this step
                 add("norm", ctx.block_norms[id(p)], pname)  # (G,) float64 CPU
