@@ -8,11 +8,11 @@ any work (`report_targets`), so the overwrite check covers all of them up front.
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
 from . import figures as figure_makers
+from .draw import draw_all, png_bytes, svg_bytes
 from .safe_write import OutputFolder
 
 from ..codec import SchemaError, dumps, loads
@@ -75,18 +75,6 @@ def load_results(path) -> StudyResult | ExperimentResult:
         raise ResultsError(f"{path}: {' '.join(str(e).split())}") from None
 
 
-def _png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _svg_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
-    return buf.getvalue()
-
-
 def check_writable(out_dir, *, overwrite: bool, command: str = "compare") -> None:
     """Refuse, before any work, if a file the report may write exists and not `overwrite`.
 
@@ -97,13 +85,15 @@ def check_writable(out_dir, *, overwrite: bool, command: str = "compare") -> Non
 
 
 def render_report(results: StudyResult | ExperimentResult, *,
-                  source: str | None = None) -> dict[str, bytes]:
+                  source: str | None = None, helper: bool | None = None) -> dict[str, bytes]:
     """Every file of the report as bytes, by relative path, drawn in memory (nothing written).
 
     Args:
         results: the study's result object.
         source: where the dict was read from (a results.json); errors while drawing it become
             ResultsError naming it, since a wrong file, not rnnscope, is then the likely cause.
+        helper: share the figures with a forked helper process (`draw.draw_all`); None: where
+            available (Linux, two or more CPUs, RNNSCOPE_DRAW_HELPER not 0).
     """
     import matplotlib.pyplot as plt
 
@@ -122,26 +112,34 @@ def render_report(results: StudyResult | ExperimentResult, *,
     except Exception as e:  # noqa: BLE001
         _results_error(e, source, "reading the numbers")
         raise
-    embedded = {}
-    for make in makers:
+
+    def draw_one(make, results) -> dict:
         try:
             figs = make(results)
         except Exception as e:  # noqa: BLE001 - see below
             _results_error(e, source, f"drawing the {make.__name__!r} figure")
             raise
-        for name, fig in figs.items():
-            if name not in allowed:  # the overwrite check must have covered every target
-                raise RuntimeError(f"figure {name!r} is not in report_targets: add it to "
-                                   f"figures.NAMES")
-            try:
-                png = _png_bytes(fig)
-                files[f"figures/{name}.png"] = png
-                files[f"figures/{name}.svg"] = _svg_bytes(fig)
-            except Exception as e:  # noqa: BLE001
-                _results_error(e, source, f"drawing the {name!r} figure")
-                raise
-            finally:
+        drawn = {}
+        try:
+            for name, fig in figs.items():
+                if name not in allowed:  # the overwrite check must have covered every target
+                    raise RuntimeError(f"figure {name!r} is not in report_targets: add it to "
+                                       f"figures.NAMES")
+                try:
+                    drawn[name] = (png_bytes(fig), svg_bytes(fig))
+                except Exception as e:  # noqa: BLE001
+                    _results_error(e, source, f"drawing the {name!r} figure")
+                    raise
+        finally:
+            for fig in figs.values():
                 plt.close(fig)
+        return drawn
+
+    embedded = {}
+    for drawn in draw_all(makers, results, draw_one, helper=helper):
+        for name, (png, svg) in drawn.items():
+            files[f"figures/{name}.png"] = png
+            files[f"figures/{name}.svg"] = svg
             embedded[name] = base64.b64encode(png).decode("ascii")
     try:
         files["report.html"] = render(results, embedded).encode("utf-8")
@@ -213,4 +211,4 @@ def write_report(results: StudyResult | ExperimentResult, out_dir, *, overwrite:
 
 def png_of(fig) -> bytes:
     """The exact PNG bytes the report writes for a figure (for re-plot checks)."""
-    return _png_bytes(fig)
+    return png_bytes(fig)
