@@ -189,3 +189,91 @@ def test_threaded_eigensolver_keeps_the_callers_grad_mode(grad):
     if grad:
         n.sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _chunks(seed: int, sizes=(9, 40, 3, 17, 64)):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, 12, 12, dtype=torch.float64, generator=gen) * 10.0 ** (i - 2)
+            for i, k in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_norm_queue_gives_each_chunk_its_norms_in_order(threads):
+    """A sweep's chunks queued in `NormQueue`: every `then` gets exactly the norms a plain call
+    gives (bit for bit, and the SVD oracle's to 1e-13), in the order put, with non-finite and
+    zero matrices as in a plain call; the caller's thread setting is back afterwards."""
+    from rnnscope.spectral import NormQueue
+
+    chunks = _chunks(5)
+    chunks[1][7] = float("nan")
+    chunks[3][0] = 0.0
+    chunks[3][2, 1, 1] = float("inf")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = [spectral_norm_of_scaled(*scaled(c)) for c in chunks]
+        got = []
+        with NormQueue() as q:
+            for i, c in enumerate(chunks):
+                q.put(*scaled(c), lambda v, i=i: got.append((i, v)))
+                assert len(q._pending) <= NormQueue.MAX_PENDING
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert [i for i, _ in got] == list(range(len(chunks)))
+    for (_, v), w, c in zip(got, want, chunks):
+        assert torch.equal(v.nan_to_num(-1.0), w.nan_to_num(-1.0))
+        ok = torch.isfinite(c.abs().amax((-2, -1)))
+        torch.testing.assert_close(v[ok], _svd_oracle(c[ok]), rtol=1e-13, atol=0)
+    assert torch.isnan(got[1][1][7]) and got[3][1][0] == 0 and got[3][1][2] == math.inf
+
+
+def test_norm_queue_overlaps_and_lowers_the_callers_threads_while_it_waits():
+    """While chunks are queued the caller runs torch with one thread (its own ops would leave
+    OpenMP threads spinning on the solvers' cores); `then` runs in the caller's thread."""
+    import threading
+
+    from rnnscope.spectral import NormQueue, _openmp
+
+    if not _openmp():
+        pytest.skip("the queue solves at once without OpenMP")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        with NormQueue() as q:
+            q.put(*scaled(_chunks(1)[4]), lambda v: seen.append(threading.get_ident()))
+            assert torch.get_num_threads() == 1 and len(q._pending) == 1 and not seen
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threading.get_ident()]
+
+
+def test_norm_queue_after_an_error_restores_threads_and_calls_nothing(monkeypatch):
+    """An error in the caller's block, or in a solver thread, leaves nothing running, calls no
+    `then`, restores the thread setting and reaches the caller."""
+    from rnnscope import spectral
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    called = []
+    try:
+        with pytest.raises(KeyError):
+            with spectral.NormQueue() as q:
+                q.put(*scaled(_chunks(2)[4]), called.append)
+                raise KeyError("the sweep failed")
+        assert torch.get_num_threads() == 2 and not called
+
+        def broken(g):
+            raise RuntimeError("solver failed")
+
+        monkeypatch.setattr(spectral.torch.linalg, "eigvalsh", broken)
+        with pytest.raises(RuntimeError, match="solver failed"):
+            with spectral.NormQueue() as q:
+                for c in _chunks(3):
+                    q.put(*scaled(c), called.append)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert not called or all(isinstance(v, torch.Tensor) for v in called)  # only solved ones

@@ -50,7 +50,7 @@ from .replay import Trace, check_replayable, replay
 from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLayer,
                       StateGradients, StepJacobians, highway_energy_share)
 from .span_sweep import Rescale, span_jacobians, span_norms
-from .spectral import spectral_norms, steps_per_chunk
+from .spectral import NormQueue, scaled, spectral_norms, steps_per_chunk
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
@@ -383,33 +383,37 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
     rec = _recurrence(module, inputs, hx, layer=layer, direction=direction, state=state,
                       method=method)
     T, chunk = rec.T, _chunk(chunk_size, rec)
-    directs, kept, norms, finite = [], [], [], []
+    directs, kept, finite = [], [], []
     e_last = None
-    for start in range(0, T, chunk):
-        sl = slice(start, min(start + chunk, T))
-        direct, total, e_last = _reported_steps(rec, sl, e_last)
-        indirect = total - torch.diag_embed(direct) if direct is not None else total
-        if keep == "full":
-            kept.append(indirect.detach().cpu())
-            ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); amax keeps nan
-        else:
-            # one batched Gram + eigvalsh for the chunk's B·S matrices; nan/inf for a
-            # non-finite matrix (spectral.py: exact to float64 rounding)
-            norms.append(spectral_norms(indirect).cpu())
-            ok = torch.isfinite(norms[-1])
-        if direct is not None:
-            ok &= torch.isfinite(direct).all(-1)
-            directs.append(direct.detach().cpu())
-        finite.append(ok.cpu())
+    spec = torch.empty(rec.B, T, dtype=torch.float64) if keep == "norms" else None
+    with NormQueue() as queue:  # each chunk's eigensolves run while the next one is built
+        for start in range(0, T, chunk):
+            sl = slice(start, min(start + chunk, T))
+            direct, total, e_last = _reported_steps(rec, sl, e_last)
+            indirect = total - torch.diag_embed(direct) if direct is not None else total
+            if keep == "full":
+                kept.append(indirect.detach().cpu())
+                ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); keeps nan
+            else:
+                # one batched Gram + eigvalsh for the chunk's B·S matrices; nan/inf for a
+                # non-finite matrix (spectral.py: exact to float64 rounding), as s is
+                B, S = indirect.shape[:2]
+                y, s, fin = scaled(indirect.detach().reshape(B * S, *indirect.shape[2:]))
+                queue.put(y, s, fin, lambda v, sl=sl, B=B, S=S: spec[:, sl].copy_(v.view(B, S)))
+                ok = torch.isfinite(s).view(B, S)
+            if direct is not None:
+                ok &= torch.isfinite(direct).all(-1)
+                directs.append(direct.detach().cpu())
+            finite.append(ok.cpu())
     valid = rec.valid_cpu
     bad = _per_sample_bad(torch.cat(finite, 1), valid)
     off = _unmeasured(valid, bad, T)  # (B, T)
     direct = torch.cat(directs, 1).masked_fill_(off.unsqueeze(-1), math.nan) if directs else None
-    indirect = spec = None
+    indirect = None
     if keep == "full":
         indirect = torch.cat(kept, 1).masked_fill_(off[..., None, None], math.nan)
     else:
-        spec = torch.cat(norms, 1).masked_fill_(off, math.nan)
+        spec.masked_fill_(off, math.nan)
     _warn_nonfinite("step_jacobians", bad)
     return StepJacobians(direct, indirect, rec.state, rec.kind, layer, direction,
                          rec.positions, valid=valid, nonfinite=bad, indirect_spectral=spec)

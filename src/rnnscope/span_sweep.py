@@ -58,7 +58,7 @@ from .cells import CELLS
 from .cells.layer_trace import LayerTrace
 from .recurrent import LayerParams
 from .results import highway_energy_share
-from .spectral import scaled, spectral_norm_of_scaled, steps_per_chunk
+from .spectral import NormQueue, scaled, spectral_norm_of_scaled, steps_per_chunk
 
 
 STATES = {"lstm": ("c", "h", "full"), "gru": ("h",), "rnn": ("h",)}
@@ -245,15 +245,17 @@ def _collect(steps, B: int, T: int, N: int, direct_steps, keep: str, chunk: int,
     frob = torch.empty(B, T, dtype=torch.float64)
     share = torch.empty(B, T, dtype=torch.float64) if direct is not None else None
     chunk_stop = T
-    for n, (J, E) in zip(range(T - 1, -1, -1), steps):
-        chunk_start = max(0, chunk_stop - chunk)
-        buf[:, n - chunk_start].copy_(J)
-        exps[:, n - chunk_start] = E
-        if n == chunk_start:
-            sl = slice(chunk_start, chunk_stop)
-            S = chunk_stop - chunk_start
-            _reduce(buf[:, :S], sl, spectral, frob, direct, share, exps[:, :S])
-            chunk_stop = chunk_start
+    with NormQueue() as queue:  # each chunk's eigensolves run while the next chunk is swept
+        for n, (J, E) in zip(range(T - 1, -1, -1), steps):
+            chunk_start = max(0, chunk_stop - chunk)
+            buf[:, n - chunk_start].copy_(J)
+            exps[:, n - chunk_start] = E
+            if n == chunk_start:
+                sl = slice(chunk_start, chunk_stop)
+                S = chunk_stop - chunk_start
+                _reduce(buf[:, :S], sl, spectral, frob, direct, share, exps[:, :S],
+                        queue=queue)
+                chunk_stop = chunk_start
     return SpanSweep(total=None, direct=direct.cpu() if direct is not None else None,
                      spectral=spectral, frobenius=frob, share=share)
 
@@ -275,9 +277,9 @@ def span_norms(total: torch.Tensor, direct: torch.Tensor | None, chunk: int | No
 
 
 def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share,
-            exps: torch.Tensor | None = None) -> None:
+            exps: torch.Tensor | None = None, queue: NormQueue | None = None) -> None:
     """Norms of a chunk of Jacobians J = 2^E · js (js (B, S, N, N), exps E (B, S) int64 or None
-    for 0) for steps sl, written in place.
+    for 0) for steps sl, written in place (the spectral norms when `queue` has solved them).
 
     One float64 copy, scaled as it is made (Y = js / max|js|, per matrix), serves all three: the
     spectral norm (`spectral.spectral_norm_of_scaled`), the Frobenius norm s·‖Y‖_F and the
@@ -288,7 +290,10 @@ def _reduce(js: torch.Tensor, sl: slice, spectral, frob, direct, share,
     if exps is not None and bool(exps.any()):
         e = exps.reshape(B * S).to(torch.float64)
         s = torch.ldexp(s, e)  # exact, down to float64's range
-    spectral[:, sl] = spectral_norm_of_scaled(y, s, finite).view(B, S).cpu()
+    if queue is None:
+        spectral[:, sl] = spectral_norm_of_scaled(y, s, finite).view(B, S).cpu()
+    else:
+        queue.put(y, s, finite, lambda norms: spectral[:, sl].copy_(norms.view(B, S)))
     # ‖J‖_F = s ‖Y‖_F; inf/nan for a non-finite J, 0 for J = 0 (as matrix_norm gives)
     fro2 = (y * y).sum((-2, -1))
     frob[:, sl] = torch.where(finite, fro2.sqrt() * s, s).view(B, S).cpu()

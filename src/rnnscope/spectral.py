@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -167,3 +167,78 @@ def _top_gram_eigenvalues(y: torch.Tensor) -> torch.Tensor:
     finally:
         torch.set_num_threads(threads)
     return top.reshape(lead)
+
+
+class NormQueue:
+    """Spectral norms of chunks a sweep hands in one by one, solved in the eigensolver's worker
+    threads while the sweep builds the next chunk.
+
+    The sweeps (`span_sweep`, `step_jacobians`) alternate between building a chunk of
+    Jacobians (small ops, mostly one core) and reducing it (`eigvalsh` on every core), each
+    waiting for the other. Queued, the two overlap: `cell_jacobians` of the default RNN at
+    T=1000 went from 0.94-1.15 s to 0.70-0.76 s. The norms are the same bits as from
+    `spectral_norm_of_scaled` (one thread per solver call, whatever the split).
+
+    Use as a context manager; `put(y, s, finite, then)` queues `scaled(X)` of a chunk, and
+    `then(norms)` is called in this thread with `spectral_norm_of_scaled(y, s, finite)` once
+    they are solved: at a later `put` or on leaving the block, in the order put. At most
+    `MAX_PENDING` chunks wait at once (each holds its float64 copy alive). While any is queued
+    this thread runs torch with one thread, so that its own ops do not leave OpenMP threads
+    spinning on the cores the solvers need; the setting is restored on leaving, also on an
+    error (when the queued work is cancelled or waited for, and no `then` is called).
+    Where the solver runs as one plain call (GPU, ATen's native backend, one thread), `put`
+    solves at once.
+    """
+
+    MAX_PENDING = 2
+
+    def __init__(self):
+        self._pending: list = []  # (futures, s, finite, then)
+        self._threads = None  # the caller's thread count while lowered to 1
+
+    def __enter__(self) -> NormQueue:
+        return self
+
+    def put(self, y: torch.Tensor, s: torch.Tensor, finite: torch.Tensor, then) -> None:
+        """Queue the chunk y (K, m, n) float64 (with s, finite (K,) from `scaled`)."""
+        threads = self._threads or torch.get_num_threads()
+        parts = min(threads, y.shape[0] // MIN_PER_THREAD)
+        if y.device.type != "cpu" or not _openmp() or (parts <= 1 and not self._pending):
+            then(spectral_norm_of_scaled(y, s, finite))
+            return
+        if self._threads is None:
+            self._threads = threads
+            torch.set_num_threads(1)
+        while len(self._pending) >= self.MAX_PENDING:
+            self._finish_oldest()
+        grad = torch.is_grad_enabled()
+        if parts <= 1:  # too small to share out: solved here, its `then` still in its turn
+            done = Future()
+            done.set_result(_gram_top(y, grad))
+            futures = [done]
+        else:
+            pool = _solver_pool(threads)
+            futures = [pool.submit(_gram_top, part, grad) for part in y.chunk(parts)]
+        self._pending.append((futures, s, finite, then))
+
+    def _finish_oldest(self) -> None:
+        futures, s, finite, then = self._pending.pop(0)
+        lam = torch.cat([f.result() for f in futures]).clamp_min(0)
+        then(torch.where(finite, lam.sqrt() * s, s))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                while self._pending:
+                    self._finish_oldest()
+        finally:
+            for futures, *_ in self._pending:  # after an error: nothing left running
+                for f in futures:
+                    f.cancel()
+                for f in futures:
+                    if not f.cancelled():
+                        f.exception()  # waits; its error, if any, is dropped with it
+            self._pending.clear()
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
+                self._threads = None
