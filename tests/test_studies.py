@@ -55,3 +55,46 @@ def test_compare_study_is_reproducible_and_json_safe():
     assert gru_a.layers[0].cell_jacobians == gru_b.layers[0].cell_jacobians
     assert set(a.recurrent) == {"RNN", "GRU"} and a.recurrent["RNN"].gates is None
     assert a.recurrent["GRU"].gates is not None
+
+
+import pytest  # noqa: E402
+
+from rnnscope import stream, studies  # noqa: E402
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_compare_profiles_of_recurrent_models_come_from_their_state_gradient_pass(
+        monkeypatch, streamed):
+    """compare_study takes a fused recurrent model's gradient profile from the backward of its
+    state gradients (one replay, or the streamed chunks when the batch is large) instead of a
+    forward and backward of its own: the profile is gradient_profile's on the same drawn
+    inputs (to float32 rounding; same config, loss and site), and the Transformer's is
+    gradient_profile's exactly."""
+    built = {}
+    real_build = studies.build_model
+
+    def build(kind, *a, **k):
+        built[kind] = real_build(kind, *a, **k)
+        return built[kind]
+
+    monkeypatch.setattr(studies, "build_model", build)
+    if streamed:  # every batch counts as large: the chunked state gradients serve
+        monkeypatch.setattr(stream, "large", lambda spec, B, T: True)
+    stages = []
+    res = compare_study(models=("rnn", "lstm", "gru", "transformer"), seq_len=40,
+                        hidden_size=6, input_size=3, samples=4, num_layers=2, seed=3,
+                        jac_samples=2, progress=stages.append)
+    assert list(res.comparison.profiles) == ["RNN", "LSTM", "GRU", "Transformer"]
+    assert "LSTM: state gradients and gradient profile" in stages
+    monkeypatch.undo()
+    for kind, name in (("rnn", "RNN"), ("lstm", "LSTM"), ("gru", "GRU"),
+                       ("transformer", "Transformer")):
+        got = res.comparison.profiles[name]
+        want = rnnscope.gradient_profile(built[kind].eval(), seq_len=40, samples=4, seed=3)
+        assert (got.config, got.loss, got.site, got.nonfinite_inputs, got.nonfinite_grads) \
+            == (want.config, want.loss, want.site, 0, 0)
+        if kind == "transformer":
+            assert torch.equal(got.per_sample, want.per_sample)
+        else:  # the replay's float32 rounding, not the fused kernel's
+            torch.testing.assert_close(got.per_sample, want.per_sample, rtol=2e-5, atol=1e-12)
+            assert got.per_sample[:, 0].min() > 0  # the far end still carries gradient

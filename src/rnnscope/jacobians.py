@@ -781,11 +781,13 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
 
 
 def streamed_state_gradients(module: nn.Module, inputs, hx=None, *, loss="last",
-                             keep: str = "norms", chunk: int | None = None) -> StateGradients:
+                             keep: str = "norms", chunk: int | None = None,
+                             input_grad: bool = False):
     """`state_gradients` of an unpacked input in chunks of time (`stream`): the same numbers
     to float rounding with memory O(B·T·N) instead of the whole graph. `state_gradients` takes
     this path by itself when the batch is large (`stream.large`); `chunk` steps per chunk
-    (default `stream.chunk_steps`)."""
+    (default `stream.chunk_steps`). `input_grad`: returns (StateGradients, ∂L/∂x batch-major
+    (B, T, I)) from the same backward."""
     spec = describe(module)
     if not stream.streamable(spec):
         raise ValueError(f"this {type(module).__name__} draws inter-layer dropout masks in "
@@ -804,7 +806,7 @@ def streamed_state_gradients(module: nn.Module, inputs, hx=None, *, loss="last",
     if g_seq is None:
         g_seq = torch.zeros_like(seq)
     del seq
-    grads, _ = stream.backward(spec, x, runs, g_seq, keep=keep)
+    grads, dx = stream.backward(spec, x, runs, g_seq, keep=keep, input_grad=input_grad)
     layers = []
     for row in grads:
         out = []
@@ -815,12 +817,15 @@ def streamed_state_gradients(module: nn.Module, inputs, hx=None, *, loss="last",
             out.append(StateGradientLayer(h=g.h, c=g.c, h_full=g.h_full, c_full=g.c_full,
                                           nonfinite=bad))
         layers.append(tuple(out))
-    return StateGradients(tuple(layers), _loss_name(loss))
+    sg = StateGradients(tuple(layers), _loss_name(loss))
+    return (sg, dx) if input_grad else sg
 
 
-def _trace_state_gradients_from_loss(tr, *, loss, keep: str,
-                                     retain_graph: bool) -> StateGradients:
-    """state_gradients on a replay trace: the loss on its top layer's output sequence."""
+def _trace_state_gradients_from_loss(tr, *, loss, keep: str, retain_graph: bool,
+                                     also: tuple = ()):
+    """state_gradients on a replay trace: the loss on its top layer's output sequence.
+    With `also` (tensors the trace was computed from), returns (StateGradients, their
+    gradients from the same backward)."""
     top = tr.layers[-1]
     seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, F)
     if not seq.requires_grad:
@@ -837,8 +842,9 @@ def _trace_state_gradients_from_loss(tr, *, loss, keep: str,
         if packed:
             seq = seq * top[0].valid.unsqueeze(-1).to(seq)
         losses = per_sample_loss(seq, loss, seq.shape[0])
-    return trace_state_gradients(tr, [losses.sum()], keep=keep, loss=_loss_name(loss),
-                                 retain_graph=retain_graph)
+    out = _state_gradients_and(tr, [losses.sum()], None, keep=keep, loss=_loss_name(loss),
+                               retain_graph=retain_graph, also=also)
+    return out if also else out[0]
 
 
 def trace_state_gradients(trace, outputs: list, grad_outputs: list | None = None, *,
@@ -851,12 +857,21 @@ def trace_state_gradients(trace, outputs: list, grad_outputs: list | None = None
     replayed output and final states, grad_outputs = the gradients the real loss sent them).
     A state the backward never reaches gets gradient zero.
     """
-    targets = [t for dirs in trace.layers for lt in dirs
-               for t in lt.steps_h + (lt.steps_c or ())]
+    return _state_gradients_and(trace, outputs, grad_outputs, keep=keep, loss=loss,
+                                retain_graph=retain_graph)[0]
+
+
+def _state_gradients_and(trace, outputs: list, grad_outputs, *, keep: str, loss: str,
+                         retain_graph: bool, also: tuple = ()):
+    """(`trace_state_gradients`, [gradient of each tensor in `also`]) from one backward."""
+    states = [t for dirs in trace.layers for lt in dirs
+              for t in lt.steps_h + (lt.steps_c or ())]
+    targets = states + list(also)
     grads = (torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True,
                                  retain_graph=retain_graph)
              if outputs else [None] * len(targets))
-    it = iter(_zeros_if_none(grads, targets))
+    grads = _zeros_if_none(grads, targets)
+    it = iter(grads[:len(states)])
     layers = []
     for dirs in trace.layers:
         row = []
@@ -865,7 +880,7 @@ def trace_state_gradients(trace, outputs: list, grad_outputs: list | None = None
             gc = [next(it) for _ in lt.steps_c] if lt.steps_c is not None else None
             row.append(_gradient_layer(gh, gc, lt.reverse, keep))
         layers.append(tuple(row))
-    return StateGradients(tuple(layers), loss)
+    return StateGradients(tuple(layers), loss), grads[len(states):]
 
 
 def _loss_name(loss) -> str:

@@ -370,20 +370,28 @@ def _state_leaves(state):
 
 
 def _as_profile(fwd: SiteForward, grad: torch.Tensor, loss_name: str, seed) -> GradientProfile:
+    return profile_of_gradient(grad, fwd.tensors, loss_name=loss_name, seed=seed,
+                               site=fwd.site, time_dim=fwd.time_dim, lengths=fwd.axes.lengths,
+                               stacklevel=5)
+
+
+def profile_of_gradient(grad: torch.Tensor, site_tensors, *, loss_name: str, seed,
+                        site: str = "input", time_dim: int | None = None, lengths=None,
+                        stacklevel: int = 4) -> GradientProfile:
+    """The `GradientProfile` of ∂L/∂x, grad (B, T, F) batch-major, measured at `site` on
+    `site_tensors` (the tensors x was read from, checked for non-finite values)."""
     per_sample = grad.detach().to(device="cpu", dtype=torch.float64).norm(dim=-1)  # (B, T)
-    lengths = fwd.axes.lengths
-    x_site = fwd.tensors
-    bad_in = sum(count_nonfinite(t.detach()) for t in x_site)
+    bad_in = sum(count_nonfinite(t.detach()) for t in site_tensors)
     bad_grad = count_nonfinite(grad)
     if bad_in or bad_grad:
-        warnings.warn(f"gradient_profile: {bad_in} non-finite input value(s) at {fwd.site!r} and "
+        warnings.warn(f"gradient_profile: {bad_in} non-finite input value(s) at {site!r} and "
                       f"{bad_grad} non-finite gradient value(s); affected norms are NaN/Inf and "
-                      "the summaries nan", RuntimeWarning, stacklevel=4)
+                      "the summaries nan", RuntimeWarning, stacklevel=stacklevel)
     config = {"seq_len": int(per_sample.shape[1]), "samples": int(per_sample.shape[0]),
               "seed": seed, "dtype": str(grad.dtype).replace("torch.", ""),
-              "device": str(grad.device), "site": fwd.site, "time_dim": fwd.time_dim}
+              "device": str(grad.device), "site": site, "time_dim": time_dim}
     return GradientProfile(per_sample, loss_name, bad_in, bad_grad, config, lengths=lengths,
-                           site=fwd.site)
+                           site=site)
 
 
 @public("compare", grad=True)

@@ -20,10 +20,12 @@ from . import __version__, stream
 from .budget import check_memory, compare_bytes, model_bytes
 from .checks import check_model_call, check_number, narrow_state
 from .gates import gate_stats
-from .jacobians import cell_jacobians, lyapunov_spectrum, state_gradients, step_jacobians
+from .jacobians import (_trace_state_gradients_from_loss, cell_jacobians, lyapunov_spectrum,
+                        state_gradients, step_jacobians, streamed_state_gradients)
 from .models import DISPLAY, build_model
 from .lag import lag_profile
-from .profile import compare, gradient_profile, profile_drawn, random_inputs
+from .profile import (compare, gradient_profile, profile_drawn, profile_of_gradient,
+                      random_inputs)
 from .site import (Capture, ModelCall, _as_leaf, capturing, model_call, recurrent_axes,
                    unwrap_model)
 from .modern.protocol import describe_decay, is_decay_recurrence
@@ -84,6 +86,18 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *,
     exponent, gate statistics, total state gradients. x and hx in the module's own layout;
     `calls` (inspect) is how many forward calls x was joined from. `jac_samples`: an int, or
     "auto" (`jacobian_samples_for`: 4 samples up to T=250, fewer beyond, at least 1)."""
+    return _recurrent_analysis(module, x, hx, jac_samples=jac_samples, progress=progress,
+                               name=name, calls=calls)[0]
+
+
+def _recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *,
+                        jac_samples: int | str = "auto", progress: Progress = _noop,
+                        name: str = "", calls: int | None = None,
+                        profile_seed: int | None = None):
+    """(`recurrent_analysis`, the gradient profile of loss "last" at the module's input or
+    None). The profile is asked for by `profile_seed` (the seed x was drawn with, for its
+    config) for a batch-first module: it then comes from the state gradients' own backward
+    (one more GEMM per layer), not from a forward and backward of its own."""
     spec = describe(module)
     batch_dim = 0 if (spec.batch_first or spec.is_cell) else 1
     time_dim = 1 - batch_dim if x.dim() == 3 else 0
@@ -104,24 +118,40 @@ def recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *,
             # a non-finite sample's exponent is reported, not averaged (mean_largest)
             lyap = lyapunov_spectrum(tr_j, layer=layer, direction=d, k=1)
             layers.append(LayerAnalysis(layer, d, cj.norms(), StepPaths.of(sj), lyap))
+    want_profile = profile_seed is not None
+    if want_profile and not (spec.batch_first and x.dim() == 3 and hx is None):
+        raise ValueError("the shared gradient profile needs a batch-first module, a (B, T, I) "
+                         "batch and no initial state")
+    leaf = _as_leaf(x)
     if _streams(spec, x, batch_dim):
         # one graph over the whole batch would take GBs: the module forms stream over time
         tr = module
         args = (x, hx)
     else:
         with torch.enable_grad():
-            tr = replay(module, _as_leaf(x), hx)  # a graph even if no parameter needs one
+            tr = replay(module, leaf, hx)  # a graph even if no parameter needs one
         args = ()
     gates = None
     if spec.kind in RETAIN_GATE:
         progress(f"{name}: gate statistics")
         gates = gate_stats(tr, *args)
-    progress(f"{name}: state gradients")
-    sg = state_gradients(tr, *args)
+    prof = None
+    if want_profile:
+        progress(f"{name}: state gradients and gradient profile")
+        if args:
+            sg, dx = streamed_state_gradients(module, x, input_grad=True)
+        else:
+            sg, (dx,) = _trace_state_gradients_from_loss(tr, loss="last", keep="norms",
+                                                         retain_graph=False, also=(leaf,))
+        prof = profile_of_gradient(dx, [x], loss_name="last", seed=profile_seed)
+    else:
+        progress(f"{name}: state gradients")
+        sg = state_gradients(tr, *args)
     return RecurrentAnalysis(spec.kind, spec.nonlinearity, spec.input_size, spec.hidden_size,
                              spec.proj_size, spec.num_layers, spec.num_directions, state, n,
                              tuple(layers), gates, sg,
-                             hx_given=None if calls is None else hx is not None, calls=calls)
+                             hx_given=None if calls is None else hx is not None,
+                             calls=calls), prof
 
 
 def _streams(spec, x, batch_dim: int) -> bool:
@@ -215,23 +245,34 @@ def compare_study(*, models=("rnn", "lstm", "gru", "transformer"), seq_len: int 
         m = build_model(kind, input_size, hidden_size, num_layers=num_layers,
                         forget_init=forget_init, t_max=seq_len, generator=gen)
         built[DISPLAY[kind]] = m.to(device).eval()
-    if "transformer" in models and seq_len > LONG_ATTENTION:
-        # attention is the one O(T²) part of compare (in time; its memory is linear): said,
-        # not silently dropped or shortened
-        progress(f"gradient profiles (the Transformer's causal attention takes O(T²) time: "
-                 f"at T={seq_len} it sets the time of this stage)")
-    else:
-        progress("gradient profiles")
-    cmp = compare(built, seq_len=seq_len, samples=samples, seed=seed)
+    # A fused recurrent module's profile comes from the backward its state gradients take
+    # anyway (same inputs, same loss); the others are profiled by `compare`.
+    shared = {name for name, m in built.items()
+              if is_recurrent(m) and not describe(m).is_cell and describe(m).batch_first}
+    others = {name: m for name, m in built.items() if name not in shared}
+    profiles = {}
+    if others:
+        if "transformer" in models and seq_len > LONG_ATTENTION:
+            # attention is the one O(T²) part of compare (in time; its memory is linear):
+            # said, not silently dropped or shortened
+            progress(f"gradient profiles (the Transformer's causal attention takes O(T²) "
+                     f"time: at T={seq_len} it sets the time of this stage)")
+        else:
+            progress("gradient profiles")
+        profiles.update(compare(others, seq_len=seq_len, samples=samples, seed=seed).profiles)
     x = random_inputs(next(iter(built.values())), seq_len=seq_len, samples=samples, seed=seed)
     recurrent = {}
     for name, m in built.items():
         if is_recurrent(m):
-            recurrent[name] = recurrent_analysis(m, x, jac_samples=jac_samples,
-                                                 progress=progress, name=name)
+            recurrent[name], prof = _recurrent_analysis(
+                m, x, jac_samples=jac_samples, progress=progress, name=name,
+                profile_seed=seed if name in shared else None)
+            if prof is not None:
+                profiles[name] = prof
         elif is_decay_recurrence(m):
             recurrent[name] = decay_analysis(m, x, jac_samples=jac_samples, progress=progress,
                                              name=name)
+    cmp = Comparison({name: profiles[name] for name in built})
     table = decay_table(DECAY_FORGET, DECAY_LENGTHS)
     return StudyResult("compare", config, versions(), cmp, recurrent, table,
                        round(time.perf_counter() - t0, 3))
