@@ -43,7 +43,11 @@ def test_compare_writes_report_and_numbers_equal_the_api(tmp_path):
     for name, prof in cmp.profiles.items():
         saved = torch.tensor(res["comparison"]["profiles"][name]["per_sample"],
                              dtype=torch.float64)
-        torch.testing.assert_close(saved, prof.per_sample, rtol=1e-12, atol=0)
+        # a recurrent model's profile comes from the replay its state gradients take (float32
+        # rounding apart from the fused kernel's); the Transformer's is compare()'s own
+        exact = name == "Transformer"
+        torch.testing.assert_close(saved, prof.per_sample, rtol=1e-12 if exact else 2e-5,
+                                   atol=0 if exact else 1e-12)
     x = rnnscope.profile.random_inputs(models["LSTM"], seq_len=12, samples=6, seed=3)
     cj = rnnscope.cell_jacobians(models["LSTM"], x[:4], keep="norms")
     saved = torch.tensor(res["recurrent"]["LSTM"]["layers"][0]["cell_jacobians"]["spectral"],
