@@ -199,3 +199,34 @@ def test_reverse_layer_run_writes_what_forward_writes(kind):
             lt.h.sum().backward()
         written.append(w.total)
     assert written[0] == written[1]
+
+
+def test_recurrent_weight_gradient_is_computed_only_when_asked_for(monkeypatch):
+    """W_hh's gradient (one GEMM over all steps) is skipped by a backward that asks for other
+    tensors only (autograd.grad w.r.t. the input, as compare's profile does), and computed,
+    equal to the fused module's, when the backward reaches W_hh."""
+    from rnnscope.cells import lstm as lstm_cell
+
+    calls = []
+    real = lstm_cell._PrevStates.in_positions
+    monkeypatch.setattr(lstm_cell._PrevStates, "in_positions",
+                        lambda self: calls.append(1) or real(self))
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 5, num_layers=2, batch_first=True).double()
+    x = torch.randn(4, 9, 3, dtype=torch.float64, requires_grad=True)
+    tr = rnnscope.replay(m, x)
+    (gx,) = torch.autograd.grad(tr.output[:, -1].sum(), [x], retain_graph=True)
+    assert calls == []
+    xf = x.detach().requires_grad_(True)
+    m(xf)[0][:, -1].sum().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    torch.testing.assert_close(gx, xf.grad, rtol=1e-12, atol=1e-14)
+    g_w = torch.autograd.grad(tr.output[:, -1].sum(), [x, m.weight_hh_l0], retain_graph=True)
+    assert len(calls) == 1  # layer 0's W_hh only: layer 1's is not asked for
+    torch.testing.assert_close(g_w[1], want["weight_hh_l0"], rtol=1e-12, atol=1e-14)
+    m.zero_grad(set_to_none=True)
+    calls.clear()
+    tr.output[:, -1].sum().backward()
+    assert len(calls) == 2
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-12, atol=1e-14)

@@ -49,7 +49,10 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
     record = None
     if fast and torch.is_grad_enabled() and p.w_hh.requires_grad:
         record = _PrevStates(h0, reverse)
-        gx = _RecurrentWeightGrad.apply(gx, p.w_hh, record)
+        # W_hh through a view of its own: the view's node tells the backward whether W_hh's
+        # gradient is wanted (`_engine_needs`; a leaf's own node cannot be asked under
+        # autograd.grad)
+        gx = _RecurrentWeightGrad.apply(gx, p.w_hh.view_as(p.w_hh), record)
     steps = gx.unbind(1)  # unbind once: indexing gx[:, t] per step makes backward O(T^2)
     if reverse:
         steps = steps[::-1]
@@ -207,16 +210,31 @@ class _RecurrentWeightGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, w_hh, record):
         ctx.record = record
+        ctx.w_node = w_hh.grad_fn  # the view's (see `run`)
         return gx.view_as(gx)
 
     @staticmethod
     def backward(ctx, d_gx):
         _refuse_double_backward()
         d_w = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _engine_needs(ctx.w_node):
             prev = ctx.record.in_positions()  # (B, T, H_out)
             d_w = d_gx.reshape(-1, d_gx.shape[-1]).t() @ prev.reshape(-1, prev.shape[-1])
         return d_gx, d_w, None
+
+
+def _engine_needs(node) -> bool:
+    """Whether the running backward executes `node` (a non-leaf node): not when
+    autograd.grad(...) asks for other tensors only (the state gradients and ∂L/∂x of
+    `compare`), where W_hh's gradient, a (4H, B·T) @ (B·T, H) GEMM, would be computed for
+    nothing. True when it cannot tell (no node; the private check missing or refusing)."""
+    check = getattr(torch._C, "_will_engine_execute_node", None)
+    if node is None or check is None:
+        return True
+    try:
+        return bool(check(node))
+    except RuntimeError:
+        return True
 
 
 def _k_matrix(p: LayerParams, i, f, g, c_prev) -> torch.Tensor:
