@@ -31,9 +31,12 @@ The eigensolver runs one thread per call, the batch split over `torch.get_num_th
 Python threads (`_top_gram_eigenvalues`). MKL's `syevd` gains nothing from its own threads on
 N ≤ 256 (0.89 s with 2 threads against 0.72 s with 1 for 1000 matrices of N = 128) and
 releases the GIL, so two threads with one stream of matrices each take 0.50 s: 1.8× on the
-2-core machine (1.5× with the Gram products, which run in the same threads). One thread per
-call also makes the result independent of the thread count and of how the batch is split:
-MKL's threaded `syevd` rounds differently (2.5e−15 relative).
+2-core machine (1.5× with the Gram products, which run in the same threads). The bits can
+depend on how the batch is split, so on the thread count: MKL rounds some matrix sizes
+(smaller Gram sides of 5, 7, 9, 11, ...) differently by where they lie in memory, by ~1e−15
+relative (17 of the 100 shapes from 1×1 to 10×10, 9 matrices each, at 1 against 2 threads);
+the 128 × 128 and 24 × 24 cases measured agree bit for bit. MKL's own threaded `syevd`
+rounds differently again (2.5e−15 relative).
 
 Shape legend: K matrices, N rows/columns.
 """
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -106,23 +110,30 @@ def spectral_norms(x: torch.Tensor, *, chunk: int = CHUNK) -> torch.Tensor:
 
 
 MIN_PER_THREAD = 4  # matrices per eigensolver thread below which one thread does it all
-# (process id, thread count, pool): kept, since new threads cost 3 ms per call in thread setup
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+# thread count -> pool, for the process `_pools_pid`: kept, since new threads cost 3 ms per call
+# in thread setup; never shut down while the process lives, since another Python thread (with
+# its own torch thread count) may be handing work to any of them
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_pid: int | None = None
+_pools_lock = threading.Lock()
 
 
 def _solver_pool(threads: int) -> ThreadPoolExecutor:
-    """The eigensolver's worker threads (`threads` of them, one torch thread each), made on
-    first use and remade when the thread count changes or in a forked child (whose copy of the
-    pool has no threads: work handed to it would never run)."""
-    global _pool
-    pid = os.getpid()
-    if _pool is None or _pool[:2] != (pid, threads):
-        if _pool is not None and _pool[0] == pid:
-            _pool[2].shutdown(wait=False)
-        _pool = (pid, threads, ThreadPoolExecutor(threads, thread_name_prefix="rnnscope-eigvalsh",
-                                                  initializer=torch.set_num_threads,
-                                                  initargs=(1,)))
-    return _pool[2]
+    """The eigensolver's worker threads (`threads` of them, one torch thread each), one pool
+    per thread count, made on first use; made anew in a forked child (whose copies of the pools
+    have no threads: work handed to them would never run)."""
+    global _pools_pid
+    with _pools_lock:
+        pid = os.getpid()
+        if _pools_pid != pid:
+            _pools.clear()
+            _pools_pid = pid
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix="rnnscope-eigvalsh",
+                initializer=torch.set_num_threads, initargs=(1,))
+        return pool
 
 
 @functools.cache
@@ -176,8 +187,9 @@ class NormQueue:
     The sweeps (`span_sweep`, `step_jacobians`) alternate between building a chunk of
     Jacobians (small ops, mostly one core) and reducing it (`eigvalsh` on every core), each
     waiting for the other. Queued, the two overlap: `cell_jacobians` of the default RNN at
-    T=1000 went from 0.94-1.15 s to 0.70-0.76 s. The norms are the same bits as from
-    `spectral_norm_of_scaled` (one thread per solver call, whatever the split).
+    T=1000 went from 0.94-1.15 s to 0.70-0.76 s. The norms are the bits
+    `spectral_norm_of_scaled` gives at the caller's thread count (see the module docstring
+    for how those may depend on it).
 
     Use as a context manager; `put(y, s, finite, then)` queues `scaled(X)` of a chunk, and
     `then(norms)` is called in this thread with `spectral_norm_of_scaled(y, s, finite)` once
@@ -187,7 +199,8 @@ class NormQueue:
     spinning on the cores the solvers need; the setting is restored on leaving, also on an
     error (when the queued work is cancelled or waited for, and no `then` is called).
     Where the solver runs as one plain call (GPU, ATen's native backend, one thread), `put`
-    solves at once.
+    solves at once. A `then` must not `put` into its own queue (the order would then be the
+    nested calls' first). Each Python thread uses its own queue.
     """
 
     MAX_PENDING = 2
