@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 # figure also loads fonts and the mathtext parser, ~0.5 s), for the split: unlisted count 1.
 COST = {"highway": 1.9, "gradient_flow": 1.4, "gates": 0.9, "step_paths": 0.5,
         "decay": 0.35, "lag": 0.5}
+FIRST_COST = 0.5  # seconds of `first` (results.json and the page's dry run) at T=1000
 HELPER_WAIT = 60.0  # seconds beyond this process's own share before the helper is given up
 
 Drawn = dict  # figure name -> (png bytes, svg bytes), in the order the maker returned them
@@ -58,11 +59,11 @@ def helper_available(n_makers: int) -> bool:
     return len(os.sched_getaffinity(0)) >= 2
 
 
-def split(makers: Sequence[Maker]) -> tuple[list[int], list[int]]:
+def split(makers: Sequence[Maker], head_start: float = 0.0) -> tuple[list[int], list[int]]:
     """Indices of `makers` for (this process, the helper): longest first, each to the lighter
-    share, by COST."""
+    share, by COST; this process starts with `head_start` seconds of other work."""
     shares: tuple[list[int], list[int]] = ([], [])
-    load = [0.0, 0.0]
+    load = [head_start, 0.0]
     for i in sorted(range(len(makers)), key=lambda i: -COST.get(makers[i].__name__, 1.0)):
         k = 0 if load[0] <= load[1] else 1
         shares[k].append(i)
@@ -71,19 +72,24 @@ def split(makers: Sequence[Maker]) -> tuple[list[int], list[int]]:
 
 
 def draw_all(makers: Sequence[Maker], results, draw_one: Callable[[Maker, object], Drawn], *,
-             helper: bool | None = None) -> list[Drawn]:
+             helper: bool | None = None, first: Callable[[], None] | None = None) -> list[Drawn]:
     """[draw_one(make, results) for make in makers], the helper drawing its share when
     `helper` (None: `helper_available`). `draw_one` raises on failure; it is called again
-    here for every maker the helper did not return."""
+    here for every maker the helper did not return. `first()` (results.json, a check) runs
+    here before any drawing, while the helper already draws; its error stops the helper."""
     if helper is None:
         helper = helper_available(len(makers))
     if not helper or len(makers) < 2:
+        if first is not None:
+            first()
         return [draw_one(make, results) for make in makers]
-    mine, theirs = split(makers)
+    mine, theirs = split(makers, FIRST_COST if first is not None else 0.0)
     child = _Helper.start([makers[i] for i in theirs], results, draw_one)
     out: list[Drawn | None] = [None] * len(makers)
     try:
         t0 = time.monotonic()
+        if first is not None:
+            first()
         for i in mine:
             out[i] = draw_one(makers[i], results)
         got = child.collect(timeout=HELPER_WAIT + (time.monotonic() - t0)) if child else {}

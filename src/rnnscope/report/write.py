@@ -104,14 +104,17 @@ def render_report(results: StudyResult | ExperimentResult, *,
     allowed = set(figure_makers.EXPERIMENT_NAMES if command == "experiment"
                   else figure_makers.NAMES)
     render = render_experiment_html if command == "experiment" else render_html
-    try:
-        files = {"results.json": dumps(results.to_dict()).encode("utf-8")}
-        # the page's readings use most of the numbers and take milliseconds: a dry run with
-        # every figure present finds a broken file before seconds of drawing
-        render(results, dict.fromkeys(allowed, ""))
-    except Exception as e:  # noqa: BLE001
-        _results_error(e, source, "reading the numbers")
-        raise
+    files = {}
+
+    def numbers() -> None:  # run while a helper process (if any) already draws
+        try:
+            files["results.json"] = dumps(results.to_dict()).encode("utf-8")
+            # the page's readings use most of the numbers and take milliseconds: a dry run
+            # with every figure present finds a broken file before seconds of drawing
+            render(results, dict.fromkeys(allowed, ""))
+        except Exception as e:  # noqa: BLE001
+            _results_error(e, source, "reading the numbers")
+            raise
 
     def draw_one(make, results) -> dict:
         try:
@@ -136,7 +139,7 @@ def render_report(results: StudyResult | ExperimentResult, *,
         return drawn
 
     embedded = {}
-    for drawn in draw_all(makers, results, draw_one, helper=helper):
+    for drawn in draw_all(makers, results, draw_one, helper=helper, first=numbers):
         for name, (png, svg) in drawn.items():
             files[f"figures/{name}.png"] = png
             files[f"figures/{name}.svg"] = svg
