@@ -157,3 +157,5 @@ def test_the_helper_is_used_only_where_it_can_help(monkeypatch):
     assert not draw.helper_available(5)
     monkeypatch.setattr(draw.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     assert draw.helper_available(5)
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "TkAgg")  # a GUI: all drawn here
+    assert not draw.helper_available(5)

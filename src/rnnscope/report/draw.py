@@ -14,7 +14,8 @@ The helper cannot change what the report holds:
   matplotlib's random element ids, as between any two runs.
 
 Not on other systems (macOS and Windows start processes by spawning, which re-imports torch:
-seconds), on one CPU, with fewer than two makers, or when `RNNSCOPE_DRAW_HELPER=0`.
+seconds), on one CPU, with fewer than two makers, under a GUI matplotlib backend (its windows
+and connections are the parent's), or when `RNNSCOPE_DRAW_HELPER=0`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,20 @@ def helper_available(n_makers: int) -> bool:
         return False
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return False
-    return len(os.sched_getaffinity(0)) >= 2
+    return len(os.sched_getaffinity(0)) >= 2 and _non_interactive_backend()
+
+
+# matplotlib's file-only backends (matplotlib.rcsetup.non_interactive_bk before 3.9)
+FILE_BACKENDS = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
+
+
+def _non_interactive_backend() -> bool:
+    """Whether matplotlib draws to files only here (Agg when headless, as in the CLI): a GUI
+    backend (Tk, Qt, a notebook's) holds windows and connections a forked child must not
+    touch, so with one the figures are all drawn in this process."""
+    import matplotlib
+
+    return matplotlib.get_backend().lower() in FILE_BACKENDS
 
 
 def split(makers: Sequence[Maker], head_start: float = 0.0) -> tuple[list[int], list[int]]:
@@ -159,13 +173,11 @@ class _Helper:
 def _helper_main(conn, makers, results, draw_one) -> None:
     code = 0
     try:
-        import matplotlib.pyplot as plt
         import torch
 
         # one thread: the parent's OpenMP pool did not survive the fork, and the two processes
         # already share the CPUs
         torch.set_num_threads(1)
-        plt.switch_backend("Agg")  # never a GUI backend the parent may have had
         out = {}
         for j, make in enumerate(makers):
             try:
