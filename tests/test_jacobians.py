@@ -421,3 +421,44 @@ def test_lstm_lyapunov_from_frame_products_equals_the_dense_jacobians(dtype, pro
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert k == 1 or (want[:, 0] - want[:, -1]).min() > 0.01  # distinct: a slip shows
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_lstm_cell_state_steps_equal_the_full_state_route(monkeypatch, chunk):
+    """step_jacobians of an LSTM's cell state (no projection, unpacked) takes the split form
+    diag(f_n) + K_n diag(e_{n−1}) (cells.lstm.cell_state_steps) instead of [0 I] F_n [E; I]
+    from the full-state matrices: the same direct, indirect, norms and non-finite flags, across
+    chunk boundaries (e_{n−1} carried), both directions, a NaN sample included."""
+    import warnings
+
+    from rnnscope import jacobians as J
+
+    torch.manual_seed(4)
+    m = nn.LSTM(5, 12, num_layers=2, bidirectional=True, batch_first=True).double()
+    x = torch.randn(3, 23, 5, dtype=torch.float64)
+    x[1, 9] = float("nan")
+    real = J._recurrence
+
+    def full_state_route(*a, **k):
+        rec = real(*a, **k)
+        assert rec.c_steps is not None  # the split form was on offer
+        rec.c_steps = None
+        return rec
+
+    for d in (0, 1):
+        for keep in ("full", "norms"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                split = rnnscope.step_jacobians(m, x, layer=1, direction=d, state="c",
+                                                keep=keep, chunk_size=chunk)
+                monkeypatch.setattr(J, "_recurrence", full_state_route)
+                full = rnnscope.step_jacobians(m, x, layer=1, direction=d, state="c",
+                                               keep=keep, chunk_size=chunk)
+                monkeypatch.setattr(J, "_recurrence", real)
+            assert torch.equal(split.nonfinite, full.nonfinite) and bool(split.nonfinite[1])
+            for name in ("direct", "indirect", "indirect_spectral"):
+                a, b = getattr(split, name), getattr(full, name)
+                if b is None:
+                    assert a is None
+                    continue
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15, equal_nan=True)

@@ -98,6 +98,9 @@ class _Recurrence:
     unbatched: bool = False
     valid: torch.Tensor | None = None
     closed: tuple | None = None  # (LayerTrace, LayerParams, nonlinearity) for the adjoint sweep
+    # LSTM "c" without projection, unpacked: c_steps(sl, e_before) -> (f, indirect, e_last),
+    # the one-step Jacobians split without the full-state matrices (`cells.lstm.cell_state_steps`)
+    c_steps: Callable | None = None
 
     @property
     def valid_cpu(self) -> torch.Tensor | None:
@@ -193,10 +196,15 @@ def _recurrence(module, inputs, hx, *, layer, direction, state, method) -> _Recu
                            unbatched=tr.unbatched, valid=valid, closed=closed)
     N = {"c": H, "h": P, "full": P + H}[state]
     rows = {"c": slice(P, P + H), "h": slice(0, P), "full": None}[state]
+    c_steps = None
+    if state == "c" and valid is None and p.w_hr is None:
+        def c_steps(sl, e_before):
+            with torch.no_grad():
+                return cells.lstm.cell_state_steps(p, lt, sl, e_before)
     return _Recurrence(step, B, T, N, P + H, state, "lstm", positions, rows=rows,
                        cols=slice(0, P) if state == "h" else None,
                        entry=entry if state == "c" else None, unbatched=tr.unbatched,
-                       valid=valid, closed=closed)
+                       valid=valid, closed=closed, c_steps=c_steps)
 
 
 def _decay_spec(module, *, layer, direction, state, method):
@@ -389,8 +397,11 @@ def step_jacobians(module: nn.Module | Trace, inputs=None, hx=None, *, layer: in
     with NormQueue() as queue:  # each chunk's eigensolves run while the next one is built
         for start in range(0, T, chunk):
             sl = slice(start, min(start + chunk, T))
-            direct, total, e_last = _reported_steps(rec, sl, e_last)
-            indirect = total - torch.diag_embed(direct) if direct is not None else total
+            if rec.c_steps is not None:  # the split form, no (P+H)² matrices
+                direct, indirect, e_last = rec.c_steps(sl, e_last)
+            else:
+                direct, total, e_last = _reported_steps(rec, sl, e_last)
+                indirect = total - torch.diag_embed(direct) if direct is not None else total
             if keep == "full":
                 kept.append(indirect.detach().cpu())
                 ok = torch.isfinite(indirect.abs().amax(dim=(-2, -1)))  # (B, S); keeps nan

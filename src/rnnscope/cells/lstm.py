@@ -284,6 +284,24 @@ def step_jacobians(p: LayerParams, tr: LayerTrace, n: slice) -> torch.Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+def cell_state_steps(p: LayerParams, tr: LayerTrace, n: slice, e_before: torch.Tensor | None):
+    """The cell-state one-step Jacobians of an LSTM without projection, split: (f (B, S, H),
+    indirect (B, S, H, H), e of the slice's last step (B, H)), where
+
+        ∂c_n/∂c_{n−1} = diag(f_n) + K_n diag(e_{n−1}),   e = o (1 − tanh² c)
+
+    (E_{n−1} = diag(e_{n−1}) without a projection, so K_n E_{n−1} scales K's columns).
+    `e_before` (B, H): e of the step before the slice, None at step 0 (E_{−1} = 0: h0 is an
+    input). The same numbers as the full-state route, `step_jacobians` then [0 I] F [E; I],
+    without the (P+H)² matrices or a matrix product per step."""
+    i, f, g, o = (tr.step_range(tr.gates[k], n) for k in ("i", "f", "g", "o"))
+    k = _k_matrix(p, i, f, g, tr.prev_c[:, n])  # (B, S, H, H)
+    e = _e_scale(o, tr.step_range(tr.c, n))  # (B, S, H)
+    first = torch.zeros_like(e[:, :1]) if e_before is None else e_before.unsqueeze(1)
+    e_prev = torch.cat([first, e[:, :-1]], dim=1)
+    return f, k * e_prev.unsqueeze(-2), e[:, -1]
+
+
 # ----------------------------------------------------------------------------------------------
 # The one-step vector-Jacobian product (the contract every cell module shares: `vjp_weights`,
 # `vjp_saved`, `step_vjp`; see cells/__init__.py)
