@@ -24,7 +24,6 @@ import io
 import os
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -33,7 +32,7 @@ from collections.abc import Callable, Sequence
 COST = {"highway": 1.9, "gradient_flow": 1.4, "gates": 0.9, "step_paths": 0.5,
         "decay": 0.35, "lag": 0.5}
 FIRST_COST = 0.5  # seconds of `first` (results.json and the page's dry run) at T=1000
-HELPER_WAIT = 60.0  # seconds beyond this process's own share before the helper is given up
+HELPER_WAIT = 60.0  # seconds after this process's own share before the helper is given up
 
 Drawn = dict  # figure name -> (png bytes, svg bytes), in the order the maker returned them
 Maker = Callable[[object], dict]
@@ -101,12 +100,11 @@ def draw_all(makers: Sequence[Maker], results, draw_one: Callable[[Maker, object
     child = _Helper.start([makers[i] for i in theirs], results, draw_one)
     out: list[Drawn | None] = [None] * len(makers)
     try:
-        t0 = time.monotonic()
         if first is not None:
             first()
         for i in mine:
             out[i] = draw_one(makers[i], results)
-        got = child.collect(timeout=HELPER_WAIT + (time.monotonic() - t0)) if child else {}
+        got = child.collect(timeout=HELPER_WAIT) if child else {}
     finally:
         if child is not None:
             child.stop()
