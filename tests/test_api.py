@@ -130,7 +130,7 @@ def test_chunk_size_changes_memory_not_results(chunk_size):
 
 def test_chunk_size_is_used(monkeypatch):
     """The equality above would also hold if chunk_size were ignored: count the chunks."""
-    from rnnscope import jacobians, span_sweep
+    from rnnscope import cells, jacobians, span_sweep
 
     lstm, x = _lstm_case()  # T = 11
     calls = {"steps": 0, "reduce": 0}
@@ -143,6 +143,9 @@ def test_chunk_size_is_used(monkeypatch):
 
     monkeypatch.setattr(jacobians, "_reported_steps",
                         counted("steps", jacobians._reported_steps))
+    # an LSTM's cell state (the default) takes the split form: its chunks count the same
+    monkeypatch.setattr(cells.lstm, "cell_state_steps",
+                        counted("steps", cells.lstm.cell_state_steps))
     monkeypatch.setattr(span_sweep, "_reduce", counted("reduce", span_sweep._reduce))
     for chunk_size, n in ((None, 1), (4, 3), (1, 11)):
         calls.update(steps=0, reduce=0)
