@@ -58,6 +58,21 @@ def _record_pid(make, results):
     return {name: (str(pid).encode(), b"") for name, pid in make(results).items()}
 
 
+@pytest.fixture
+def helper_pids(monkeypatch):
+    """The pids of the helpers draw_all starts, in order (to check each was reaped)."""
+    started = []
+    real_start = draw._Helper.start
+
+    def start(*a, **k):
+        child = real_start(*a, **k)
+        started.append(child.pid)
+        return child
+
+    monkeypatch.setattr(draw._Helper, "start", start)
+    return started
+
+
 @linux_fork
 def test_the_helper_really_draws_its_share():
     makers = [_pid_maker(n) for n in ("highway", "gradient_flow", "gates", "decay")]
@@ -73,17 +88,8 @@ def test_the_helper_really_draws_its_share():
 
 
 @linux_fork
-def test_a_maker_failing_in_the_helper_is_drawn_here(monkeypatch):
+def test_a_maker_failing_in_the_helper_is_drawn_here(helper_pids):
     parent = os.getpid()
-    started = []
-    real_start = draw._Helper.start
-
-    def start(*a, **k):
-        child = real_start(*a, **k)
-        started.append(child.pid)
-        return child
-
-    monkeypatch.setattr(draw._Helper, "start", start)
 
     def flaky(make, results):
         if os.getpid() != parent:
@@ -94,21 +100,12 @@ def test_a_maker_failing_in_the_helper_is_drawn_here(monkeypatch):
     out = draw.draw_all(makers, None, flaky, helper=True)
     assert [int(next(iter(d.values()))[0]) for d in out] == [parent] * 3
     with pytest.raises(ChildProcessError):  # reaped: no zombie left behind
-        os.waitpid(started[0], os.WNOHANG)
+        os.waitpid(helper_pids[0], os.WNOHANG)
 
 
 @linux_fork
-def test_a_hung_helper_is_killed_and_its_share_drawn_here(monkeypatch):
+def test_a_hung_helper_is_killed_and_its_share_drawn_here(monkeypatch, helper_pids):
     parent = os.getpid()
-    started = []
-    real_start = draw._Helper.start
-
-    def start(*a, **k):
-        child = real_start(*a, **k)
-        started.append(child.pid)
-        return child
-
-    monkeypatch.setattr(draw._Helper, "start", start)
     monkeypatch.setattr(draw, "HELPER_WAIT", 0.5)
 
     def hangs(make, results):
@@ -122,7 +119,7 @@ def test_a_hung_helper_is_killed_and_its_share_drawn_here(monkeypatch):
     assert time.monotonic() - t0 < 30
     assert [int(next(iter(d.values()))[0]) for d in out] == [parent, parent]
     with pytest.raises(ChildProcessError):
-        os.waitpid(started[0], os.WNOHANG)
+        os.waitpid(helper_pids[0], os.WNOHANG)
 
 
 @linux_fork
