@@ -42,9 +42,10 @@ def run(p: LayerParams, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *,
     forward with the same operations, so states and gates are the same numbers either way.
     """
     H = p.w_hh.shape[0] // 4
-    gx = torch.nn.functional.linear(x, p.w_ih, p.b_ih)  # (B, T, 4H)
-    if p.b_hh is not None:
-        gx = gx + p.b_hh
+    # both biases in the input projection's GEMM (b_ih + b_hh is 4H adds, not a pass over
+    # (B, T, 4H)); autograd hands each bias the same gradient
+    bias = p.b_ih if p.b_hh is None else p.b_hh if p.b_ih is None else p.b_ih + p.b_hh
+    gx = torch.nn.functional.linear(x, p.w_ih, bias)  # (B, T, 4H)
     fast = p.w_hr is None
     record = None
     if fast and torch.is_grad_enabled() and p.w_hh.requires_grad:
