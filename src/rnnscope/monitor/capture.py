@@ -21,6 +21,7 @@ from ..jacobians import trace_state_gradients
 from ..recurrent import RETAIN_GATE
 from ..replay import replay, replay_leading_samples
 from ..site import pad_packed
+from ..state_sweep import sweep_state_gradients
 from .grad_norms import row_norms, row_norms_checked
 
 
@@ -77,28 +78,35 @@ def chains(cap: Capture) -> list[list[Call]]:
 
 @dataclass
 class Replayed:
-    """One call of a fused module replayed on its captured samples, its graph kept alive for
-    the statistics that read it. `keep`: the samples measured (the first ones; a dropout
-    replay of a PackedSequence runs the whole batch, whose masks were drawn for it).
-    `mask_batch`: for a call with dropout narrowed to its first samples, the batch its masks
-    were drawn for (`replay_leading_samples`)."""
+    """One call of a fused module replayed on its captured samples. `keep`: the samples
+    measured (the first ones; a dropout replay of a PackedSequence runs the whole batch, whose
+    masks were drawn for it). `mask_batch`: for a call with dropout narrowed to its first
+    samples, the batch its masks were drawn for (`replay_leading_samples`).
+
+    `swept`: an unpacked, batched call is replayed without a graph, its statistics taken by
+    closed-form sweeps (`state_sweep`, `lag_sweep`); a packed call's replay records its graph
+    and keeps it alive for the statistics that differentiate it."""
 
     module: torch.nn.Module
     spec: object
     call: Call
     keep: int
     mask_batch: int | None = None
-    x: object = None        # the replay's input leaf (tensor or PackedSequence)
+    x: object = None        # the replay's input (a leaf that requires grad unless swept)
     trace: object = None
+    swept: bool = False
 
     def __post_init__(self):
-        with torch.enable_grad():
-            x = self.call.x
+        x = self.call.x
+        # an unpacked, batched call's statistics all come from closed-form sweeps over the
+        # replay (`state_sweep`, `lag_sweep`): no graph is recorded for them
+        self.swept = not isinstance(x, PackedSequence) and x.dim() == 3
+        with torch.set_grad_enabled(not self.swept):
             if isinstance(x, PackedSequence):
                 x = PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
                                    x.sorted_indices, x.unsorted_indices)
             else:
-                x = x.detach().requires_grad_(True)
+                x = x.detach().requires_grad_(not self.swept)
             self.x = x
             if self.mask_batch is not None:
                 self.trace = replay_leading_samples(self.module, x, self.call.hx,
@@ -125,20 +133,14 @@ class Replayed:
     def state_parts(self) -> dict:
         """Per (layer, direction): (keep, T) norms of ∂L/∂h_t and ∂L/∂c_t of the captured output
         gradients back-propagated through the replay, the valid-step mask and the retain gate
-        (keep, T, H), on the CPU in float64. The graph is kept for other statistics."""
+        (keep, T, H), on the CPU in float64. A packed call's replay is differentiated by
+        autograd (its graph is kept for the lag rows); any other's is swept in closed form."""
         tr, lengths = self.trace, self.lengths
-        outs, gouts = [], []
-        for key, t in (("out", tr.output), ("h_n", tr.h_n), ("c_n", tr.c_n)):
-            g = self.call.grad_out.get(key)
-            if t is None or g is None:
-                continue
-            if isinstance(t, PackedSequence):  # padded (n, T, ·) -> the replay's packed rows
-                g = pack_padded_sequence(g, lengths, batch_first=True,
-                                         enforce_sorted=False).data
-                t = t.data
-            outs.append(t)
-            gouts.append(g.to(t.dtype))
-        sg = trace_state_gradients(tr, outs, gouts, retain_graph=True)
+        if self.swept:
+            grads = self.call.grad_out
+            sg = sweep_state_gradients(tr, self.output_grad, grads.get("h_n"), grads.get("c_n"))
+        else:
+            sg = self._autograd_state_gradients()
         out = {}
         m = self.keep
         for layer, dirs in enumerate(tr.layers):
@@ -154,6 +156,22 @@ class Replayed:
                 out[(layer, d)] = {"h": g.h[:m], "c": None if g.c is None else g.c[:m],
                                    "valid": valid[:m], "gate": None if gate is None else gate[:m]}
         return out
+
+
+    def _autograd_state_gradients(self):
+        tr, lengths = self.trace, self.lengths
+        outs, gouts = [], []
+        for key, t in (("out", tr.output), ("h_n", tr.h_n), ("c_n", tr.c_n)):
+            g = self.call.grad_out.get(key)
+            if t is None or g is None:
+                continue
+            if isinstance(t, PackedSequence):  # padded (n, T, ·) -> the replay's packed rows
+                g = pack_padded_sequence(g, lengths, batch_first=True,
+                                         enforce_sorted=False).data
+                t = t.data
+            outs.append(t)
+            gouts.append(g.to(t.dtype))
+        return trace_state_gradients(tr, outs, gouts, retain_graph=True)
 
 
 def replay_chains(module, spec, cap: Capture, max_batch: int) -> list[list[Replayed]]:
