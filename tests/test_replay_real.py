@@ -349,6 +349,15 @@ def test_dropout_refusals():
     x = torch.randn(5, 2, 3)
     with pytest.raises(ValueError, match=r"rng_state=torch\.get_rng_state\(\).*module\.eval\(\)"):
         rnnscope.replay(m, x)
+    # an analysis that replays internally takes no rng_state: it says to replay and pass the
+    # trace, and doing so works
+    for fn in (rnnscope.state_gradients, rnnscope.cell_jacobians, rnnscope.gate_stats):
+        with pytest.raises(ValueError, match=rf"{fn.__name__} takes no rng_state: replay it "
+                           rf"yourself.*rng_state=state.*\({fn.__name__}\(trace\)\)"):
+            fn(m, x)
+    state = torch.get_rng_state()
+    m(x)
+    assert rnnscope.state_gradients(rnnscope.replay(m, x, rng_state=state)).layers
     spec = recurrent.describe(m)
     with pytest.raises(ValueError, match="cuDNN.*private dropout state.*eval"):
         check_replayable(spec, device="cuda", rng_state=torch.get_rng_state())

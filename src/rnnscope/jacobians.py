@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import cells, stream
 from .cells import custom
-from .checks import check_initial_state, check_inputs, count_nonfinite, public
+from .checks import check_initial_state, check_inputs, public
 from .options import Keep, Loss, Method, State
 from .profile import per_sample_loss
 from .recurrent import check_subclass, describe, is_recurrent
@@ -51,6 +51,7 @@ from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLa
                       StateGradients, StepJacobians, highway_energy_share)
 from .span_sweep import Rescale, span_jacobians, span_norms
 from .spectral import NormQueue, scaled, spectral_norms, steps_per_chunk
+from .state_sweep import can_sweep, gradient_layer, swept_state_gradients_from_loss
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
@@ -766,6 +767,9 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     if isinstance(module, Trace):
+        if can_sweep(module):  # needs no graph, and leaves the trace's graph (if any) alone
+            return swept_state_gradients_from_loss(module, loss=loss, keep=keep,
+                                                   loss_name=_loss_name(loss))
         return _trace_state_gradients_from_loss(module, loss=loss, keep=keep,
                                                 retain_graph=True)
     if is_decay_recurrence(module):  # modern/protocol.py: one reverse scan of the decays
@@ -783,7 +787,12 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
         inputs = PackedSequence(inputs.data.detach().requires_grad_(True), inputs.batch_sizes,
                                 inputs.sorted_indices, inputs.unsorted_indices)
     else:
-        check_inputs(spec, inputs)
+        _, unbatched = check_inputs(spec, inputs)
+        if not unbatched and not spec.is_cell:  # a closed-form sweep on a graph-less replay
+            with torch.no_grad():
+                tr = replay(module, inputs, hx)
+            return swept_state_gradients_from_loss(tr, loss=loss, keep=keep,
+                                                   loss_name=_loss_name(loss))
         inputs = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
         # Inputs that require grad guarantee a graph even if no parameter requires grad.
@@ -822,7 +831,7 @@ def streamed_state_gradients(module: nn.Module, inputs, hx=None, *, loss="last",
     for row in grads:
         out = []
         for g in row:
-            # as `_gradient_layer`: non-finite values are counted where some norm is non-finite
+            # as `gradient_layer`: non-finite values are counted where some norm is non-finite
             bad = (g.bad_h if not torch.isfinite(g.h).all() else 0) + (
                 g.bad_c if g.c is not None and not torch.isfinite(g.c).all() else 0)
             out.append(StateGradientLayer(h=g.h, c=g.c, h_full=g.h_full, c_full=g.c_full,
@@ -889,7 +898,7 @@ def _state_gradients_and(trace, outputs: list, grad_outputs, *, keep: str, loss:
         for lt in dirs:
             gh = [next(it) for _ in lt.steps_h]
             gc = [next(it) for _ in lt.steps_c] if lt.steps_c is not None else None
-            row.append(_gradient_layer(gh, gc, lt.reverse, keep))
+            row.append(gradient_layer(gh, gc, lt.reverse, keep))
         layers.append(tuple(row))
     return StateGradients(tuple(layers), loss), grads[len(states):]
 
@@ -901,24 +910,6 @@ def _loss_name(loss) -> str:
 def _zeros_if_none(grads, targets):
     """A state the loss never reaches (allow_unused) has gradient zero, not None."""
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
-
-
-def _gradient_layer(gh, gc, reverse, keep) -> StateGradientLayer:
-    """Per-step gradients in processing order -> (B, T) norms in position order."""
-
-    def stack(gs):
-        return torch.stack(gs[::-1] if reverse else gs, dim=1).detach()  # (B, T, ·)
-
-    h = stack(gh)
-    c = stack(gc) if gc is not None else None
-    norm = lambda t: t.to("cpu", torch.float64).norm(dim=-1)  # noqa: E731
-    h_norm, c_norm = norm(h), (norm(c) if c is not None else None)
-    # a NaN/Inf value makes its norm non-finite: count values only when some norm is
-    bad = sum(count_nonfinite(t) for t, n in ((h, h_norm), (c, c_norm))
-              if n is not None and not torch.isfinite(n).all())
-    return StateGradientLayer(h=h_norm, c=c_norm, h_full=h.cpu() if keep == "full" else None,
-                              c_full=c.cpu() if c is not None and keep == "full" else None,
-                              nonfinite=bad)
 
 
 def _custom_state_gradients(cell, inputs, hx, *, loss, keep) -> StateGradients:
@@ -935,7 +926,7 @@ def _custom_state_gradients(cell, inputs, hx, *, loss, keep) -> StateGradients:
     per_comp = [grads[i::n] for i in range(n)]
     gh = per_comp[0]
     gc = per_comp[1] if n > 1 else None
-    return StateGradients(((_gradient_layer(gh, gc, False, keep),),), _loss_name(loss))
+    return StateGradients(((gradient_layer(gh, gc, False, keep),),), _loss_name(loss))
 
 
 def _cpu(t):

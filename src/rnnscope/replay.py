@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import cells
 from .cells.layer_trace import LayerTrace
-from .checks import check_initial_state, check_inputs, check_packed, public
+from .checks import check_initial_state, check_inputs, check_packed, current_entry, public
 from .modern.decay_trace import DecayTrace, decay_trace
 from .modern.protocol import is_decay_recurrence
 from .recurrent import RecurrentSpec, check_subclass, describe
@@ -116,11 +116,15 @@ def check_replayable(spec: RecurrentSpec, *, device=None, rng_state=None) -> Non
                          "rnnscope cannot read, so they cannot be replayed; call module.eval() "
                          "for the analysis (and module.train() after), or replay on the CPU")
     if rng_state is None:
+        fn = current_entry("replay")
+        how = ("pass rng_state=torch.get_rng_state() captured immediately before the module's "
+               "call so the replay redraws the same masks" if fn == "replay" else
+               f"{fn} takes no rng_state: replay it yourself, trace = rnnscope.replay(module, "
+               "inputs, hx, rng_state=state) with state = torch.get_rng_state() captured "
+               f"immediately before the module's call, and pass the trace ({fn}(trace))")
         raise ValueError(f"this {name} is in training mode with dropout={spec.dropout}: its "
-                         "inter-layer dropout masks are random; pass "
-                         "rng_state=torch.get_rng_state() captured immediately before the "
-                         "module's call so the replay redraws the same masks, or call "
-                         "module.eval() before measuring (and module.train() after)")
+                         f"inter-layer dropout masks are random; {how}, or call module.eval() "
+                         "before measuring (and module.train() after)")
 
 
 def _generator(rng_state) -> torch.Generator:

@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from .cells import CELLS
-from .jacobians import _gradient_layer
-from .results import StateGradients
+from .checks import count_nonfinite
+from .profile import per_sample_loss
+from .results import StateGradientLayer, StateGradients
 
 
 def can_sweep(trace) -> bool:
@@ -39,7 +40,7 @@ def can_sweep(trace) -> bool:
 @torch.no_grad()
 def sweep_state_gradients(trace, g_out: torch.Tensor | None, g_hn: torch.Tensor | None = None,
                           g_cn: torch.Tensor | None = None, *, samples: int | None = None,
-                          loss: str = "custom") -> StateGradients:
+                          loss: str = "custom", keep: str = "norms", input_grad: bool = False):
     """The norms `trace_state_gradients(trace, [output, h_n, c_n], [g_out, g_hn, g_cn])` gives,
     from a sweep (the trace may have no graph).
 
@@ -49,9 +50,14 @@ def sweep_state_gradients(trace, g_out: torch.Tensor | None, g_hn: torch.Tensor 
         g_hn, g_cn: (L·D, B, Ho) and (L·D, B, H) cotangents of the final states, or None.
         samples: sweep only the first `samples` samples of the trace (samples do not
             interact); the cotangents are for those samples. None: all.
+        loss: the name the result carries.
+        keep: "norms", or "full" to keep the gradient tensors too (as `state_gradients`).
+        input_grad: also return the gradient at the module's input, (samples, T, I)
+            batch-major, from the same sweep (one more GEMM).
 
     Returns:
-        `StateGradients` with (samples, T) norms per layer and direction, position order.
+        `StateGradients` with (samples, T) norms per layer and direction, position order;
+        with input_grad, (StateGradients, the input gradient).
     """
     if not can_sweep(trace):
         raise ValueError("sweep_state_gradients takes a fused module's replay on an unpacked, "
@@ -77,8 +83,8 @@ def sweep_state_gradients(trace, g_out: torch.Tensor | None, g_hn: torch.Tensor 
             hn = None if g_hn is None else g_hn[k].to(dev, dt)
             cn = None if g_cn is None else g_cn[k].to(dev, dt)
             gh, gc, d_in = _sweep_direction(cell, spec, layer, d, lt, n, T, g, hn, cn,
-                                            want_input=layer > 0)
-            row.append(_gradient_layer(gh, gc, lt.reverse, "norms"))
+                                            want_input=layer > 0 or input_grad)
+            row.append(gradient_layer(gh, gc, lt.reverse, keep))
             if d_in is not None:  # (T, B, G·H) processing order -> (B, T, I_l) positions
                 w_ih = spec.params(layer, d).w_ih.detach()
                 dx = (d_in @ w_ih).transpose(0, 1)
@@ -88,7 +94,41 @@ def sweep_state_gradients(trace, g_out: torch.Tensor | None, g_hn: torch.Tensor 
         if layer > 0:
             masks = trace.dropout_masks
             cot = below if not masks else below * masks[layer - 1][n].to(dt)
-    return StateGradients(tuple(layers), loss)
+    sg = StateGradients(tuple(layers), loss)
+    return (sg, below) if input_grad else sg
+
+
+def swept_state_gradients_from_loss(trace, *, loss, keep: str = "norms",
+                                    loss_name: str = "custom") -> StateGradients:
+    """`state_gradients` of a sweepable trace: the loss ("last", "all" or a callable, as
+    `per_sample_loss` takes it) on the top layer's output sequence is differentiated by
+    autograd on that sequence alone (a leaf), and the recurrence by the sweep."""
+    top = trace.layers[-1]
+    seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, D·Ho)
+    seq = seq.detach().requires_grad_(True)
+    with torch.enable_grad():
+        losses = per_sample_loss(seq, loss, seq.shape[0])
+        (g,) = torch.autograd.grad(losses.sum(), [seq], allow_unused=True)
+    return sweep_state_gradients(trace, torch.zeros_like(seq) if g is None else g,
+                                 loss=loss_name, keep=keep)
+
+
+def gradient_layer(gh, gc, reverse, keep) -> StateGradientLayer:
+    """Per-step gradients in processing order -> (B, T) norms in position order."""
+
+    def stack(gs):
+        return torch.stack(gs[::-1] if reverse else gs, dim=1).detach()  # (B, T, ·)
+
+    h = stack(gh)
+    c = stack(gc) if gc is not None else None
+    norm = lambda t: t.to("cpu", torch.float64).norm(dim=-1)  # noqa: E731
+    h_norm, c_norm = norm(h), (norm(c) if c is not None else None)
+    # a NaN/Inf value makes its norm non-finite: count values only when some norm is
+    bad = sum(count_nonfinite(t) for t, n in ((h, h_norm), (c, c_norm))
+              if n is not None and not torch.isfinite(n).all())
+    return StateGradientLayer(h=h_norm, c=c_norm, h_full=h.cpu() if keep == "full" else None,
+                              c_full=c.cpu() if c is not None and keep == "full" else None,
+                              nonfinite=bad)
 
 
 def _sweep_direction(cell, spec, layer: int, d: int, lt, n: slice, T: int, g, hn, cn, *,
