@@ -753,13 +753,16 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
     """Exact total gradients ∂L/∂h_t and (LSTM) ∂L/∂c_t for every layer, direction and step.
 
     "Total" means everything that reaches the state: the gradient injected at its own output
-    step plus all that flows back through the recurrence and the layers above. Taken in one
-    backward of the replay with respect to the per-step state tensors themselves; the module's
-    parameters and their .grad are not touched.
+    step plus all that flows back through the recurrence and the layers above. For a fused
+    module on a batched tensor, one closed-form backward sweep (`state_sweep`: each cell's
+    one-step VJP, PyTorch's equations) on a replay made without a graph; otherwise (packed
+    sequences, cells, unbatched inputs) one backward of the replay's graph with respect to the
+    per-step state tensors themselves. The module's parameters and their .grad are not touched.
 
     Args:
-        module: the recurrent module, or a `Trace` from `replay` made with gradients enabled
-            (its graph is kept, so the trace serves again); then inputs and hx are not given.
+        module: the recurrent module, or a `Trace` from `replay` (then inputs and hx are not
+            given). A trace of a fused module on a batched tensor needs no graph; any other
+            must be made with gradients enabled (its graph is kept, so it serves again).
         loss: as in `gradient_profile`: "last", "all" or a callable(outputs (B, T, F)) -> (B,).
             Outputs are the module's output sequence, batch-major.
         keep: "norms" (default) keeps (B, T) norms; "full" also keeps the gradient tensors.
