@@ -57,7 +57,7 @@ def test_compare_replays_each_module_once_and_matches_the_analyses(monkeypatch, 
         # the modules compare built are fresh objects: find them by kind and size in the calls
         used = [(w, mm) for w, mm in calls if isinstance(mm, type(m))]
         whats = [w for w, _ in used]
-        # one graph-free replay of the Jacobian samples + one replay (swept, graph-free) of the
+        # one graph-free replay of the Jacobian samples + one replay (with its graph) of the
         # batch, whatever the number of layers and analyses
         assert whats == ["replay", "replay"], whats
         state = "c" if kind == "lstm" else "h"

@@ -127,3 +127,22 @@ def test_the_monitor_replays_a_tensor_call_without_a_graph_and_a_packed_one_with
                            capture.Call(x=packed, grad_out={"out": torch.ones(2, 5, 4)}, n=2), 2)
     assert not rep.swept and rep.trace.output.data.grad_fn is not None
     assert set(plain.state_parts) == set(rep.state_parts) == {(0, 0)}
+
+
+@pytest.mark.parametrize("loss", ["last", "all", "callable"])
+def test_state_gradients_of_a_graph_less_trace_is_swept_and_equals_the_module_form(loss):
+    """state_gradients(trace) of a replay made under no_grad: the loss on the top output is
+    differentiated alone and the recurrence swept; keep="full" keeps the same gradients."""
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2).double()
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    fn = (lambda out: (out ** 2).sum((1, 2))) if loss == "callable" else loss
+    ref = rnnscope.state_gradients(m, x, loss=fn, keep="full")
+    with torch.no_grad():
+        tr = rnnscope.replay(m, x)
+    got = rnnscope.state_gradients(tr, loss=fn, keep="full")
+    assert got.loss == ref.loss
+    for a_dirs, b_dirs in zip(ref.layers, got.layers):
+        for a, b in zip(a_dirs, b_dirs):
+            for f in ("h", "c", "h_full", "c_full"):
+                torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-12, atol=1e-300)

@@ -753,16 +753,15 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
     """Exact total gradients ∂L/∂h_t and (LSTM) ∂L/∂c_t for every layer, direction and step.
 
     "Total" means everything that reaches the state: the gradient injected at its own output
-    step plus all that flows back through the recurrence and the layers above. For a fused
-    module on a batched tensor, one closed-form backward sweep (`state_sweep`: each cell's
-    one-step VJP, PyTorch's equations) on a replay made without a graph; otherwise (packed
-    sequences, cells, unbatched inputs) one backward of the replay's graph with respect to the
-    per-step state tensors themselves. The module's parameters and their .grad are not touched.
+    step plus all that flows back through the recurrence and the layers above. Taken in one
+    backward of the replay with respect to the per-step state tensors themselves; the module's
+    parameters and their .grad are not touched.
 
     Args:
         module: the recurrent module, or a `Trace` from `replay` (then inputs and hx are not
-            given). A trace of a fused module on a batched tensor needs no graph; any other
-            must be made with gradients enabled (its graph is kept, so it serves again).
+            given), made with gradients enabled (its graph is kept, so the trace serves again)
+            — or, for a fused module on a batched tensor, without a graph: then the gradients
+            come from a closed-form backward sweep (`state_sweep`, each cell's one-step VJP).
         loss: as in `gradient_profile`: "last", "all" or a callable(outputs (B, T, F)) -> (B,).
             Outputs are the module's output sequence, batch-major.
         keep: "norms" (default) keeps (B, T) norms; "full" also keeps the gradient tensors.
@@ -770,7 +769,7 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
     if isinstance(module, Trace):
-        if can_sweep(module):  # needs no graph, and leaves the trace's graph (if any) alone
+        if not _has_graph(module) and can_sweep(module):
             return swept_state_gradients_from_loss(module, loss=loss, keep=keep,
                                                    loss_name=_loss_name(loss))
         return _trace_state_gradients_from_loss(module, loss=loss, keep=keep,
@@ -790,12 +789,7 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
         inputs = PackedSequence(inputs.data.detach().requires_grad_(True), inputs.batch_sizes,
                                 inputs.sorted_indices, inputs.unsorted_indices)
     else:
-        _, unbatched = check_inputs(spec, inputs)
-        if not unbatched and not spec.is_cell:  # a closed-form sweep on a graph-less replay
-            with torch.no_grad():
-                tr = replay(module, inputs, hx)
-            return swept_state_gradients_from_loss(tr, loss=loss, keep=keep,
-                                                   loss_name=_loss_name(loss))
+        check_inputs(spec, inputs)
         inputs = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
         # Inputs that require grad guarantee a graph even if no parameter requires grad.
@@ -904,6 +898,11 @@ def _state_gradients_and(trace, outputs: list, grad_outputs, *, keep: str, loss:
             row.append(gradient_layer(gh, gc, lt.reverse, keep))
         layers.append(tuple(row))
     return StateGradients(tuple(layers), loss), grads[len(states):]
+
+
+def _has_graph(tr) -> bool:
+    """Whether the trace's top layer output is part of an autograd graph."""
+    return tr.layers[-1][0].h.requires_grad
 
 
 def _loss_name(loss) -> str:

@@ -31,7 +31,6 @@ from .site import (Capture, ModelCall, _as_leaf, capturing, model_call, recurren
 from .modern.protocol import describe_decay, is_decay_recurrence
 from .recurrent import RETAIN_GATE, describe, is_recurrent
 from .replay import replay
-from .state_sweep import sweep_state_gradients
 from .results import Comparison
 from .study_results import LayerAnalysis, RecurrentAnalysis, Skipped, StepPaths, StudyResult
 from .theory import decay_table
@@ -124,18 +123,13 @@ def _recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *,
         raise ValueError("the shared gradient profile needs a batch-first module, a (B, T, I) "
                          "batch and no initial state")
     leaf = _as_leaf(x)
-    swept = False
     if _streams(spec, x, batch_dim):
         # one graph over the whole batch would take GBs: the module forms stream over time
         tr = module
         args = (x, hx)
     else:
-        # a batched tensor's state gradients (and profile) come from a closed-form sweep
-        # (state_sweep) on a replay without a graph; anything else is differentiated through
-        # the replay's graph, recorded even if no parameter needs one
-        swept = isinstance(x, torch.Tensor) and x.dim() == 3 and not spec.is_cell
-        with torch.set_grad_enabled(not swept):
-            tr = replay(module, x if swept else leaf, hx)
+        with torch.enable_grad():
+            tr = replay(module, leaf, hx)  # a graph even if no parameter needs one
         args = ()
     gates = None
     if spec.kind in RETAIN_GATE:
@@ -146,30 +140,18 @@ def _recurrent_analysis(module: nn.Module, x: torch.Tensor, hx=None, *,
         progress(f"{name}: state gradients and gradient profile")
         if args:
             sg, dx = streamed_state_gradients(module, x, input_grad=True)
-        elif swept:
-            sg, dx = sweep_state_gradients(tr, _last_step_cotangent(tr), loss="last",
-                                           input_grad=True)
         else:
             sg, (dx,) = _trace_state_gradients_from_loss(tr, loss="last", keep="norms",
                                                          retain_graph=False, also=(leaf,))
         prof = profile_of_gradient(dx, [x], loss_name="last", seed=profile_seed)
     else:
         progress(f"{name}: state gradients")
-        sg = state_gradients(tr, *args)  # swept too, for a batched tensor replay
+        sg = state_gradients(tr, *args)
     return RecurrentAnalysis(spec.kind, spec.nonlinearity, spec.input_size, spec.hidden_size,
                              spec.proj_size, spec.num_layers, spec.num_directions, state, n,
                              tuple(layers), gates, sg,
                              hx_given=None if calls is None else hx is not None,
                              calls=calls), prof
-
-
-def _last_step_cotangent(tr) -> torch.Tensor:
-    """(B, T, D·Ho) cotangent of loss "last" (the sum of the top layer's output features at
-    the last step, as `state_gradients` takes it) on an unpacked replay's output sequence."""
-    h = tr.layers[-1][0].h
-    g = h.new_zeros(h.shape[:2] + (h.shape[-1] * len(tr.layers[-1]),))
-    g[:, -1] = 1
-    return g
 
 
 def _streams(spec, x, batch_dim: int) -> bool:
