@@ -354,3 +354,25 @@ def test_highway_share_at_a_long_span_has_no_underflow_nans():
     assert not got.share.isnan().any()
     torch.testing.assert_close(got.share, want, rtol=1e-7, atol=0)
     torch.testing.assert_close(got.share[tiny], want[tiny], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["last", "all"])
+def test_packed_state_gradients_are_zero_past_each_end_and_exact_before(loss):
+    """A padded position is not a step of its sequence: the carried state's gradient there
+    (direction 1: ∂L/∂h0, carried through the padding) is reported as 0, and every valid
+    position equals the sequence run alone, cut to its own length."""
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    lengths = torch.tensor([6, 2, 4])
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    sg = rnnscope.state_gradients(m, packed, loss=loss, keep="full")
+    for b, n in enumerate(lengths.tolist()):
+        alone = rnnscope.state_gradients(m, x[b:b + 1, :n], loss=loss)
+        for dirs, dirs_alone in zip(sg.layers, alone.layers):
+            for g, a in zip(dirs, dirs_alone):
+                for f in ("h", "c"):
+                    got = getattr(g, f)[b]
+                    torch.testing.assert_close(got[:n], getattr(a, f)[0], rtol=1e-12, atol=0)
+                    assert (got[n:] == 0).all()
+                assert (g.h_full[b, n:] == 0).all() and (g.c_full[b, n:] == 0).all()

@@ -167,8 +167,13 @@ def test_bad_inputs_get_clear_errors(bad, exc, msg):
 def test_bad_hx_and_unsupported_modules():
     m = nn.LSTM(3, 4, batch_first=True)
     x = torch.randn(2, 5, 3)
-    with pytest.raises(TypeError, match=r"tuple \(h0, c0\)"):
+    with pytest.raises(TypeError, match=r"tuple of two tensors \(h0, c0\); got a Tensor"):
         rnnscope.replay(m, x, torch.zeros(1, 2, 4))
+    h = torch.zeros(1, 2, 4)
+    with pytest.raises(TypeError, match=r"\(h0, c0\); got a tuple of 3"):
+        rnnscope.replay(m, x, (h, h, h))
+    with pytest.raises(TypeError, match=r"h0 for this LSTM must be a tensor; got NoneType.*hx=None"):
+        rnnscope.replay(m, x, (None, None))
     with pytest.raises(ValueError, match=r"h0 must have shape \(1, 2, 4\)"):
         rnnscope.replay(m, x, (torch.zeros(1, 3, 4), torch.zeros(1, 2, 4)))
 

@@ -161,7 +161,10 @@ def check_initial_state(spec: RecurrentSpec, hx, batch: int, unbatched: bool, li
         return [zeros_h] * LD, [zeros_c] * LD
     if spec.has_cell_state:
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError(f"hx for an {name} must be a tuple (h0, c0); got {type(hx).__name__}")
+            got = (f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list))
+                   else f"a {type(hx).__name__}")
+            raise TypeError(f"hx for an {name} must be a tuple of two tensors (h0, c0); got "
+                            f"{got}")
         h0, c0 = hx
     else:
         if not isinstance(hx, torch.Tensor):
@@ -169,6 +172,9 @@ def check_initial_state(spec: RecurrentSpec, hx, batch: int, unbatched: bool, li
         h0, c0 = hx, None
 
     def fix(t, size, what):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} for this {name} must be a tensor; got "
+                            f"{type(t).__name__} (pass hx=None for zero initial states)")
         if spec.is_cell:
             want = (size,) if unbatched else (batch, size)
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:

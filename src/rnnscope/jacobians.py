@@ -895,7 +895,7 @@ def _state_gradients_and(trace, outputs: list, grad_outputs, *, keep: str, loss:
         for lt in dirs:
             gh = [next(it) for _ in lt.steps_h]
             gc = [next(it) for _ in lt.steps_c] if lt.steps_c is not None else None
-            row.append(gradient_layer(gh, gc, lt.reverse, keep))
+            row.append(gradient_layer(gh, gc, lt.reverse, keep, lt.valid))
         layers.append(tuple(row))
     return StateGradients(tuple(layers), loss), grads[len(states):]
 

@@ -741,7 +741,9 @@ class StateGradientLayer(Result):
     """Total state gradients of one layer and direction, in input-position order.
 
     h: (B, T) ‖∂L/∂h_t‖; c: (B, T) ‖∂L/∂c_t‖ (LSTM) or None; h_full (B, T, H_out) and c_full
-    (B, T, H) with keep="full", else None.
+    (B, T, H) with keep="full", else None. For a PackedSequence, positions past a sequence's
+    end are not steps of it and hold 0 (as in `gradient_profile`); the lengths are the
+    input's.
     """
 
     h: torch.Tensor

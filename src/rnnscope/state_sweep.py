@@ -113,11 +113,19 @@ def swept_state_gradients_from_loss(trace, *, loss, keep: str = "norms",
                                  loss=loss_name, keep=keep)
 
 
-def gradient_layer(gh, gc, reverse, keep) -> StateGradientLayer:
-    """Per-step gradients in processing order -> (B, T) norms in position order."""
+def gradient_layer(gh, gc, reverse, keep, valid: torch.Tensor | None = None
+                   ) -> StateGradientLayer:
+    """Per-step gradients in processing order -> (B, T) norms in position order.
+
+    valid (B, T) bool, position order (a packed batch's `LayerTrace.valid`): positions past a
+    sequence's end are not steps of it — the tensor there is the carried state, whose gradient
+    is that of the state it carries — so they are reported as 0, as `gradient_profile` does."""
 
     def stack(gs):
-        return torch.stack(gs[::-1] if reverse else gs, dim=1).detach()  # (B, T, ·)
+        out = torch.stack(gs[::-1] if reverse else gs, dim=1).detach()  # (B, T, ·)
+        if valid is not None:
+            out = out.masked_fill(~valid.to(out.device).unsqueeze(-1), 0)
+        return out
 
     h = stack(gh)
     c = stack(gc) if gc is not None else None

@@ -36,7 +36,8 @@ def highway(results) -> dict:
                                           share_ax=axes[1], label=tag, color=f"C{i % 10}",
                                           mean_unit=n_curves <= 3)
             i += 1
-    axes[0].set_title(r"$\partial s_{T-1}/\partial s_t$: highway vs total "
+    # two lines: on one, the title ran past the figure's left edge
+    axes[0].set_title(r"$\partial s_{T-1}/\partial s_t$: highway vs total" "\n"
                       "(s: the state each Jacobian follows; c for the LSTM)")
     if not axes[1].lines:
         axes[1].set_visible(False)
