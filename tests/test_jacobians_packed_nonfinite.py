@@ -376,3 +376,25 @@ def test_packed_state_gradients_are_zero_past_each_end_and_exact_before(loss):
                     torch.testing.assert_close(got[:n], getattr(a, f)[0], rtol=1e-12, atol=0)
                     assert (got[n:] == 0).all()
                 assert (g.h_full[b, n:] == 0).all() and (g.c_full[b, n:] == 0).all()
+
+
+def test_nonfinite_inputs_and_results_are_reported_by_every_module_analysis():
+    """An Inf input saturates the gates into finite numbers: the analyses of (module, inputs)
+    say the inputs hold it; NaN gate values and NaN state gradients are warned about with their
+    counts. A replay returns what it computes and says nothing."""
+    m = nn.LSTM(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    x[1, 2, 0] = float("inf")
+    for fn in (rnnscope.state_gradients, rnnscope.cell_jacobians, rnnscope.step_jacobians,
+               rnnscope.lyapunov_spectrum, rnnscope.gate_stats):
+        with pytest.warns(RuntimeWarning, match=rf"^{fn.__name__}: the inputs hold 1 non-finite"):
+            fn(m, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnnscope.replay(m, x)
+    x[1, 2, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"gate_stats: 12 non-finite gate value\(s\)"):
+        gs = rnnscope.gate_stats(m, x)
+    assert gs.layers[0].nonfinite == 12  # sample 1 from step 2 on: 3 steps × 4 units
+    with pytest.warns(RuntimeWarning, match=r"state_gradients: \d+ non-finite gradient value"):
+        rnnscope.state_gradients(m, x, loss="all")

@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import traceback
+import warnings
 
 import torch
 from torch import nn
@@ -541,6 +542,19 @@ def _name_error(fn: str, e: Exception, model, inputs) -> None:
                                      isinstance(e.args[0], str) else ())
 
 
+def _warn_nonfinite_inputs(fn: str, inputs) -> None:
+    """An analysis of (module, inputs) says when the inputs hold NaN/Inf: an Inf saturates the
+    gates into finite numbers that would otherwise go unreported (a replay returns what it
+    computes and says nothing)."""
+    data = inputs.data if isinstance(inputs, nn.utils.rnn.PackedSequence) else inputs
+    if isinstance(data, torch.Tensor) and data.is_floating_point():
+        bad = count_nonfinite(data)
+        if bad:
+            warnings.warn(f"{fn}: the inputs hold {bad} non-finite value(s) (NaN/Inf); what "
+                          "depends on them is NaN/Inf, or saturated where an Inf drives a gate "
+                          "to 0 or 1", RuntimeWarning, stacklevel=3)
+
+
 def public(fn: str, *, grad: bool = False, call: bool = False, module: bool = False,
            ints: dict | None = None):
     """Decorator of a public entry point: the validation layer.
@@ -590,6 +604,8 @@ def public(fn: str, *, grad: bool = False, call: bool = False, module: bool = Fa
                                             "hx) or a Trace from replay() alone")
                         check_module_call(fn, a.get("module"), a.get("inputs"), a.get("hx"),
                                           grad=grad)
+                        if outer and not fn.startswith("replay"):
+                            _warn_nonfinite_inputs(fn, a.get("inputs"))
                 with torch.enable_grad() if grad else contextlib.nullcontext():
                     return f(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - renamed in place and re-raised

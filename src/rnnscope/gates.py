@@ -8,6 +8,7 @@ the input gate's). A unit whose gate holds value f keeps a perturbation for ~1/(
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -64,6 +65,12 @@ def gate_stats(module: nn.Module | Trace, inputs=None, hx=None, *,
             v = v[valid.cpu()].unsqueeze(0)  # (1, N valid steps, H)
         out.append(_layer_stats(v, layer, d, gate, bins))
     values.clear()
+    bad = sum(s.nonfinite for s in out)
+    if bad:
+        warnings.warn(f"gate_stats: {bad} non-finite gate value(s) (NaN in the inputs, the "
+                      "initial state or the weights): the means and saturation fractions count "
+                      "them (a mean is then nan), the histograms and quantiles are of the finite "
+                      "values (`.nonfinite` per layer)", RuntimeWarning, stacklevel=3)
     return GateStats(spec.kind, tuple(out))
 
 

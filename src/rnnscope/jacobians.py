@@ -768,6 +768,16 @@ def state_gradients(module: nn.Module | Trace, inputs=None, hx=None, *, loss: Lo
     """
     if keep not in ("full", "norms"):
         raise ValueError(f"keep must be 'full' or 'norms'; got {keep!r}")
+    sg = _state_gradients(module, inputs, hx, loss=loss, keep=keep)
+    bad = sum(g.nonfinite for dirs in sg.layers for g in dirs)
+    if bad:
+        warnings.warn(f"state_gradients: {bad} non-finite gradient value(s) (NaN/Inf in the "
+                      "inputs, the state or the weights); the norms they reach are NaN/Inf "
+                      "(`.nonfinite` per layer)", RuntimeWarning, stacklevel=3)
+    return sg
+
+
+def _state_gradients(module, inputs, hx, *, loss, keep) -> StateGradients:
     if isinstance(module, Trace):
         if not _has_graph(module) and can_sweep(module):
             return swept_state_gradients_from_loss(module, loss=loss, keep=keep,
