@@ -57,6 +57,7 @@ def test_compare_writes_report_and_numbers_equal_the_api(tmp_path):
     p = run("compare", *SMALL[:-1], "--no-report", "--models", "lstm,gru", check_code=0)
     lines = p.stdout.splitlines()
     assert lines[0].startswith("configuration: models=lstm,gru, seq_len=12")
+    assert lines[0].endswith("out=none (--no-report)")  # nothing is written
     assert any(line.startswith("LSTM") for line in lines)
     assert not any(line.startswith("RNN") for line in lines)
 
@@ -149,8 +150,11 @@ def test_inspect_a_user_model_file_with_weights_and_inputs(tmp_path):
     torch.save(model.state_dict(), tmp_path / "w.pt")
     x = torch.randn(3, 9, 6)
     torch.save(x, tmp_path / "x.pt")
-    run("inspect", "mymodel:make", "--weights", "w.pt", "--inputs", "x.pt", "--quiet",
+    p = run("inspect", "mymodel:make", "--weights", "w.pt", "--inputs", "x.pt",
             "--out", "rep", cwd=tmp_path, check_code=0)
+    config = p.stdout.splitlines()[0]  # --seq-len and --samples shape random inputs only
+    assert config.startswith("configuration: model=mymodel:make") and "inputs=x.pt" in config
+    assert ", seq_len=" not in config and ", samples=" not in config
     res = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert set(res["recurrent"]) == {"encoder", "decoder"}
     enc = res["recurrent"]["encoder"]

@@ -138,6 +138,8 @@ def _say(args, text: str = "") -> None:
 
 
 def _print_config(args, config: dict) -> None:
+    if getattr(args, "no_report", False) and "out" in config:
+        config = {**config, "out": "none (--no-report)"}
     _say(args, "configuration: " + ", ".join(f"{k}={v}" for k, v in config.items()))
 
 
@@ -231,6 +233,8 @@ def _cmd_inspect(args) -> int:
               "at": args.at, "loss": args.loss, "time_dim": args.time_dim,
               "seq_len": args.seq_len, "samples": args.samples, "seed": args.seed,
               "jacobian_samples": args.jacobian_samples, "device": device, "out": args.out}
+    if inputs is not None:  # --seq-len and --samples only shape random inputs
+        del config["seq_len"], config["samples"]
     _print_config(args, config)
     if weights is not None and (weights.key or weights.prefix):
         found = [f"checkpoint key {weights.key!r}" if weights.key else "",
