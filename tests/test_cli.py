@@ -91,6 +91,8 @@ def test_json_output_and_decay(tmp_path):
     (["inspect", "m.py:f", "--jacobian-samples", "0"], "expected 'auto' or a positive "
                                                        "integer, got '0'"),
     (["compare", "--models", "rnn,lsmt"], "unknown value(s) lsmt"),
+    (["compare", "--models", "lstm,gru,LSTM"], "--models: lstm given more than once"),
+    (["experiment", "--variants", "lstm,lstm"], "--variants: lstm given more than once"),
     (["compare", "--device", "tpu"], "invalid choice: 'tpu'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
@@ -99,6 +101,15 @@ def test_usage_errors_exit_2_with_one_line(args, needle):
     p = run(*args, check_code=2)
     assert needle in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_missing_files_are_named_as_missing(tmp_path):
+    p = run("inspect", "missing.pt", "--no-report", cwd=tmp_path, check_code=1)
+    assert "missing.pt does not exist" in p.stderr and "Traceback" not in p.stderr
+    p = run("replot", "nope.json", cwd=tmp_path, check_code=1)
+    assert "nope.json does not exist (expected the results.json" in p.stderr
+    p = run("replot", str(tmp_path), cwd=tmp_path, check_code=1)
+    assert "is a folder; give the results.json inside it" in p.stderr
 
 
 def test_help_on_every_command():

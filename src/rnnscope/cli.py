@@ -89,6 +89,9 @@ def _csv(kind, allowed=None):
             if bad:
                 raise argparse.ArgumentTypeError(f"unknown value(s) {', '.join(map(str, bad))}; "
                                                  f"choose from {', '.join(allowed)}")
+            twice = sorted({v for v in vals if vals.count(v) > 1})
+            if twice:  # a name is one model or variant: a second copy would be dropped
+                raise argparse.ArgumentTypeError(f"{', '.join(twice)} given more than once")
         return vals
     return parse
 

@@ -206,6 +206,9 @@ def load_model(spec: str, *, device: str = "cpu") -> nn.Module:
                             "pass a factory as package.module:factory and its weights with "
                             "--weights") from None
     if ":" not in spec:
+        if path.suffix in (".pt", ".pth", ".ts", ".zip") and not path.exists():
+            raise LoadError(f"{spec} does not exist (MODEL is package.module:factory, "
+                            "path/to/file.py:factory or a TorchScript file)")
         raise LoadError(f"MODEL must be package.module:factory, path/to/file.py:factory or a "
                         f"TorchScript file; got {spec!r}")
     factory = _resolve(spec, "factory", "model")

@@ -58,6 +58,11 @@ def load_results(path) -> StudyResult | ExperimentResult:
     try:
         with open(path, encoding="utf-8") as fh:
             data = loads(fh.read())
+    except FileNotFoundError:
+        raise ResultsError(f"{path} does not exist (expected the results.json that rnnscope "
+                           "compare, inspect or experiment wrote)") from None
+    except IsADirectoryError:
+        raise ResultsError(f"{path} is a folder; give the results.json inside it") from None
     except UnicodeDecodeError:
         raise ResultsError(f"{path} is not a results.json: it is not UTF-8 text") from None
     except json.JSONDecodeError as e:
