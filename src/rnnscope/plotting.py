@@ -45,6 +45,26 @@ class _UnicodeLogFormatter(LogFormatter):
     parsed again for the PNG and the SVG). The labels read the same; which ticks are labelled
     (decades, and minor ticks on short spans) is matplotlib's own `LogFormatter` logic."""
 
+    def set_locs(self, locs=None):
+        """Matplotlib's choice of labelled minor ticks, except that a view it would leave
+        with fewer than two labels (a span of ~0.4 decades around one decade tick) gets every
+        minor tick labelled: one label cannot be read as a scale."""
+        super().set_locs(locs)
+        if self.labelOnlyBase or self._sublabels is None or locs is None or self.axis is None:
+            return
+        lo, hi = sorted(self.axis.get_view_interval())
+        shown = [x for x in locs if lo <= x <= hi and x > 0]
+        if sum(self(x) != "" for x in shown) + self._decades_in(lo, hi) < 2:
+            self._sublabels = None
+
+    def _decades_in(self, lo: float, hi: float) -> int:
+        """Decade ticks in [lo, hi] (the major formatter labels them)."""
+        if lo <= 0:
+            return 0
+        b = math.log(self._base)
+        return max(0, math.floor(math.log(hi) / b + 1e-10) - math.ceil(math.log(lo) / b - 1e-10)
+                   + 1)
+
     def __call__(self, x, pos=None):
         if x == 0:
             return "0"
