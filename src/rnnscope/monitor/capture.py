@@ -157,7 +157,6 @@ class Replayed:
                                    "valid": valid[:m], "gate": None if gate is None else gate[:m]}
         return out
 
-
     def _autograd_state_gradients(self):
         tr, lengths = self.trace, self.lengths
         outs, gouts = [], []
