@@ -393,3 +393,36 @@ def test_user_errors_are_one_line_without_traceback(args, code, needle, tmp_path
     assert needle in p.stderr and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0
     assert not out.exists()
+
+
+SEQ_FIRST = '''
+import torch
+from torch import nn
+
+
+class SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4)  # (T, B, I): time first
+
+    def forward(self, x):  # x (B, T, I): batch first
+        return self.rnn(x.transpose(0, 1))[0]
+
+
+def make():
+    torch.manual_seed(0)
+    return SeqFirst()
+'''
+
+
+def test_inspect_errors_name_the_commands_options(tmp_path):
+    """The API's advice ("pass time_dim=0") is given as inspect's option (--time-dim 0), and
+    following it works."""
+    (tmp_path / "seqfirst.py").write_text(SEQ_FIRST)
+    torch.save(torch.randn(5, 5, 3), tmp_path / "x.pt")  # B = T = 5: time cannot be told
+    p = run("inspect", "seqfirst.py:make", "--inputs", "x.pt", "--at", "input", "--no-report",
+            cwd=tmp_path, check_code=1)
+    assert "pass --time-dim 0 (time first) or --time-dim 1 (batch first)" in p.stderr
+    assert "time_dim=" not in p.stderr
+    run("inspect", "seqfirst.py:make", "--inputs", "x.pt", "--at", "input", "--time-dim", "1",
+        "--no-report", "--quiet", cwd=tmp_path, check_code=0)

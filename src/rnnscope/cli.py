@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -568,7 +569,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, RuntimeError, OSError, ImportError, MemoryError) as e:
         if os.environ.get("RNNSCOPE_DEBUG"):
             raise
-        print(f"rnnscope {args.command}: error: {_one_line(e, args.command)}", file=sys.stderr)
+        text = _one_line(e, args.command)
+        if args.command == "inspect":
+            text = _in_flags(text)
+        print(f"rnnscope {args.command}: error: {text}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - a user's model can raise anything
         if os.environ.get("RNNSCOPE_DEBUG"):
@@ -583,6 +587,22 @@ def main(argv=None) -> int:
               f"--batch/--loss function) raised {_describe_base_exception(e)} during the "
               "analysis; rnnscope stopped without results", file=sys.stderr)
         return EXIT_FAILURE
+
+
+# The API's advice in an error, as `inspect`'s options say it ("pass time_dim=0" -> "pass
+# --time-dim 0"): the messages come from the functions the command calls.
+_FLAG_WORDS = ((re.compile(r"\btime_dim=(\d)"), r"--time-dim \1"),
+               (re.compile(r"\(time_dim=\)"), "(--time-dim)"),
+               (re.compile(r"\bleave at=None\b"), "leave out --at"),
+               (re.compile(r"\bat='([^']*)'"), r"--at \1"),
+               (re.compile(r"\bpass loss= a callable"), "pass --loss file.py:function, a callable"),
+               (re.compile(r"\bpass inputs \(or input_size=\)"), "pass --inputs"))
+
+
+def _in_flags(text: str) -> str:
+    for pattern, words in _FLAG_WORDS:
+        text = pattern.sub(words, text)
+    return text
 
 
 def _one_line(e: BaseException, command: str = "") -> str:
