@@ -156,3 +156,30 @@ def test_the_helper_is_used_only_where_it_can_help(monkeypatch):
     assert draw.helper_available(5)
     monkeypatch.setattr(matplotlib, "get_backend", lambda: "TkAgg")  # a GUI: all drawn here
     assert not draw.helper_available(5)
+
+
+def test_inspect_legends_say_each_submodules_kind():
+    """inspect names recurrent submodules by path: "rnn" of an LSTM is labelled "rnn (LSTM)"
+    (it read like a vanilla RNN); a name that says its kind, and compare's names, stay."""
+    import matplotlib.pyplot as plt
+    import torch
+    from torch import nn
+
+    from rnnscope.report import figures
+    from rnnscope.studies import inspect_study
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+            self.gru_head = nn.GRU(4, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.gru_head(self.rnn(x)[0])[0]
+
+    res = inspect_study(Two().eval(), inputs=torch.randn(2, 6, 3), jac_samples=1)
+    assert list(figures._labelled(res)) == ["rnn (LSTM)", "gru_head"]
+    fig = figures.highway(res)["highway"]
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    assert any(t.startswith("rnn (LSTM)") for t in labels), labels

@@ -21,8 +21,21 @@ def lag(results) -> dict:
     return {"lag": fig}
 
 
-def highway(results) -> dict:
+def _labelled(results) -> dict:
+    """The analysed modules by legend label: compare's names are the kinds ("LSTM"); inspect's
+    are submodule paths, so the kind is added ("rnn (LSTM)") unless the name says it."""
     rec = results.analysed()
+    if results.command != "inspect":
+        return rec
+    out = {}
+    for name, r in rec.items():
+        kind = r.kind.upper() if r.kind in ("lstm", "gru", "rnn") else r.kind
+        out[name if kind.lower() in name.lower() else f"{name} ({kind})"] = r
+    return out
+
+
+def highway(results) -> dict:
+    rec = _labelled(results)
     if not rec:
         return {}
     fig, axes = plotting._new_axes(2, height=4.8)
@@ -46,7 +59,7 @@ def highway(results) -> dict:
 
 
 def step_paths(results) -> dict:
-    rec = {k: r for k, r in results.analysed().items() if r.kind == "lstm"}
+    rec = {k: r for k, r in _labelled(results).items() if r.kind == "lstm"}
     if not rec:
         return {}
     fig, (ax,) = plotting._new_axes(1, width=7.5)
@@ -59,7 +72,7 @@ def step_paths(results) -> dict:
 
 
 def gates(results) -> dict:
-    rec = {k: r for k, r in results.analysed().items() if r.gates is not None}
+    rec = {k: r for k, r in _labelled(results).items() if r.gates is not None}
     if not rec:
         return {}
     fig, axes = plotting._new_axes(2)
