@@ -194,3 +194,17 @@ def test_drawn_inputs_with_as_many_samples_as_steps_on_a_time_major_model():
     assert torch.equal(prof.per_sample, given.per_sample)
     cmp = rnnscope.compare({"lstm": lstm}, seq_len=3, samples=3, seed=1)
     assert torch.equal(cmp.profiles["lstm"].per_sample, prof.per_sample)
+
+
+def test_comparison_table_says_when_a_half_life_is_extrapolated():
+    """A half-life longer than the profile (ln 2 / rate past T) is named under the table."""
+    from rnnscope.results import Comparison, GradientProfile
+
+    k = torch.arange(20, dtype=torch.float64)
+    slow = GradientProfile(torch.exp(-0.01 * k).flip(0).repeat(2, 1))  # half-life 69 > 20
+    fast = GradientProfile(torch.exp(-0.5 * k).flip(0).repeat(2, 1))   # half-life 1.4
+    assert slow.half_life() == pytest.approx(math.log(2) / 0.01)
+    text = str(Comparison({"fast": fast, "slow": slow}))
+    assert text.splitlines()[-1] == ("half-life past the 20 steps measured (slow): extrapolated "
+                                     "from the fitted per-step decay rate")
+    assert "extrapolated" not in str(Comparison({"fast": fast}))

@@ -525,7 +525,14 @@ class Comparison(Result):
         return rows
 
     def __str__(self) -> str:
-        return format_table(self.table(), SUMMARY_HEADERS)
+        text = format_table(self.table(), SUMMARY_HEADERS)
+        beyond = [name for name, p in self.profiles.items()
+                  if math.isfinite(h := p.half_life()) and h > p.per_sample.shape[1]]
+        if beyond:  # a slowly decaying profile's half-life lies past the steps it was read on
+            text += (f"\nhalf-life past the {self.profiles[beyond[0]].per_sample.shape[1]} "
+                     f"steps measured ({', '.join(beyond)}): extrapolated from the fitted "
+                     "per-step decay rate")
+        return text
 
     def _headline(self) -> dict:
         return {f"{name}.half_life": p.half_life() for name, p in self.profiles.items()}
