@@ -596,7 +596,8 @@ _FLAG_WORDS = ((re.compile(r"\btime_dim=(\d)"), r"--time-dim \1"),
                (re.compile(r"\bleave at=None\b"), "leave out --at"),
                (re.compile(r"\bat='([^']*)'"), r"--at \1"),
                (re.compile(r"\bpass loss= a callable"), "pass --loss file.py:function, a callable"),
-               (re.compile(r"\bpass inputs \(or input_size=\)"), "pass --inputs"))
+               (re.compile(r"\bpass inputs \(or input_size=\)"),
+                "pass --inputs (or --input-size)"))
 
 
 def _in_flags(text: str) -> str:
