@@ -178,15 +178,15 @@ def check_initial_state(spec: RecurrentSpec, hx, batch: int, unbatched: bool, li
                             f"{type(t).__name__} (pass hx=None for zero initial states)")
         if spec.is_cell:
             want = (size,) if unbatched else (batch, size)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            if tuple(t.shape) != want:
                 raise ValueError(f"{what} must have shape {want} for this {name}; got "
-                                 f"{tuple(getattr(t, 'shape', ()))}")
+                                 f"{tuple(t.shape)}")
             return [t.reshape(batch, size)]
         want = (LD, size) if unbatched else (LD, batch, size)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+        if tuple(t.shape) != want:
             raise ValueError(f"{what} must have shape {want} (L·D, {'' if unbatched else 'B, '}"
                              f"{'H_out' if what == 'h0' else 'H'}) for this {name}; got "
-                             f"{tuple(getattr(t, 'shape', ()))}")
+                             f"{tuple(t.shape)}")
         if t.dtype != like.dtype:
             raise TypeError(f"{what} is {t.dtype} but inputs are {like.dtype}")
         t = t.reshape(LD, batch, size)

@@ -51,7 +51,8 @@ from .results import (CellJacobians, Deferred, LyapunovSpectrum, StateGradientLa
                       StateGradients, StepJacobians, highway_energy_share)
 from .span_sweep import Rescale, span_jacobians, span_norms
 from .spectral import NormQueue, scaled, spectral_norms, steps_per_chunk
-from .state_sweep import can_sweep, gradient_layer, swept_state_gradients_from_loss
+from .state_sweep import (can_sweep, gradient_layer, swept_state_gradients_from_loss,
+                          top_sequence)
 from .modern import analyses as decay
 from .modern.protocol import describe_decay, is_decay_recurrence
 
@@ -854,7 +855,7 @@ def _trace_state_gradients_from_loss(tr, *, loss, keep: str, retain_graph: bool,
     With `also` (tensors the trace was computed from), returns (StateGradients, their
     gradients from the same backward)."""
     top = tr.layers[-1]
-    seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, F)
+    seq = top_sequence(tr)  # (B, T, F)
     if not seq.requires_grad:
         raise ValueError("state_gradients needs a Trace with a graph: call replay() with "
                          "gradients enabled (not under torch.no_grad()) on inputs or a module "

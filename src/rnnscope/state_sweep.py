@@ -98,14 +98,19 @@ def sweep_state_gradients(trace, g_out: torch.Tensor | None, g_hn: torch.Tensor 
     return (sg, below) if input_grad else sg
 
 
+def top_sequence(trace) -> torch.Tensor:
+    """(B, T, D·Ho) the top layer's output sequence, both directions joined: what the losses of
+    `state_gradients` are taken on."""
+    top = trace.layers[-1]
+    return top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)
+
+
 def swept_state_gradients_from_loss(trace, *, loss, keep: str = "norms",
                                     loss_name: str = "custom") -> StateGradients:
     """`state_gradients` of a sweepable trace: the loss ("last", "all" or a callable, as
     `per_sample_loss` takes it) on the top layer's output sequence is differentiated by
     autograd on that sequence alone (a leaf), and the recurrence by the sweep."""
-    top = trace.layers[-1]
-    seq = top[0].h if len(top) == 1 else torch.cat([t.h for t in top], -1)  # (B, T, D·Ho)
-    seq = seq.detach().requires_grad_(True)
+    seq = top_sequence(trace).detach().requires_grad_(True)
     with torch.enable_grad():
         losses = per_sample_loss(seq, loss, seq.shape[0])
         (g,) = torch.autograd.grad(losses.sum(), [seq], allow_unused=True)

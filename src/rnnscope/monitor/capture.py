@@ -94,13 +94,16 @@ class Replayed:
     mask_batch: int | None = None
     x: object = None        # the replay's input (a leaf that requires grad unless swept)
     trace: object = None
-    swept: bool = False
+
+    @property
+    def swept(self) -> bool:
+        """An unpacked, batched call: its statistics all come from closed-form sweeps over the
+        replay (`state_sweep`, `lag_sweep`), so no graph is recorded for them."""
+        x = self.call.x
+        return not isinstance(x, PackedSequence) and x.dim() == 3
 
     def __post_init__(self):
         x = self.call.x
-        # an unpacked, batched call's statistics all come from closed-form sweeps over the
-        # replay (`state_sweep`, `lag_sweep`): no graph is recorded for them
-        self.swept = not isinstance(x, PackedSequence) and x.dim() == 3
         with torch.set_grad_enabled(not self.swept):
             if isinstance(x, PackedSequence):
                 x = PackedSequence(x.data.detach().requires_grad_(True), x.batch_sizes,
