@@ -492,6 +492,37 @@ def test_constructor_errors():
         GradientMonitor(Seq(), loggers=[3])
     with pytest.raises(ValueError, match="vanish_eps"):
         AlertPolicy(vanish_eps=2)
+    # a dict of thresholds used to pass here and fail at the first step()
+    with pytest.raises(TypeError, match="alerts must be an rnnscope.monitor.AlertPolicy.*got "
+                                        "dict"):
+        GradientMonitor(Seq(), alerts={"explode_norm": 1.0})
+
+
+def test_logger_paths(tmp_path):
+    taken = tmp_path / "train.log"
+    taken.write_text("the user's own log\n")
+    with pytest.raises(ValueError, match="train.log' is an existing file.*folder"):
+        GradientMonitor(Seq(), loggers=taken)
+    assert taken.read_text() == "the user's own log\n"
+    # suffixes in any case name files, as .jsonl and .csv do
+    model = Seq()
+    with GradientMonitor(model, loggers=[tmp_path / "a.JSONL", tmp_path / "b.Csv"]) as mon:
+        _train(model, 1, mon)
+    assert (tmp_path / "a.JSONL").is_file() and (tmp_path / "b.Csv").is_file()
+    assert len(read_jsonl(tmp_path / "a.JSONL")[0]) == 1
+
+
+def test_step_on_an_unattached_monitor_says_so():
+    model = Seq()
+    mon = GradientMonitor(model)
+    with pytest.warns(GradientFlowWarning, match="not attached.*attach\\(\\)"):
+        _train(model, 1, mon)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every step
+        _train(model, 1, mon)
+    with GradientMonitor(model) as attached, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, 1, attached)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,6 +592,85 @@ def test_retain_graph_with_a_cell_loop_reports_the_summed_gradient():
                                xr.grad.norm(dim=-1).mean(0))
     torch.testing.assert_close(torch.tensor(r["state_grad"]["l0d0"]["h"], dtype=torch.float64),
                                torch.stack([h.grad.norm(dim=-1).mean() for h in hs]))
+
+
+def _step_with(extra, model_kind="fused"):
+    """One monitored step (exact replay) of a fresh seeded model, with an `extra` call through
+    the step's graph before loss.backward(); returns the Record's JSON form."""
+    torch.manual_seed(5)
+    x, y = _data(0)
+    x, y = x.double(), y.double()
+    xr = x.clone().requires_grad_(True)
+    if model_kind == "fused":
+        model = Seq(nn.LSTM, layers=1).double()
+        forward = model
+    else:  # a GRUCell loop: its statistics come from tensor hooks on every step
+        model = nn.GRUCell(5, 4).double()
+
+        def forward(inp):
+            h, hs = None, []
+            for t in range(inp.shape[1]):
+                h = model(inp[:, t], h)
+                hs.append(h)
+            return torch.stack(hs, 1)
+    with GradientMonitor(model, replay_every=1, max_batch=4,
+                         alerts=AlertPolicy(warn=False)) as mon:
+        out = forward(xr)
+        loss = ((out[..., :1] - y) ** 2).mean() + (out[:, 3] ** 2).sum()
+        if extra == "grad of the parameters":  # e.g. a gradient penalty's first half
+            torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        elif extra == "grad of the input":  # e.g. a saliency map
+            torch.autograd.grad(loss, xr, retain_graph=True)
+        elif extra == "backward into the input only":
+            loss.backward(inputs=[xr], retain_graph=True)
+        loss.backward()
+        return _json(mon.step())
+
+
+@pytest.mark.parametrize("model_kind", ["fused", "cell"])
+@pytest.mark.parametrize("extra", ["grad of the parameters", "grad of the input",
+                                   "backward into the input only"])
+def test_autograd_grad_through_the_graph_is_not_counted(extra, model_kind):
+    """torch.autograd.grad through the step's graph, or a backward(inputs=...) that names no
+    parameter, leaves every .grad alone: the statistics (input and exact state gradients,
+    parameter norms) equal those of the same step without it, bit for bit."""
+    plain = _step_with(None, model_kind)
+    assert plain["layers"]  # a record with gradient statistics, not an empty one
+    name = next(iter(plain["layers"]))
+    assert plain["layers"][name]["input_grad"] is not None
+    assert plain["layers"][name]["state_grad"]
+    assert _step_with(extra, model_kind) == plain
+
+
+def test_the_optimizer_backward_is_told_apart_inside_hooks():
+    from rnnscope.monitor.optimizer_backward import OptimizerBackward, feeds_grad
+
+    w = torch.randn(3, requires_grad=True)
+    unused = torch.randn(3, requires_grad=True)
+    x = torch.randn(3, requires_grad=True)
+    y = w * x
+    seen = []
+    y.register_hook(lambda g: seen.append((feeds_grad([w]), feeds_grad([unused]),
+                                           feeds_grad([unused, w]), feeds_grad([x.detach()]))))
+    loss = y.sum()
+    loss.backward(retain_graph=True)
+    torch.autograd.grad(loss, w, retain_graph=True)
+    torch.autograd.grad(loss, x, retain_graph=True)
+    loss.backward(inputs=[x], retain_graph=True)
+    loss.backward(inputs=[w])
+    # (w, an unused parameter, either, no parameter that requires grad: every pass counts)
+    assert seen == [(True, False, True, True), (False, False, False, True),
+                    (False, False, False, True), (False, False, False, True),
+                    (True, False, True, True)]
+    asked = []
+    gate = OptimizerBackward(lambda: asked.append(1) or [w])
+    counted = []
+    y2 = w * x
+    for _ in range(3):  # three hooks in one pass: the parameters are asked once
+        y2.register_hook(gate.only(lambda g: counted.append(1)))
+    y2.sum().backward()
+    assert counted == [1, 1, 1] and asked == [1]
+    assert gate()  # outside a backward: nothing to tell, counted
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

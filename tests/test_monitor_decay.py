@@ -180,3 +180,27 @@ def test_protocol_module_without_gru_outputs_says_why():
     assert "not (output, h_n)" in rec.skipped["0"]
     assert lay.state_grad is None and lay.output_grad is None
     assert len(lay.input_grad.mean) == 5 and lay.param_norms["w"][""] > 0
+
+
+@pytest.mark.parametrize("cls", [rnnscope.MinGRU, rnnscope.SLSTM], ids=lambda c: c.__name__)
+def test_autograd_grad_through_the_graph_is_not_counted(cls):
+    """A torch.autograd.grad call through the step's graph (a gradient penalty, a saliency
+    map) reaches no .grad: the decay recurrence's statistics equal those of the plain step."""
+    def step(extra: bool) -> dict:
+        torch.manual_seed(0)
+        model = Wrap(cls)
+        head = nn.Linear(model(torch.zeros(1, 1, I, dtype=torch.float64))[0].shape[-1],
+                         2).double()
+        x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+        with GradientMonitor(model, every=1, replay_every=1, max_batch=B,
+                             alerts=AlertPolicy(warn=False)) as mon:
+            out, hn = model(x)
+            loss = _loss(out, hn, head)
+            if extra:
+                torch.autograd.grad(loss, [x] + list(model.parameters()), retain_graph=True)
+            loss.backward()
+            return mon.step().to_dict()
+
+    plain = step(False)
+    assert plain["layers"]["rnn"]["input_grad"] is not None
+    assert step(True) == plain

@@ -81,8 +81,8 @@ def make_hooks(mon, name: str, dspec: DecaySpec):
         call.head = not (prev is not None and call.state_in and call.state_in == prev.state_out)
         cap.calls.append(call)
         if cheap:
-            cap.tensor_handles.append(x.register_hook(mon._input_grad_hook(call, None,
-                                                                            batch_dim)))
+            cap.tensor_handles.append(x.register_hook(mon._counted(
+                mon._input_grad_hook(call, None, batch_dim))))
         if exact:
             call.n = min(mon.max_batch, x.shape[batch_dim])
             call.x = _first_samples(x, call.n, batch_dim)
@@ -123,7 +123,7 @@ def make_hooks(mon, name: str, dspec: DecaySpec):
                         g = g.narrow(1, 0, call.n).clone()  # (1, n, *S)
                         old = call.grad_out["h_n"][i]
                         call.grad_out["h_n"][i] = g if old is None else old + g
-                cap.tensor_handles.append(t.register_hook(on_hn))
+                cap.tensor_handles.append(t.register_hook(mon._counted(on_hn)))
         views = [(i, t) for i, t in enumerate(parts) if _view_of(t, out)]
         if out.requires_grad:
             def on_out(g):
@@ -147,7 +147,7 @@ def make_hooks(mon, name: str, dspec: DecaySpec):
                     g = g[:call.n].clone()
                     old = call.grad_out.get("out")
                     call.grad_out["out"] = g if old is None else old + g
-            cap.tensor_handles.append(out.register_hook(on_out))
+            cap.tensor_handles.append(out.register_hook(mon._counted(on_out)))
         return None
 
     return pre_hook, hook

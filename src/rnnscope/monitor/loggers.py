@@ -237,10 +237,14 @@ def make_loggers(spec) -> list[Logger]:
         return [spec]
     if isinstance(spec, (str, os.PathLike)):
         p = Path(spec)
-        if p.suffix == ".csv":
+        if p.suffix.lower() == ".csv":
             return [CSVLogger(p)]
-        if p.suffix == ".jsonl":
+        if p.suffix.lower() == ".jsonl":
             return [JSONLLogger(p)]
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"logger path {str(spec)!r} is an existing file, and a path that "
+                             "does not end in .jsonl or .csv is taken as a folder for "
+                             "rnnscope-monitor.jsonl; give a .jsonl or .csv file or a folder")
         return [JSONLLogger(p / "rnnscope-monitor.jsonl")]
     raise TypeError(f"a logger is a Logger, a directory, a .jsonl or .csv path; got "
                     f"{type(spec).__name__}")

@@ -33,8 +33,11 @@ in a loop) are joined along time; independent calls in one step (the micro-batch
 accumulation, a module applied to several inputs) are pooled as more samples, since the
 gradient of the step's total loss with respect to each call's input is that call's own. A second
 backward through the same graph (retain_graph=True) adds to the gradients, as it adds to .grad:
-every statistic describes the summed gradient the optimizer will see. The exact replay takes at
-most `max_batch` samples over all independent calls.
+every statistic describes the summed gradient the optimizer will see. A torch.autograd.grad call
+through the graph (a gradient penalty, a saliency map) and a backward(inputs=...) that names
+none of the model's parameters reach no .grad and are not counted (`optimizer_backward`). The
+exact replay takes at most `max_batch` samples over all independent calls; cells are not
+replayed (their state gradients come from hooks), so their exact statistics cover every sample.
 
 Decay recurrences (MinGRU, MinLSTM, LRU, RGLRU, SelectiveSSM, SLSTM and any module that
 implements `rnnscope.modern.protocol`) are monitored through the protocol (`decay_capture`):
@@ -76,6 +79,7 @@ from . import decay_capture
 from . import grad_norms as _grad_norms
 from . import statistics as _statistics
 from .alerts import AlertPolicy, AlertState, GradientFlowWarning
+from .optimizer_backward import OptimizerBackward
 from .capture import Call as _Call, Capture as _Capture, chains as _chains
 from .capture import _batch_size, _first_samples, _lengths
 from .loggers import make_loggers
@@ -102,7 +106,8 @@ class GradientMonitor:
         replay_every: exact replay schedule (same forms; 0 or None: never).
         max_batch: samples replayed at exact steps (the first ones, over all the step's
             micro-batches; a training-mode module with inter-layer dropout is replayed whole,
-            since its masks were drawn for the whole batch, and its first samples kept).
+            since its masks were drawn for the whole batch, and its first samples kept). Cells
+            are not replayed: their exact statistics take every sample.
         loggers: a Logger, a directory / *.jsonl / *.csv path, or a list of those.
         alerts: an AlertPolicy (default thresholds if None).
         history: records kept in memory (`.history`, oldest dropped first).
@@ -137,6 +142,10 @@ class GradientMonitor:
         # recurrent.describe
         self.specs = {name: (describe(m) if is_recurrent(m) else describe_decay(m))
                       for name, m in self.modules.items()}
+        if alerts is not None and not isinstance(alerts, AlertPolicy):
+            raise TypeError("alerts must be an rnnscope.monitor.AlertPolicy (e.g. "
+                            "AlertPolicy(explode_norm=1e3)) or None for the default thresholds; "
+                            f"got {type(alerts).__name__}")
         self.loggers = make_loggers(loggers)
         self.policy = alerts if alerts is not None else AlertPolicy()
         self._alert_state = AlertState(self.policy)
@@ -150,6 +159,8 @@ class GradientMonitor:
         self._failed_loggers: set = set()  # id() of loggers paused after a failure
         self._lag_notes: dict = {}
         self._plan: _ParameterPlan | None = None  # names and gate blocks of the parameters
+        # tensor hooks count only the backward passes that reach the parameters' .grad
+        self._feeds_grad = OptimizerBackward(lambda: self.model.parameters())
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -196,6 +207,11 @@ class GradientMonitor:
 
     # -- hooks ----------------------------------------------------------------------------------
 
+    def _counted(self, hook):
+        """A tensor hook that sees only the backward passes the optimizer will see (not a
+        torch.autograd.grad call through the same graph, see `optimizer_backward`)."""
+        return self._feeds_grad.only(hook)
+
     def _active(self) -> tuple[bool, bool]:
         s = self.step_count
         return bool(self.schedule(s)), bool(self.replay_schedule(s))
@@ -238,7 +254,8 @@ class GradientMonitor:
                 if cheap:
                     entry = [None, data.shape[0]]
                     cap.cell_input.append(entry)
-                    cap.tensor_handles.append(data.register_hook(_accumulate_into(entry)))
+                    cap.tensor_handles.append(
+                        data.register_hook(self._counted(_accumulate_into(entry))))
                 return _replace_first(args, kwargs, x) if changed else None
             prev = cap.calls[-1] if cap.calls else None
             call = _Call()
@@ -248,8 +265,8 @@ class GradientMonitor:
             cap.calls.append(call)
             if cheap:
                 call.input_lengths = _lengths(x) if packed else None
-                cap.tensor_handles.append(data.register_hook(
-                    self._input_grad_hook(call, x if packed else None, batch_dim)))
+                cap.tensor_handles.append(data.register_hook(self._counted(
+                    self._input_grad_hook(call, x if packed else None, batch_dim))))
             extra = len(args) > 2 or any(k not in ("input", "hx") for k in kwargs)
             if exact and extra and type(module) not in (nn.RNN, nn.LSTM, nn.GRU):
                 # the subclass check probed forward(input, hx) only: what the extra arguments
@@ -309,7 +326,8 @@ class GradientMonitor:
                     entry = [None, s.shape[0]]
                     cap.cell_state.setdefault(key, []).append(entry)
                     if isinstance(s, torch.Tensor) and s.requires_grad:
-                        cap.tensor_handles.append(s.register_hook(_accumulate_into(entry)))
+                        cap.tensor_handles.append(
+                            s.register_hook(self._counted(_accumulate_into(entry))))
                 return None
             if not cap.calls:
                 return None
@@ -336,7 +354,7 @@ class GradientMonitor:
                             g = g.detach().narrow(dim, 0, n).clone()
                         old = call.grad_out[key]  # a second backward (retain_graph) adds
                         call.grad_out[key] = g if old is None else old + g
-                    cap.tensor_handles.append(data.register_hook(grab))
+                    cap.tensor_handles.append(data.register_hook(self._counted(grab)))
             return None
 
         return hook
@@ -348,6 +366,13 @@ class GradientMonitor:
         (None on steps the schedules skip). Call after backward, before optimizer.step()."""
         cheap, exact = self._active()
         record = None
+        if (cheap or exact) and not self.attached and "unattached" not in self._warned:
+            self._warned.add("unattached")
+            warnings.warn("rnnscope monitor: step() on a monitor that is not attached: only "
+                          "parameter gradients are measured; call monitor.attach() before the "
+                          "training loop, or use it as a context manager (with "
+                          "GradientMonitor(model) as monitor: ...)", GradientFlowWarning,
+                          stacklevel=2)
         if (cheap or exact) and self._forward_without_backward():
             self._reset_captures()
             if "no-backward" not in self._warned:
