@@ -243,6 +243,14 @@ def test_alerts_fire_rate_limited_and_reach_loggers_and_callback(tmp_path):
     assert explode.step == 5 and "running median" in explode.message
     nonfinite = [a for a in got if a.kind == "nonfinite"]
     assert any("rnn.weight_hh_l0" in a.message for a in nonfinite)
+    # every gradient is NaN: one alert names the parameters, not one alert (and warning) each
+    params = [a for a in nonfinite if a.layer == "parameters"]
+    assert len(params) == 1 and params[0].step == 8
+    total = sum(p.numel() for p in model.parameters())
+    assert params[0].value == total
+    assert f"{total} non-finite (NaN/Inf) gradient value(s) in 6 parameter(s): " \
+           "rnn.weight_ih_l0 (35), rnn.weight_hh_l0 (49)" in params[0].message
+    assert params[0].message.endswith("and 2 more")
     steps, alerts = read_jsonl(tmp_path / "rnnscope-monitor.jsonl")
     assert [s["step"] for s in steps] == list(range(9))
     assert len(alerts) == len(got)

@@ -21,7 +21,8 @@ class GradientFlowWarning(UserWarning):
 @dataclass(frozen=True)
 class Alert:
     """One alert: kind ("vanishing", "exploding", "nonfinite", "saturation", "clipping"),
-    the training step, the layer (or "model"), the figure that triggered it and a message."""
+    the training step, the layer (or "model"; "parameters" for non-finite parameter gradients,
+    which one alert names), the figure that triggered it and a message."""
 
     kind: str
     step: int
@@ -124,11 +125,17 @@ class AlertState:
     def check(self, step: int, record) -> list[Alert]:
         """Alerts raised by one step's `Record` (see GradientMonitor for its fields)."""
         p, out = self.policy, []
-        for name, count in (record.nonfinite_params or {}).items():
-            if count:
-                self._fire(out, Alert("nonfinite", step, name, count, 0,
-                                      f"step {step}: {int(count)} non-finite (NaN/Inf) gradient "
-                                      f"value(s) in {name}"))
+        bad_params = {n: int(c) for n, c in (record.nonfinite_params or {}).items() if c}
+        if bad_params:
+            # one alert naming the parameters: a NaN in the input reaches every gradient, and
+            # one warning per parameter would bury it
+            named = ", ".join(f"{n} ({c})" for n, c in list(bad_params.items())[:4])
+            more = len(bad_params) - 4
+            total = sum(bad_params.values())
+            self._fire(out, Alert("nonfinite", step, "parameters", total, 0,
+                                  f"step {step}: {total} non-finite (NaN/Inf) gradient "
+                                  f"value(s) in {len(bad_params)} parameter(s): {named}"
+                                  + (f" and {more} more" if more > 0 else "")))
         g = record.global_norm
         if g is not None and math.isfinite(g):
             # the last median_window norms (order does not matter for a median): read from
