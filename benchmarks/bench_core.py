@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import rnnscope
-from replay_floor import check as check_floor, floor_output
+from closed_form_layer import check as check_layers, layer_output
 from timing import compare_times, report
 
 
@@ -42,7 +42,7 @@ def classic_loop(model, x):
     return norms / x.shape[0]
 
 
-FLOOR = "floor: closed-form {} layer forward+backward"
+CLOSED_FORM = "one closed-form node per {} layer, forward+backward"
 
 
 def replay_vs_fused(quick: bool = False) -> list:
@@ -50,12 +50,12 @@ def replay_vs_fused(quick: bool = False) -> list:
     H=128, all candidates interleaved in one run. Targets (issue 10): LSTM ≤ 1.3×, GRU and
     RNN ≤ 1.0×.
 
-    Two more candidates, the floors of a step-by-step LSTM and GRU replay (`replay_floor.py`:
-    one closed-form node per layer, the leanest per-step operation stream I could write; they
-    expose nothing per step, so rnnscope cannot use them), show how much of each gap is the
-    cost of running the recurrence as PyTorch operations at all."""
+    Two more candidates run the issue's suggested design, one closed-form autograd node per
+    LSTM and GRU layer, as lean as I could write it (`closed_form_layer.py`). They expose
+    nothing per step (no tensors to take total state gradients from), so rnnscope cannot use
+    them as they are; their ratio bounds what that design could give the replay."""
     B, T, I, H = 50, 1000, 64, 128
-    check_floor()  # exact in float64 before it is timed
+    check_layers()  # exact in float64 before they are timed
     torch.manual_seed(0)
     x = torch.randn(B, T, I)
     candidates, pairs = {}, []
@@ -78,12 +78,12 @@ def replay_vs_fused(quick: bool = False) -> list:
         pairs.append((name, f"fused nn.{name} forward+backward",
                       f"replay {name} forward+backward"))
         if kind is not nn.RNN:
-            def floor(m=m):
+            def closed_form(m=m):
                 xr = x.clone().requires_grad_(True)
-                floor_output(m, xr).sum().backward()
+                layer_output(m, xr).sum().backward()
                 m.zero_grad(set_to_none=True)
 
-            candidates[FLOOR.format(name)] = floor
+            candidates[CLOSED_FORM.format(name)] = closed_form
     times = compare_times(candidates, rounds=3 if quick else 7)
     rows = []
     print(f"\n(c) replay vs fused, forward+backward (B={B} T={T} I={I} H={H}), "
@@ -96,12 +96,12 @@ def replay_vs_fused(quick: bool = False) -> list:
                      "times": {f: times[f], r: times[r]}, "baseline": f, "target": target,
                      "goal": (r, "<=", 1.3 if name == "LSTM" else 1.0)})
     for name in ("LSTM", "GRU"):
-        f, fl = f"fused nn.{name} forward+backward", FLOOR.format(name)
-        print(f"  {name:<5s} floor of a step-by-step replay (replay_floor.py) "
-              f"{times[fl] * 1e3:8.1f} ms   ratio {times[fl] / times[f]:5.2f}x of fused")
-        rows.append({"title": f"(c) floor of a step-by-step {name} replay vs fused",
-                     "times": {f: times[f], fl: times[fl]}, "baseline": f,
-                     "target": f"none: {times[fl] / times[f]:.2f}x measured (information)"})
+        f, cf = f"fused nn.{name} forward+backward", CLOSED_FORM.format(name)
+        print(f"  {name:<5s} one closed-form node per layer (closed_form_layer.py) "
+              f"{times[cf] * 1e3:8.1f} ms   ratio {times[cf] / times[f]:5.2f}x of fused")
+        rows.append({"title": f"(c) one closed-form node per {name} layer vs fused",
+                     "times": {f: times[f], cf: times[cf]}, "baseline": f,
+                     "target": f"none: {times[cf] / times[f]:.2f}x measured (information)"})
     return rows
 
 

@@ -1,10 +1,10 @@
-"""The floor of a step-by-step replay on the CPU: the leanest exact LSTM and GRU forward and
-backward I could write with PyTorch's own operations, for benchmark (c) in bench_core.py.
+"""The issue's suggested design for a faster replay, taken as lean as I could take it: one
+autograd node per LSTM or GRU layer with a closed-form backward, timed beside the replay in
+benchmark (c) of bench_core.py. rnnscope does not use it.
 
 Issue 10 asks for the replay's forward+backward within 1.3× of the fused `nn.LSTM` (1.0× for
 the GRU) and suggests "a custom autograd.Function per layer with the closed-form backward".
-This is that design taken as far as I could take it, written only to measure how close a
-per-step replay can come; rnnscope does not use it. For the LSTM:
+For the LSTM:
 
 - one autograd node per layer (no per-step nodes, no graph bookkeeping);
 - every GEMM that does not depend on the recurrence batched over time (the input projection
@@ -19,9 +19,10 @@ The GRU's is built the same way: 6 operations per step forward (one recurrent GE
 three gates, + input part, σ, + r·(W_hn h + b_hn), tanh, lerp) and 4 backward (∂ of the input
 parts, ∂ of the recurrent parts, ∂h·z, the recurrent GEMM).
 
-Both expose less than the replay (no per-step tensors to take state gradients from, no gates
-in the graph), so their time stands for the floor of the replay's, not for a candidate.
-Correct to float64 rounding against the fused modules (`check`).
+Both expose less than the replay: no per-step tensors to take total state gradients from (the
+replay's `steps_h`/`steps_c`, which `state_gradients` and the monitor differentiate), no gates
+in the graph. What they would save the replay is therefore an upper bound on what this design
+can save it. Correct to float64 rounding against the fused modules (`check`).
 
 Shapes: x (B, T, I), h0 and c0 (B, H), w_ih (G·H, I), w_hh (G·H, H), biases (G·H,) with G = 4
 (LSTM, b = b_ih + b_hh) or 3 (GRU); buffers are time-major (T, B, ·).
@@ -45,7 +46,7 @@ def _order(H: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return perm, inv
 
 
-class LSTMLayerFloor(torch.autograd.Function):
+class LSTMLayer(torch.autograd.Function):
     """forward(x, h0, c0, w_ih, w_hh, b) -> h (B, T, H), a view of a time-major buffer."""
 
     @staticmethod
@@ -79,7 +80,8 @@ class LSTMLayerFloor(torch.autograd.Function):
         x, h0, c0, wi, wh, sig, g, c, tanh_c, h_all, inv = ctx.saved_tensors
         T, B, H = c.shape
         o, i, f = sig[..., :H], sig[..., H:2 * H], sig[..., 2 * H:]
-        coef = x.new_empty(T, B, 4 * H)  # ∂pre per unit of ∂h (block o) or ∂c (blocks i, f, g)
+        # ∂pre per unit of ∂h (block o) or of ∂c (blocks i, f, g)
+        coef = x.new_empty(T, B, 4 * H)
         _sigmoid_backward(tanh_c, o, grad_input=coef[..., :H])
         _sigmoid_backward(g, i, grad_input=coef[..., H:2 * H])
         _sigmoid_backward(c[:-1], f[1:], grad_input=coef[1:, :, 2 * H:3 * H])
@@ -110,7 +112,7 @@ class LSTMLayerFloor(torch.autograd.Function):
         return dx, d_pre[0] @ wh, dc_next, dw_ih, dw_hh[inv], flat.sum(0)[inv]
 
 
-class GRULayerFloor(torch.autograd.Function):
+class GRULayer(torch.autograd.Function):
     """forward(x, h0, w_ih, w_hh, b_ih, b_hh) -> h (B, T, H), a view of a time-major buffer."""
 
     @staticmethod
@@ -169,28 +171,28 @@ class GRULayerFloor(torch.autograd.Function):
 def _check_module(m: nn.Module) -> None:
     if (m.num_layers, m.bidirectional, getattr(m, "proj_size", 0), m.batch_first) != \
             (1, False, 0, True) or not m.bias:
-        raise ValueError("the floor covers a one-layer, one-direction, batch-first module "
-                         "with biases and no projection")
+        raise ValueError("the closed-form layer covers a one-layer, one-direction, batch-first "
+                         "module with biases and no projection")
 
 
-def floor_output(m: nn.LSTM | nn.GRU, x: torch.Tensor) -> torch.Tensor:
+def layer_output(m: nn.LSTM | nn.GRU, x: torch.Tensor) -> torch.Tensor:
     """The output of a one-layer, unidirectional, batch-first nn.LSTM (no projection) or
-    nn.GRU from zero initial states, through its floor Function (gradients reach m's own
+    nn.GRU from zero initial states, through its closed-form layer (gradients reach m's own
     parameters)."""
     _check_module(m)
     z = x.new_zeros(x.shape[0], m.hidden_size)
     if isinstance(m, nn.LSTM):
-        return LSTMLayerFloor.apply(x, z, z, m.weight_ih_l0, m.weight_hh_l0,
+        return LSTMLayer.apply(x, z, z, m.weight_ih_l0, m.weight_hh_l0,
                                     m.bias_ih_l0 + m.bias_hh_l0)
     if isinstance(m, nn.GRU):
-        return GRULayerFloor.apply(x, z, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0,
+        return GRULayer.apply(x, z, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0,
                                    m.bias_hh_l0)
-    raise TypeError(f"the floor covers nn.LSTM and nn.GRU; got {type(m).__name__}")
+    raise TypeError(f"the closed-form layer covers nn.LSTM and nn.GRU; got {type(m).__name__}")
 
 
 def check() -> float:
-    """Largest relative difference between the floors' and the fused modules' gradients (input
-    and every parameter) in float64 on random problems; raises above 1e-10."""
+    """Largest relative difference between the closed-form layers' and the fused modules'
+    gradients (input and every parameter) in float64 on random problems; raises above 1e-10."""
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for kind in (nn.LSTM, nn.GRU):
@@ -202,14 +204,15 @@ def check() -> float:
         w = torch.randn(3, 11, 7, dtype=torch.float64, generator=g)
         params = list(m.parameters())
         ref = torch.autograd.grad((m(x)[0] * w).sum(), [x] + params)
-        got = torch.autograd.grad((floor_output(m, x) * w).sum(), [x] + params)
+        got = torch.autograd.grad((layer_output(m, x) * w).sum(), [x] + params)
         err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref))
         if err > 1e-10:
-            raise AssertionError(f"the replay floor differs from nn.{kind.__name__} by "
+            raise AssertionError(f"the closed-form layer differs from nn.{kind.__name__} by "
                                  f"{err:.2e} relative")
         worst = max(worst, err)
     return worst
 
 
 if __name__ == "__main__":
-    print(f"floors vs nn.LSTM and nn.GRU, float64, largest relative difference: {check():.1e}")
+    print("closed-form layers vs nn.LSTM and nn.GRU, float64, largest relative difference: "
+          f"{check():.1e}")
