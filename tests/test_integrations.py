@@ -76,3 +76,37 @@ def test_tensorboard_logger_writes_scalars_and_heatmap(tmp_path):
     assert "grad_norm/global" in tags["scalars"]
     assert len(acc.Scalars("grad_norm/global")) == 4
     assert "rnn/input_grad_heatmap" in tags["images"]
+    taken = tmp_path / "events.txt"
+    taken.write_text("mine")
+    with pytest.raises(ValueError, match="events.txt' is an existing file; give a folder"):
+        TensorBoardLogger(taken)
+    assert taken.read_text() == "mine"
+
+
+def test_lightning_resumed_fit_continues_the_monitor_log(tmp_path):
+    """A fit resumed from a checkpoint (and a second fit with the same callback) numbers its
+    records by the trainer's global step, so one log holds the whole run, in order."""
+    from rnnscope.integrations.lightning import GradientFlowCallback
+
+    log = tmp_path / "mon.jsonl"
+
+    def trainer(epochs, cb):
+        return lightning.Trainer(max_epochs=epochs, logger=False, callbacks=[cb],
+                                 enable_progress_bar=False, enable_model_summary=False,
+                                 enable_checkpointing=False, accelerator="cpu", devices=1)
+
+    first = trainer(1, GradientFlowCallback(replay_every=3, loggers=log))
+    first.fit(LitSeq(), _loader())
+    first.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = trainer(2, GradientFlowCallback(replay_every=3, loggers=log))
+    resumed.fit(LitSeq(), _loader(), ckpt_path=tmp_path / "one.ckpt")
+    steps, _ = read_jsonl(log)
+    assert [s["step"] for s in steps] == list(range(8))  # 4 batches, then 4 more
+    # the replay schedule follows the global step too
+    assert [s["exact"] for s in steps] == [s % 3 == 0 for s in range(8)]
+    again = GradientFlowCallback(loggers=tmp_path / "again.jsonl")
+    t = trainer(1, again)
+    t.fit(LitSeq(), _loader())
+    t.fit_loop.max_epochs = 2
+    t.fit(t.lightning_module, _loader())
+    assert [s["step"] for s in read_jsonl(tmp_path / "again.jsonl")[0]] == list(range(8))

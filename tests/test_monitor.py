@@ -490,6 +490,30 @@ def test_plot_log_cli(tmp_path):
     assert any(f.endswith("heatmap_rnn.png") for f in files)
     assert all((tmp_path / "plots" / f.split("/")[-1]).stat().st_size > 1000 for f in files)
 
+    def plot_log(*args):
+        return subprocess.run([sys.executable, "-m", "rnnscope", "plot-log", *args],
+                              capture_output=True, text=True)
+
+    # the folder the monitor logged to (as the README's loggers="runs/exp1") is read too
+    p = plot_log(str(tmp_path), "--out", str(tmp_path / "again"), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["steps"] == 5
+    p = plot_log(str(tmp_path / "plots"), "--out", str(tmp_path / "x"))
+    assert p.returncode == 1
+    assert "plots is a folder without rnnscope-monitor.jsonl" in p.stderr
+    csv_log = tmp_path / "run.csv"
+    csv_log.write_text("step,name,value\n0,grad_norm/global,1.0\n")
+    p = plot_log(str(csv_log), "--out", str(tmp_path / "y"))
+    assert p.returncode == 1 and "run.csv is a CSV log; plot-log draws the JSON Lines" in p.stderr
+    # a warning reads as the command's own line, also with --quiet (it is about the data)
+    lines = (tmp_path / "rnnscope-monitor.jsonl").read_text().splitlines()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:-1] + [lines[-1][:40]]) + "\n")
+    p = plot_log(str(cut), "--out", str(tmp_path / "z"), "--quiet")
+    assert p.returncode == 0 and p.stdout == ""
+    assert p.stderr.startswith("rnnscope plot-log: warning: ") and "cut short" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and ".py:" not in p.stderr
+
 
 def test_constructor_errors():
     with pytest.raises(ValueError, match="contains no nn.RNN"):
@@ -504,6 +528,17 @@ def test_constructor_errors():
     with pytest.raises(TypeError, match="alerts must be an rnnscope.monitor.AlertPolicy.*got "
                                         "dict"):
         GradientMonitor(Seq(), alerts={"explode_norm": 1.0})
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="start_step must be an int ≥ 0"):
+            GradientMonitor(Seq(), start_step=bad)
+
+
+def test_a_resumed_run_continues_its_step_numbers():
+    model = Seq()
+    with GradientMonitor(model, replay_every=3, start_step=4) as mon:
+        _train(model, 3, mon)
+    assert [r.step for r in mon.history] == [4, 5, 6]
+    assert [r.exact for r in mon.history] == [False, False, True]  # the schedule's steps too
 
 
 def test_logger_paths(tmp_path):

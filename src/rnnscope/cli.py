@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
@@ -326,7 +327,7 @@ def _cmd_plot_log(args) -> int:
     from .monitor.loggers import check_plot_records, read_jsonl
     from .report.safe_write import OutputFolder
 
-    steps, alerts = check_plot_records(*read_jsonl(args.log), args.log)
+    steps, alerts = check_plot_records(*read_jsonl(_monitor_log(args.log)), args.log)
     layers = list(dict.fromkeys(k for r in steps for k in r.get("layers", {})))
     names = _heatmap_file_names(layers)
     # every target is checked before anything is drawn or written
@@ -348,6 +349,26 @@ def _cmd_plot_log(args) -> int:
     else:
         _say(args, f"{len(steps)} steps, {len(alerts)} alerts\n" + "\n".join(written))
     return 0
+
+
+def _monitor_log(path: str) -> str:
+    """The JSON Lines file plot-log reads: the path itself, or the monitor's log inside the
+    folder it was given (what `loggers="runs/exp1"` writes). A CSV log is refused by name."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        inside = p / "rnnscope-monitor.jsonl"
+        if not inside.is_file():
+            raise ValueError(f"{path} is a folder without rnnscope-monitor.jsonl (the log a "
+                             "GradientMonitor writes when loggers= names a folder); give the "
+                             ".jsonl file")
+        return str(inside)
+    if p.suffix.lower() == ".csv":
+        raise ValueError(f"{path} is a CSV log; plot-log draws the JSON Lines log (a .jsonl "
+                         "file, or the folder the monitor logged to): log with "
+                         "loggers=\"run.jsonl\" as well to plot a run")
+    return path
 
 
 def _png(fig) -> bytes:
@@ -414,7 +435,8 @@ def _common(p: argparse.ArgumentParser, *, jacobians: bool = True) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute (default auto: cuda if available)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, no messages (warnings about the data still print)")
     p.add_argument("--out", default="rnnscope-report", metavar="DIR",
                    help="report folder (default ./rnnscope-report)")
     p.add_argument("--overwrite", action="store_true",
@@ -434,7 +456,8 @@ def _output_options(p: argparse.ArgumentParser, default_out: str) -> None:
                    help=f"output folder (default ./{default_out})")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
-    p.add_argument("--quiet", action="store_true", help="no messages")
+    p.add_argument("--quiet", action="store_true",
+                   help="no messages (warnings about the data still print)")
 
 
 def build_parser() -> StrictParser:
@@ -546,7 +569,8 @@ def build_parser() -> StrictParser:
                         description="Draw the gradient-flow-over-training heatmap (lag × "
                         "training step, log colour) per layer and the alert timeline from a "
                         "GradientMonitor JSON Lines log.")
-    pl.add_argument("log", metavar="RUN.jsonl")
+    pl.add_argument("log", metavar="RUN.jsonl",
+                    help="the monitor's JSON Lines log, or the folder it logged to")
     _output_options(pl, "rnnscope-monitor-plots")
     pl.set_defaults(func=_cmd_plot_log)
     return p
@@ -559,7 +583,10 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            # a warning reads as the command's own line, not Python's file:line and source
+            warnings.showwarning = _warning_printer(args.command)
+            return args.func(args)
     except UsageError as e:  # a usage mistake found after parsing (e.g. exclusive options)
         print(e, file=sys.stderr)
         return EXIT_USAGE
@@ -604,6 +631,14 @@ def _in_flags(text: str) -> str:
     for pattern, words in _FLAG_WORDS:
         text = pattern.sub(words, text)
     return text
+
+
+def _warning_printer(command: str):
+    """warnings.showwarning for the command line: "rnnscope CMD: warning: message" on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"rnnscope {command}: warning: {_one_line(message)}", file=sys.stderr)
+
+    return show
 
 
 def _one_line(e: BaseException, command: str = "") -> str:

@@ -362,6 +362,7 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
     at output step t (the monitor's exact steps); otherwise the mean ‖∂L/∂x_t‖ by k = T−1−t.
     """
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     which, rows = lag_heatmap_rows(records, layer)
     if not rows:
@@ -386,6 +387,7 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
         edges = np.concatenate([[x[0] - (mid[0] - x[0] if len(x) > 1 else 0.5)], mid,
                                 [x[-1] + (x[-1] - mid[-1] if len(x) > 1 else 0.5)]])
         im = ax.pcolormesh(edges, np.arange(T + 1) - 0.5, masked, norm=norm, cmap="viridis")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # training steps are whole
     ax.set_xlabel("training step")
     if which == "output":
         cb = ax.figure.colorbar(im, ax=ax, label=r"mean $\|\partial(g_t \cdot y_t)/\partial "
@@ -404,6 +406,8 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
 
 def plot_alert_timeline(alerts: list, steps: list, ax=None):
     """One row per alert kind, a mark at each step an alert fired."""
+    from matplotlib.ticker import MaxNLocator
+
     if ax is None:
         fig, (ax,) = _new_axes(1, width=8.0, height=2.6)
     kinds = sorted({a["kind"] for a in alerts})
@@ -414,6 +418,7 @@ def plot_alert_timeline(alerts: list, steps: list, ax=None):
     ax.set_yticklabels([plain(k) for k in kinds])
     if steps:
         ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_title("Alerts" if kinds else "Alerts (none fired)")
     ax.grid(True, axis="x", alpha=0.3)

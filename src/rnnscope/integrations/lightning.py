@@ -4,7 +4,9 @@ It attaches a GradientMonitor to the LightningModule at fit start, steps it at
 `on_before_optimizer_step` (after backward, gradients unscaled/accumulated, before the
 optimizer consumes them), logs its scalar figures with `pl_module.log_dict` (so Lightning's
 loggers, rank handling and step bookkeeping apply) and detaches at the end of fit — also when
-fit raises.
+fit raises. The monitor's step is the trainer's `global_step` (one per optimizer step), so a
+fit resumed from a checkpoint, or a second fit with the same callback, continues the log's
+step numbers instead of starting again at 0.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class GradientFlowCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.monitor = GradientMonitor(pl_module, **self.monitor_kwargs).attach()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # before the forward, whose hooks read the schedules at this step: the trainer's
+        # global step is restored from a checkpoint only after on_fit_start
+        if self.monitor is not None:
+            self.monitor.step_count = trainer.global_step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.monitor is None:

@@ -195,6 +195,9 @@ class TensorBoardLogger(Logger):
         except ImportError as e:
             raise ImportError("TensorBoardLogger needs tensorboard: pip install "
                               "'rnnscope[tensorboard]'") from e
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise ValueError(f"TensorBoardLogger: log_dir {str(log_dir)!r} is an existing file; "
+                             "give a folder (SummaryWriter adds an event file to it)")
         self.writer = SummaryWriter(str(log_dir))
         self.image_every = image_every
         self._history = []

@@ -113,11 +113,14 @@ class GradientMonitor:
         history: records kept in memory (`.history`, oldest dropped first).
         preset: "cheap" or "full" — sets every/replay_every (explicit arguments win).
         process_group: torch.distributed group to reduce over (default: the world).
+        start_step: the training step of the first `step()` (`step_count`); a run resumed
+            from a checkpoint passes the step it resumes at, so that its records (and the
+            schedules) continue the earlier run's instead of starting again at 0.
     """
 
     def __init__(self, model: nn.Module, *, every=None, replay_every=None, max_batch: int = 8,
                  loggers=(), alerts: AlertPolicy | None = None, history: int = 1000,
-                 preset: str = "cheap", process_group=None):
+                 preset: str = "cheap", process_group=None, start_step: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if preset not in PRESETS:
@@ -126,6 +129,9 @@ class GradientMonitor:
             raise ValueError(f"max_batch must be a positive int; got {max_batch!r}")
         if not isinstance(history, int) or history <= 0:
             raise ValueError(f"history must be a positive int; got {history!r}")
+        if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+            raise ValueError(f"start_step must be an int ≥ 0 (the training step a resumed run "
+                             f"starts at); got {start_step!r}")
         every = PRESETS[preset]["every"] if every is None else every
         replay_every = PRESETS[preset]["replay_every"] if replay_every is None else replay_every
         self.model = model
@@ -152,7 +158,7 @@ class GradientMonitor:
         self.history: deque = deque(maxlen=history)
         self.alerts: deque = deque(maxlen=history)
         self.process_group = process_group
-        self.step_count = 0
+        self.step_count = start_step
         self._handles: list = []
         self._caps = {name: _Capture() for name in self.modules}
         self._warned: set = set()
