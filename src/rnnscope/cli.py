@@ -582,11 +582,13 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
+    # a printed warning reads as the command's own line, not Python's file:line and source;
+    # only its format changes, so a caller recording warnings (catch_warnings(record=True),
+    # pytest.warns) still receives them
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _warning_format(args.command)
     try:
-        with warnings.catch_warnings():
-            # a warning reads as the command's own line, not Python's file:line and source
-            warnings.showwarning = _warning_printer(args.command)
-            return args.func(args)
+        return args.func(args)
     except UsageError as e:  # a usage mistake found after parsing (e.g. exclusive options)
         print(e, file=sys.stderr)
         return EXIT_USAGE
@@ -614,6 +616,8 @@ def main(argv=None) -> int:
               f"--batch/--loss function) raised {_describe_base_exception(e)} during the "
               "analysis; rnnscope stopped without results", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 # The API's advice in an error, as `inspect`'s options say it ("pass time_dim=0" -> "pass
@@ -633,12 +637,12 @@ def _in_flags(text: str) -> str:
     return text
 
 
-def _warning_printer(command: str):
-    """warnings.showwarning for the command line: "rnnscope CMD: warning: message" on stderr."""
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"rnnscope {command}: warning: {_one_line(message)}", file=sys.stderr)
+def _warning_format(command: str):
+    """warnings.formatwarning for the command line: "rnnscope CMD: warning: message"."""
+    def fmt(message, category, filename, lineno, line=None):
+        return f"rnnscope {command}: warning: {_one_line(message)}\n"
 
-    return show
+    return fmt
 
 
 def _one_line(e: BaseException, command: str = "") -> str:
