@@ -205,6 +205,12 @@ def test_comparison_table_says_when_a_half_life_is_extrapolated():
     fast = GradientProfile(torch.exp(-0.5 * k).flip(0).repeat(2, 1))   # half-life 1.4
     assert slow.half_life() == pytest.approx(math.log(2) / 0.01)
     text = str(Comparison({"fast": fast, "slow": slow}))
-    assert text.splitlines()[-1] == ("half-life past the 20 steps measured (slow): extrapolated "
-                                     "from the fitted per-step decay rate")
+    assert text.splitlines()[-1] == ("half-life past the steps measured (slow: 20 steps): "
+                                     "extrapolated from the fitted per-step decay rate")
     assert "extrapolated" not in str(Comparison({"fast": fast}))
+    # profiles of different lengths: each named with its own
+    slow50 = GradientProfile(torch.exp(-0.01 * torch.arange(50.0)).flip(0).repeat(2, 1))
+    text = str(Comparison({"slow": slow, "slow50": slow50, "fast": fast}))
+    assert text.splitlines()[-1] == ("half-life past the steps measured (slow: 20 steps, "
+                                     "slow50: 50 steps): extrapolated from the fitted per-step "
+                                     "decay rate")

@@ -12,7 +12,7 @@ import numpy as np
 
 try:
     import matplotlib.pyplot as plt  # picks the non-interactive Agg backend when headless
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("plotting needs matplotlib: pip install 'rnnscope[plot]'") from e
 
@@ -362,7 +362,6 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
     at output step t (the monitor's exact steps); otherwise the mean ‖∂L/∂x_t‖ by k = T−1−t.
     """
     from matplotlib.colors import LogNorm
-    from matplotlib.ticker import MaxNLocator
 
     which, rows = lag_heatmap_rows(records, layer)
     if not rows:
@@ -406,8 +405,6 @@ def plot_lag_heatmap(records: list, layer: str, ax=None):
 
 def plot_alert_timeline(alerts: list, steps: list, ax=None):
     """One row per alert kind, a mark at each step an alert fired."""
-    from matplotlib.ticker import MaxNLocator
-
     if ax is None:
         fig, (ax,) = _new_axes(1, width=8.0, height=2.6)
     kinds = sorted({a["kind"] for a in alerts})

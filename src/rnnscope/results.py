@@ -526,12 +526,14 @@ class Comparison(Result):
 
     def __str__(self) -> str:
         text = format_table(self.table(), SUMMARY_HEADERS)
-        beyond = [name for name, p in self.profiles.items()
+        # a slowly decaying profile's half-life lies past the steps it was read on; each is
+        # named with its own length (profiles of different lengths can be compared)
+        beyond = [f"{name}: {p.per_sample.shape[1]} steps"
+                  for name, p in self.profiles.items()
                   if math.isfinite(h := p.half_life()) and h > p.per_sample.shape[1]]
-        if beyond:  # a slowly decaying profile's half-life lies past the steps it was read on
-            text += (f"\nhalf-life past the {self.profiles[beyond[0]].per_sample.shape[1]} "
-                     f"steps measured ({', '.join(beyond)}): extrapolated from the fitted "
-                     "per-step decay rate")
+        if beyond:
+            text += (f"\nhalf-life past the steps measured ({', '.join(beyond)}): "
+                     "extrapolated from the fitted per-step decay rate")
         return text
 
     def _headline(self) -> dict:
